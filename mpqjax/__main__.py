@@ -1,0 +1,5 @@
+import sys
+
+from mpqjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,78 @@
+"""The "xla" implementation of qlinear: pure jnp, runs everywhere, the reference.
+
+Every matmul multiplies exactly representable bf16 (or int8) operands with f32 (int32)
+accumulation and applies the tensor/channel scales and the bias in an f32 epilogue:
+the same arithmetic a fused kernel does, so kernels can be checked against it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mpqjax import formats
+
+
+def _rotate(x: jax.Array, layer) -> jax.Array:
+  """Online half of the Hadamard pair, in f32."""
+  x = x.astype(jnp.float32)
+  return formats.hadamard(x, layer.hadamard_block) if layer.hadamard_block else x
+
+
+def _epilogue(acc: jax.Array, scale: jax.Array, layer) -> jax.Array:
+  y = acc.astype(jnp.float32) * scale
+  if layer.bias is not None:
+    y = y + layer.bias
+  return y.astype(jnp.bfloat16)
+
+
+def _dot_bf16(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a[M, K] . b[N, K] -> f32[M, N], bf16 operands."""
+  return jax.lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                             (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def weight_as_int8(layer) -> jax.Array:
+  """s8[N, K]: the stored weight re-expressed per output channel with layer.w_int8_scale."""
+  if layer.weight_format == "int8":
+    return layer.weight.values
+  w = formats.dequantize_nvfp4(layer.weight)
+  return jnp.clip(jnp.round(w / layer.w_int8_scale), -127, 127).astype(jnp.int8)
+
+
+def w4a4(x: jax.Array, layer) -> jax.Array:
+  """NVFP4 activations x NVFP4 weight (needs an nvfp4-format layer)."""
+  xq = formats.quantize_nvfp4(_rotate(x, layer))
+  acc = _dot_bf16(formats.nvfp4_block_values(xq), formats.nvfp4_block_values(layer.weight))
+  return _epilogue(acc, xq.global_scale * layer.weight.global_scale, layer)
+
+
+def w4a8(x: jax.Array, layer) -> jax.Array:
+  """Per-token INT8 activations x per-channel INT8 weight, int32 accumulation."""
+  xq = formats.quantize_int8(_rotate(x, layer), axis=-1)
+  acc = jax.lax.dot_general(xq.values, weight_as_int8(layer), (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.int32)
+  return _epilogue(acc, xq.scales * layer.w_int8_scale[:, 0], layer)
+
+
+def w4a16(x: jax.Array, layer) -> jax.Array:
+  """bf16 activations x the decoded weight."""
+  xr = _rotate(x, layer).astype(jnp.bfloat16)
+  if layer.weight_format == "int8":
+    acc = _dot_bf16(xr, layer.weight.values)
+    return _epilogue(acc, layer.weight.scales[:, 0], layer)
+  acc = _dot_bf16(xr, formats.nvfp4_block_values(layer.weight))
+  return _epilogue(acc, layer.weight.global_scale, layer)
+
+
+class _Xla:
+  name = "xla"
+  w4a4 = staticmethod(w4a4)
+  w4a8 = staticmethod(w4a8)
+  w4a16 = staticmethod(w4a16)
+
+  @staticmethod
+  def available() -> bool:
+    return True
+
+
+XLA = _Xla()
