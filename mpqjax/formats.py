@@ -100,10 +100,17 @@ def unpack_nibbles(packed: jax.Array) -> jax.Array:
   return both.reshape(*packed.shape[:-1], -1)
 
 
+def exact_div(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a / b, correctly rounded. XLA rewrites a division by a scalar or a constant into a
+  multiplication by its reciprocal (off by an ulp); the barrier hides b from that rewrite."""
+  b = jax.lax.optimization_barrier(jnp.broadcast_to(b, jnp.broadcast_shapes(a.shape, b.shape)))
+  return a / b
+
+
 def nvfp4_global_scale(x: jax.Array) -> jax.Array:
   """float32[] tensor scale; NaN if x holds a NaN or Inf."""
   amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
-  g = amax / jnp.float32(E2M1_MAX * E4M3_MAX)
+  g = exact_div(amax, jnp.float32(E2M1_MAX * E4M3_MAX))
   g = jnp.where(amax == 0, jnp.float32(1.0), g)
   return jnp.where(jnp.isfinite(amax), g, jnp.float32(jnp.nan))
 
@@ -118,10 +125,10 @@ def quantize_nvfp4(x: jax.Array, global_scale: jax.Array | None = None) -> NVFP4
   g = nvfp4_global_scale(x) if global_scale is None else jnp.asarray(global_scale, jnp.float32)
   blocks = x.reshape(*x.shape[:-1], -1, NVFP4_BLOCK)
   amax_block = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
-  s = jnp.minimum(amax_block / (jnp.float32(E2M1_MAX) * g), jnp.float32(E4M3_MAX))
+  s = jnp.minimum(exact_div(amax_block, jnp.float32(E2M1_MAX) * g), jnp.float32(E4M3_MAX))
   s8 = s.astype(jnp.float8_e4m3fn)
   s32 = s8.astype(jnp.float32)
-  codes = e2m1_encode(blocks / (s32 * g))
+  codes = e2m1_encode(exact_div(blocks, s32 * g))
   codes = jnp.where(s32 == 0, jnp.uint8(0), codes).reshape(x.shape)
   return NVFP4Tensor(pack_nibbles(codes), s8[..., 0], g)
 
@@ -147,9 +154,9 @@ def quantize_int8(x: jax.Array, axis: int = -1) -> Int8Tensor:
   """Symmetric INT8 along `axis`; scales float32 keep the reduced axis."""
   x = x.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-  scale = jnp.where(amax == 0, jnp.float32(1.0), amax / jnp.float32(INT8_MAX))
+  scale = jnp.where(amax == 0, jnp.float32(1.0), exact_div(amax, jnp.float32(INT8_MAX)))
   scale = jnp.where(jnp.isfinite(amax), scale, jnp.float32(jnp.nan))
-  q = jnp.clip(jnp.round(x / scale), -INT8_MAX, INT8_MAX)
+  q = jnp.clip(jnp.round(exact_div(x, scale)), -INT8_MAX, INT8_MAX)
   q = jnp.where(jnp.isnan(q), 0.0, q)  # the NaN scale carries the poison
   return Int8Tensor(q.astype(jnp.int8), scale)
 

@@ -36,7 +36,7 @@ def weight_as_int8(layer) -> jax.Array:
   if layer.weight_format == "int8":
     return layer.weight.values
   w = formats.dequantize_nvfp4(layer.weight)
-  return jnp.clip(jnp.round(w / layer.w_int8_scale), -127, 127).astype(jnp.int8)
+  return jnp.clip(jnp.round(formats.exact_div(w, layer.w_int8_scale)), -127, 127).astype(jnp.int8)
 
 
 def w4a4(x: jax.Array, layer) -> jax.Array:

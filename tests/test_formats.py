@@ -1,0 +1,163 @@
+"""NVFP4 / INT8 / Hadamard: bit-exact against tests/reference_formats.py (ml_dtypes casts)."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from mpqjax import formats
+from mpqjax.qlinear import quantize_linear
+from tests import reference_formats as ref
+
+E4M3_FINITE_POSITIVE = np.arange(1, 0x7F, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)  # 0x7F is NaN
+
+
+def check_nvfp4_bits(x):
+  t = jax.jit(formats.quantize_nvfp4)(jnp.asarray(x))
+  codes, scales, g = ref.nvfp4(x)
+  assert np.asarray(t.global_scale).view(np.uint32) == np.float32(g).view(np.uint32)
+  np.testing.assert_array_equal(np.asarray(t.scales).view(np.uint8), scales)
+  np.testing.assert_array_equal(np.asarray(t.codes), ref.pack(codes))
+  deq = np.asarray(formats.dequantize_nvfp4(t))
+  np.testing.assert_array_equal(deq.view(np.uint32), ref.nvfp4_dequant(codes, scales, g).view(np.uint32))
+  return codes, scales
+
+
+@pytest.mark.parametrize("shape", [(16,), (3, 64), (2, 5, 128), (7, 1024)])
+def test_nvfp4_bit_exact_random_with_outliers(rng, shape):
+  x = rng.standard_normal(shape).astype(np.float32) * rng.lognormal(0, 2, shape[:-1] + (1,)).astype(np.float32)
+  x.reshape(-1)[rng.choice(x.size, max(1, x.size // 50), replace=False)] *= 300.0
+  codes, _ = check_nvfp4_bits(x)
+  if x.size >= 1024:
+    assert set(np.unique(codes)) == set(range(16))  # every code occurs
+
+
+def test_nvfp4_every_finite_scale_byte_and_ties(rng):
+  # One block per finite positive e4m3 value s (and per midpoint between neighbours, the
+  # round-to-nearest-even ties). Fix g by a block holding the tensor amax 6*448*g.
+  g = np.float32(2.0 ** rng.integers(-6, 6))
+  targets = E4M3_FINITE_POSITIVE.astype(np.float32)
+  mids = (targets[:-1] + targets[1:]) / 2
+  s_wanted = np.concatenate([targets, mids]).astype(np.float32)
+  blocks = rng.uniform(-1, 1, (s_wanted.size, 16)).astype(np.float32) * (6 * s_wanted[:, None] * g)
+  blocks[:, 0] = 6 * s_wanted * g  # the block amax
+  top = np.full((1, 16), 6 * 448 * g, np.float32)
+  _, scales = check_nvfp4_bits(np.concatenate([top, blocks]).reshape(-1))
+  got = set(scales[1:targets.size + 1].tolist())
+  assert got == set(E4M3_FINITE_POSITIVE.view(np.uint8).tolist())
+
+
+def test_nvfp4_all_codes_ties_and_saturation():
+  # Block scale s*g = 1 exactly: elements sit on every e2m1 value, every tie, and beyond 6.
+  vals = np.array([0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 6], np.float32)
+  x = np.concatenate([vals, -vals, [6.0] + [0.0] * 15]).astype(np.float32)
+  x[-1] = 6.3  # > 6 but rounds to scale 1: saturates to code 7
+  g = np.float32(6.3 / (6 * 448))
+  codes, _ = check_nvfp4_bits(x)
+  # amax 6.3 -> s = e4m3(6.3 / (6 g)) = e4m3(448) = 448 -> s*g = 448*g != 1, so just check
+  # the ties with an explicit reference on a tensor whose global scale makes s*g == 1:
+  y = np.concatenate([vals, -vals, [6 * 448 / 448.0] * 16]).astype(np.float32)
+  t = formats.quantize_nvfp4(jnp.asarray(y), global_scale=jnp.float32(1 / 448))
+  c = np.asarray(formats.unpack_nibbles(t.codes))
+  expect = [0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 6, 6, 6, 7, 7]  # RNE: ties go to the even code
+  np.testing.assert_array_equal(c[:16], expect)
+  np.testing.assert_array_equal(c[16:32], [e | 8 for e in expect])
+  assert int(codes.max()) == 15 or int(codes[-1]) == 7
+
+
+def test_nvfp4_saturation_from_scale_rounding():
+  # amax_block/(6g) = 460.8 clips to 448, so x/(s*g) = 6.17 > 6 and saturates to code 7.
+  g = np.float32(1.0)
+  x = np.zeros(32, np.float32) + 1.0
+  x[0] = 6 * 448 * g  # sets g = 1
+  x[16] = 6 * 460.8 * g / (6 * 448) * 6 * 448 / 6 / 448  # keep inside; replaced below
+  t = formats.quantize_nvfp4(jnp.asarray(np.full(16, 2764.8, np.float32)), global_scale=g)
+  assert np.asarray(t.scales).view(np.uint8)[0] == np.float32(448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+  assert set(np.asarray(formats.unpack_nibbles(t.codes)).tolist()) == {7}
+
+
+def test_nvfp4_zero_blocks_and_zero_tensor(rng):
+  x = rng.standard_normal(64).astype(np.float32)
+  x[16:32] = 0.0
+  codes, scales = check_nvfp4_bits(x)
+  assert scales[1] == 0 and not codes[16:32].any()
+  t = formats.quantize_nvfp4(jnp.zeros(32))
+  assert float(t.global_scale) == 1.0 and not np.asarray(t.codes).any()
+  # a block so small next to the tensor amax that its scale underflows to 0 encodes zeros
+  y = rng.standard_normal(32).astype(np.float32)
+  y[:16] *= 1e-12
+  codes, scales = check_nvfp4_bits(y)
+  assert scales[0] == 0 and not codes[:16].any()
+
+
+def test_nvfp4_packing_low_nibble_first():
+  t = formats.quantize_nvfp4(jnp.asarray([0.5, 6.0] + [0.0] * 14), global_scale=jnp.float32(1 / 448))
+  assert int(t.codes[0]) == 1 | (7 << 4)
+  assert formats.NVFP4Tensor(*t).shape == (16,)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_int8_bit_exact(rng, axis):
+  x = rng.standard_normal((33, 48)).astype(np.float32) * 3
+  x[5] = 0.0
+  x[:, 7] *= 50
+  x[3, 3] = 127 * 0.5 / 127  # exercise a .5 tie after scaling on some rows
+  t = jax.jit(formats.quantize_int8, static_argnums=1)(jnp.asarray(x), axis)
+  q, scale = ref.int8(x, axis)
+  np.testing.assert_array_equal(np.asarray(t.values), q)
+  np.testing.assert_array_equal(np.asarray(t.scales), scale)
+  assert t.scales.shape == scale.shape and t.values.dtype == jnp.int8
+
+
+def test_int8_round_half_even():
+  x = np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -127.0]], np.float32)
+  t = formats.quantize_int8(jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(t.values), [[127, 0, 2, 2, 0, -2, 126, -127]])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_poisons_inside_jit(rng, bad):
+  x = rng.standard_normal((4, 32)).astype(np.float32)
+  x[1, 5] = bad
+  d_fp4 = np.asarray(jax.jit(lambda a: formats.dequantize_nvfp4(formats.quantize_nvfp4(a)))(x))
+  assert np.isnan(d_fp4[1, 5]) and not np.isfinite(d_fp4).any()
+  d_i8 = np.asarray(jax.jit(lambda a: formats.dequantize_int8(formats.quantize_int8(a)))(x))
+  assert np.isnan(d_i8[1, 5]) and not np.isfinite(d_i8[1]).any()
+  np.testing.assert_array_equal(np.isfinite(d_i8[[0, 2, 3]]), True)  # other tokens unaffected
+
+
+def test_quantize_linear_rejects_non_finite_and_names_it(rng):
+  w = rng.standard_normal((8, 32)).astype(np.float32)
+  w[2, 3] = np.nan
+  with pytest.raises(ValueError, match="blocks.3.attn.to_q"):
+    quantize_linear(w, name="blocks.3.attn.to_q", hadamard=False)
+  b = np.ones(8, np.float32)
+  b[0] = np.inf
+  with pytest.raises(ValueError, match=r"to_k \(bias\)"):
+    quantize_linear(rng.standard_normal((8, 32)), b, name="to_k", hadamard=False)
+
+
+def test_shape_errors_name_the_shape(rng):
+  with pytest.raises(ValueError, match=r"\(3, 40\)"):
+    formats.quantize_nvfp4(jnp.ones((3, 40)))
+  with pytest.raises(ValueError, match=r"\(2, 96\)"):
+    formats.hadamard(jnp.ones((2, 96)), 128)
+  with pytest.raises(ValueError, match=r"\(8, 96\)"):
+    quantize_linear(rng.standard_normal((8, 96)), hadamard=True)
+  with pytest.raises(ValueError, match="power of two"):
+    formats.hadamard_matrix(96)
+
+
+@pytest.mark.parametrize("block", [16, 64, 128])
+def test_hadamard_orthonormal(rng, block):
+  h = formats.hadamard_matrix(block).astype(np.float64)
+  np.testing.assert_allclose(h @ h.T, np.eye(block), atol=1e-6)
+  np.testing.assert_allclose(h, h.T)
+  x = rng.standard_normal((3, 4 * block)).astype(np.float32)
+  y = np.asarray(formats.hadamard(jnp.asarray(x), block))
+  np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(formats.hadamard(jnp.asarray(y), block)), x, atol=1e-5)
+  expect = (x.reshape(3, 4, block).astype(np.float64) @ h).reshape(x.shape)
+  np.testing.assert_allclose(y, expect, atol=1e-5)
