@@ -1,0 +1,104 @@
+"""Temporal Delta Cache (TDC) with the Purified Delta Refresh rules, per block.
+
+State of block b (one `BlockState`, stacked [L, ...] for the whole model):
+  Δ_b = (Δ_v, Δ_t)  cached residual Y − X of the video and text streams, from b's last computation
+  c_b               relative change of Δ between b's last two computations (+∞ until two exist)
+                    c_b = (‖Δ_v' − Δ_v‖₁ + ‖Δ_t' − Δ_t‖₁) / (‖Δ_v‖₁ + ‖Δ_t‖₁)   (' = new)
+  E_b               accumulated error estimate E_acc,b
+  k_b               consecutive skips so far
+  Γ_b               block divergence at b's last computation (for the DMPQ predictor)
+
+Decision at step i of S (W = warm-up steps, N_max = max consecutive skips, τ_tdc, B = bound):
+  skip_b(i) = tdc_on ∧ i ≥ W ∧ i < S − 1 ∧ c_b < τ_tdc ∧ E_b + c_b < B ∧ k_b < N_max
+Skip:     Y = X + Δ_b (no matmul runs; lax.cond), E_b ← E_b + c_b, k_b ← k_b + 1, Δ_b, c_b, Γ_b kept.
+Compute:  Y = block(X), Δ_b ← Y − X, c_b ← change as above, E_b ← 0, k_b ← 0, Γ_b ← Γ(X, Y).
+          PDR: when k_b > 0 (the previous step skipped b) no fresh Γ exists and the predictor
+          sends every routed linear to INT8 (see predictor.predict_modes).
+
+τ_tdc = 0 never skips (c_b ≥ 0), which makes the output bit-identical to TDC off.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpqjax.method.predictor import l1
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("gamma", "change", "e_acc", "skips", "count", "delta_video",
+                                "delta_text"),
+                   meta_fields=())
+@dataclasses.dataclass(frozen=True)
+class BlockState:
+  """Per-block method state; every field has a leading [L] axis when stacked.
+
+  gamma f32, change f32, e_acc f32, skips int32, count int32 (computations so far);
+  delta_video [Bm, N, D] / delta_text [Bm, T, D] in the residual stream's dtype, or None when
+  TDC is off (then nothing large is carried).
+  """
+  gamma: Any
+  change: Any
+  e_acc: Any
+  skips: Any
+  count: Any
+  delta_video: Any
+  delta_text: Any
+
+
+def init_state(num_layers: int, video_shape, text_shape, dtype, *, tdc: bool) -> BlockState:
+  """Zero state for L blocks; video_shape [Bm, N, D], text_shape [Bm, T, D]."""
+  L = num_layers
+  return BlockState(
+      gamma=jnp.zeros((L,), jnp.float32),
+      change=jnp.full((L,), jnp.inf, jnp.float32),
+      e_acc=jnp.zeros((L,), jnp.float32),
+      skips=jnp.zeros((L,), jnp.int32),
+      count=jnp.zeros((L,), jnp.int32),
+      delta_video=jnp.zeros((L, *video_shape), dtype) if tdc else None,
+      delta_text=jnp.zeros((L, *text_shape), dtype) if tdc else None)
+
+
+def state_nbytes(state) -> dict[str, int]:
+  """Device bytes of a (stacked) state: total and the TDC delta cache alone."""
+  def nb(tree):
+    return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize
+                   for a in jax.tree_util.tree_leaves(tree)))
+  return {"state_bytes": nb(state), "tdc_cache_bytes": nb((state.delta_video, state.delta_text))}
+
+
+def should_skip(s: BlockState, i, num_steps: int, knobs) -> jax.Array:
+  """bool scalar: skip_b(i) as in the module docstring (one block's state `s`)."""
+  return ((i >= knobs.tdc_warmup) & (i < num_steps - 1) & (s.change < knobs.tdc_threshold)
+          & (s.e_acc + s.change < knobs.tdc_error_bound) & (s.skips < knobs.tdc_max_skips))
+
+
+def skip(s: BlockState, x_video, x_text):
+  """Y = X + Δ (in the stream's dtype) and the state after a skip."""
+  with jax.named_scope("tdc_skip"):
+    y_video = (x_video + s.delta_video).astype(x_video.dtype)
+    y_text = (x_text + s.delta_text).astype(x_text.dtype)
+    new = dataclasses.replace(s, e_acc=s.e_acc + s.change, skips=s.skips + 1)
+    return y_video, y_text, new
+
+
+def computed(s: BlockState, x_video, x_text, y_video, y_text, gamma, *, tdc: bool) -> BlockState:
+  """The state after block b computed Y from X (Γ already measured)."""
+  if not tdc:
+    return dataclasses.replace(s, gamma=gamma, skips=jnp.zeros_like(s.skips),
+                               count=s.count + 1)
+  with jax.named_scope("tdc_update"):
+    dv = (y_video - x_video).astype(s.delta_video.dtype)
+    dt = (y_text - x_text).astype(s.delta_text.dtype)
+    num = l1(dv.astype(jnp.float32) - s.delta_video.astype(jnp.float32))
+    num = num + l1(dt.astype(jnp.float32) - s.delta_text.astype(jnp.float32))
+    den = l1(s.delta_video) + l1(s.delta_text)
+    change = jnp.where(s.count > 0, num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny), jnp.inf)
+    return BlockState(gamma=gamma, change=change, e_acc=jnp.zeros_like(s.e_acc),
+                      skips=jnp.zeros_like(s.skips), count=s.count + 1, delta_video=dv,
+                      delta_text=dt)
