@@ -1,0 +1,43 @@
+"""Convert a diffusers AutoencoderKLCogVideoX folder (config.json + safetensors) into the params
+pytree of models.cogvideox_vae (decoder only), streaming tensor by tensor.
+
+  cfg, params = convert_vae(folder, dtype=np.float32)   # numpy leaves
+
+The encoder's weights (and quant convs) are checked for nothing and never read.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable
+
+import numpy as np
+
+from checkpoints_convert.safetensors_stream import CheckpointError, open_checkpoint
+from checkpoints_convert.t5 import DTYPES, check_keys, read_finite, set_path
+from models.cogvideox_vae.model import VAEConfig, param_shapes
+
+VAE_IGNORED = (re.compile(r"^encoder\."), re.compile(r"^quant_conv\."))
+
+
+def convert_vae(folder: str, dtype=np.float32,
+                progress: Callable[[str], None] | None = None) -> tuple[VAEConfig, dict]:
+  """(VAEConfig, params) from an AutoencoderKLCogVideoX folder. dtype: numpy dtype or
+  'bf16'/'fp32'."""
+  dtype = DTYPES.get(dtype, None) if isinstance(dtype, str) else np.dtype(dtype)
+  if dtype is None:
+    raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}")
+  cfg_path = os.path.join(folder, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f"{folder}: no config.json (a diffusers AutoencoderKLCogVideoX "
+                            "folder has config.json and diffusion_pytorch_model.safetensors)")
+  cfg = VAEConfig.from_file(cfg_path)
+  expected = param_shapes(cfg)
+  params: dict = {}
+  with open_checkpoint(folder) as ckpt:
+    check_keys(ckpt, expected, VAE_IGNORED, source=folder)
+    for key in expected:
+      set_path(params, key.split("."), read_finite(ckpt, key, dtype))
+      if progress is not None:
+        progress(key)
+  return cfg, params
