@@ -1,0 +1,283 @@
+"""Benchmark (and check) the Mosaic GPU qlinear kernels against XLA, side by side in one run.
+
+  PYTHONPATH=. python3 benchmarks/kernels.py [--quick] [--tune] [--out DIR]
+
+For each shape (M, K, N) it times, with CUPTI (sum of device kernel time per call, over
+input sets rotated so that the weights do not sit in L2):
+  xla_bf16          XLA bf16 dot (the baseline of every ratio)
+  xla_s8_scaled     XLA s8 dot (cuBLASLt) + a separate f32 scale/bias pass, operands given
+  xla_nvfp4_sm      jax.nn.scaled_matmul with NVFP4 operands
+  xla_w4a8          qlinear_xla.w4a8 end to end (quantizer + weight conversion + s8 dot)
+  quant / quant_had the INT8 activation quantizer alone, without / with the Hadamard
+  mosaic_w8a8[cfg]  the W8A8 kernel alone (int8 operands given), per tile config
+  mosaic_w8a8_e2e   quantizer (no Hadamard) + kernel;  ..._had with the Hadamard
+  mosaic_w4a8       MOSAIC.w4a8: quantizer (Hadamard) + NVFP4->INT8 conversion + kernel
+and checks every kernel output against its XLA reference (exact int32 for the raw kernel).
+Writes benchmarks/results/kernels-<device>.json (or --out DIR) with device, JAX version,
+date and command; prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpqjax import formats, qlinear_xla
+from mpqjax.qlinear import quantize_linear
+from pallas_kernels import int8_quant, qlinear_mosaic
+from pallas_kernels import w8a8_matmul as w8a8
+
+L2_BYTES = 50 << 20
+M_2B, M_5B = 2 * 17776, 2 * 17776
+
+
+def shapes(quick: bool):
+  """(name, M, K, N)."""
+  out = [("8192^3", 8192, 8192, 8192)]
+  for tag, m, dims in (("2B", M_2B, (1920, 7680)), ("5B", M_5B, (3072, 12288))):
+    d, f = dims
+    for k, n in ((d, d), (d, f), (f, d)):
+      out.append((f"{tag} K{k} N{n}", m, k, n))
+      for small in (64, 256):
+        out.append((f"{tag} K{k} N{n}", small, k, n))
+  if quick:
+    out = [s for s in out if s[0] in ("8192^3",) or (s[0] == "5B K3072 N12288")]
+  return out
+
+
+def tune_configs(m: int, n: int, k: int):
+  """Config variants timed with --tune (the first is the heuristic's choice)."""
+  base = w8a8.pick_config(m, n, k)
+  if m >= 1024:
+    c = [base,
+         dataclasses.replace(base, wg_dimension=w8a8.Dim.M),
+         dataclasses.replace(base, grid_minor_dim=w8a8.Dim.M),
+         dataclasses.replace(base, grid_tile_width=16),
+         dataclasses.replace(base, tile_k=64, max_concurrent_steps=6),
+         dataclasses.replace(base, max_concurrent_steps=3, epi_tile_n=64)]
+  else:
+    c = [base,
+         dataclasses.replace(base, k_splits=1),
+         dataclasses.replace(base, tile_n=128, k_splits=max(1, base.k_splits // 2)),
+         dataclasses.replace(base, max_concurrent_steps=4)]
+  seen, out = set(), []
+  for x in c:
+    if x not in seen and n % x.cta_tile_n == 0 and k % (x.tile_k * x.k_splits) == 0:
+      seen.add(x)
+      out.append(x)
+  return out
+
+
+def cfg_name(c: w8a8.W8A8Config) -> str:
+  return (f"m{c.tile_m}n{c.tile_n}k{c.tile_k}s{c.max_concurrent_steps}"
+          f"wg{c.wg_dimension.name}g{c.grid_minor_dim.name}{c.grid_tile_width}"
+          f"e{c.epi_tile_m}x{c.epi_tile_n}ks{c.k_splits}")
+
+
+def time_fn(fn, argsets, iterations=5):
+  """Median device time (ms) of one call of fn, via CUPTI over all rotated arg sets."""
+  from jax.experimental.mosaic.gpu import profiler
+  multi = jax.jit(lambda sets: [fn(*s) for s in sets])
+  _, times = profiler.measure(multi, iterations=iterations)(argsets)
+  return statistics.median(times) / len(argsets)
+
+
+def rel_err(out, ref) -> float:
+  out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+  ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+  if not np.isfinite(out).all():
+    return float("inf")
+  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def make_problem(m, k, n, seed):
+  kx, kw, kb = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, (n, k), jnp.float32) * (1.0 / math.sqrt(k))
+  b = jax.random.normal(kb, (n,), jnp.float32) * 0.1
+  layer = quantize_linear(w, b, hadamard=True)
+  w8 = qlinear_xla.weight_as_int8(layer)
+  xq, xs = int8_quant.quantize_rows(x, int8_quant.QuantConfig(128))
+  nv = layer.weight
+  # scaled_matmul operands: e2m1 values and e4m3 block scales, one batch.
+  e2m1 = formats.e2m1_decode(formats.unpack_nibbles(nv.codes)).astype(jnp.float4_e2m1fn)
+  xnv = formats.quantize_nvfp4(x)
+  xe2m1 = formats.e2m1_decode(formats.unpack_nibbles(xnv.codes)).astype(jnp.float4_e2m1fn)
+  return dict(x=x, w_bf16=w.astype(jnp.bfloat16), layer=layer, w8=w8, xq=xq, xs=xs[:, 0],
+              ws=layer.w_int8_scale[:, 0], bias=b, nv_w=e2m1[None], nv_ws=nv.scales[None],
+              nv_x=xe2m1[None], nv_xs=xnv.scales[None])
+
+
+def bf16_dot(x, w):
+  return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
+
+
+TUNE_SHAPES = {("8192^3", 8192), ("5B K3072 N12288", M_5B), ("2B K1920 N1920", M_2B),
+               ("5B K3072 N3072", 64), ("5B K3072 N12288", 256)}
+
+
+def write_json(res: dict, out_dir: str) -> str:
+  dev = res["device"].replace(" ", "_").replace("/", "_")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"kernels-{dev}.json")
+  fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    json.dump(res, f, indent=1)
+  os.replace(tmp, path)
+  return path
+
+
+def run(args, out_dir=None) -> dict:
+  dev = jax.devices()[0]
+  sms = dev.core_count
+  results = []
+  res = dict(device=dev.device_kind, num_sms=sms, jax_version=jax.__version__,
+             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             command=" ".join([os.path.basename(sys.executable)] + sys.argv), results=results)
+  for (name, m, k, n) in shapes(args.quick):
+    flops = 2.0 * m * n * k
+    wbytes = n * k * 2
+    n_sets = 1 if m >= 1024 else max(1, min(8, math.ceil(3 * L2_BYTES / wbytes)))
+    probs = [make_problem(m, k, n, s) for s in range(n_sets)]
+    p0 = probs[0]
+    row = dict(shape=name, M=m, K=k, N=n, flops=flops, times_ms={}, errors={}, check={})
+    print(f"== {name} M={m} K={k} N={n} ({n_sets} input sets)", flush=True)
+
+    def bench(key, fn, pick, ref=None, exact=False):
+      try:
+        sets = [pick(p) for p in probs]
+        out = jax.jit(fn)(*sets[0])
+        if ref is not None:
+          r = ref(*sets[0]) if callable(ref) else ref
+          if exact:
+            ok = bool(np.array_equal(np.asarray(out), np.asarray(r)))
+            row["check"][key] = "exact" if ok else "MISMATCH"
+          else:
+            row["check"][key] = rel_err(out, r)
+        t = time_fn(fn, sets)
+        row["times_ms"][key] = t
+        print(f"  {key:44s} {t * 1e3:9.1f} us  {flops / t / 1e9:8.1f} TF/s"
+              f"  check={row['check'].get(key, '-')}", flush=True)
+      except Exception as e:  # keep going: one failure must not lose the run
+        row["errors"][key] = f"{type(e).__name__}: {str(e)[:400]}"
+        print(f"  {key}: FAILED {row['errors'][key]}", flush=True)
+        traceback.print_exc(limit=2)
+
+    ref_bf16 = jax.jit(bf16_dot)(p0["x"], p0["w_bf16"])
+    bench("xla_bf16", bf16_dot, lambda p: (p["x"], p["w_bf16"]))
+    ref_s8 = jax.jit(w8a8.reference)(p0["xq"], p0["w8"], p0["xs"], p0["ws"], p0["bias"])
+    bench("xla_s8_scaled", w8a8.reference, lambda p: (p["xq"], p["w8"], p["xs"], p["ws"], p["bias"]))
+    bench("xla_nvfp4_sm",
+          lambda a, b, sa, sb: jax.nn.scaled_matmul(a, b, sa, sb, preferred_element_type=jnp.bfloat16),
+          lambda p: (p["nv_x"], p["nv_w"], p["nv_xs"], p["nv_ws"]))
+    ref_w4a8 = jax.jit(qlinear_xla.w4a8)(p0["x"], p0["layer"])
+    bench("xla_w4a8", qlinear_xla.w4a8, lambda p: (p["x"], p["layer"]))
+    for had in (0, 128):
+      qc = int8_quant.QuantConfig(had)
+      key = "quant_had" if had else "quant"
+      bench(key, lambda x, qc=qc: int8_quant.quantize_rows(x, qc), lambda p: (p["x"],))
+      try:  # fraction of int8 values that differ from the f32-HIGHEST reference quantizer
+        got = jax.jit(lambda x, qc=qc: int8_quant.quantize_rows(x, qc)[0])(p0["x"])
+        want = jax.jit(lambda x, qc=qc: int8_quant.reference(x, qc)[0])(p0["x"])
+        row["check"][key + "_mismatch_frac"] = float(jnp.mean(got != want))
+      except Exception as e:
+        row["errors"][key + "_check"] = f"{type(e).__name__}: {str(e)[:400]}"
+    # kernel alone, per config
+    tune = args.tune and (args.tune_all or (name, m) in TUNE_SHAPES)
+    cfgs = tune_configs(m, n, k) if tune else [w8a8.pick_config(m, n, k, sms)]
+    for c in cfgs:
+      fn = lambda a, b, sa, sb, bb, c=c: w8a8.w8a8_matmul(a, b, sa, sb, bb, config=c)
+      bench(f"mosaic_w8a8[{cfg_name(c)}]", fn,
+            lambda p: (p["xq"], p["w8"], p["xs"], p["ws"], p["bias"]), ref=ref_s8)
+    # the int32 path, bit for bit, at the heuristic config
+    c0 = w8a8.pick_config(m, n, k, sms)
+    try:
+      got = jax.jit(lambda a, b: w8a8.w8a8_matmul(a, b, jnp.ones((m,)), jnp.ones((n,)),
+                                                  config=c0, out_dtype=jnp.int32))(p0["xq"], p0["w8"])
+      want = jax.jit(lambda a, b: w8a8.reference(a, b, None, None, out_dtype=jnp.int32))(p0["xq"], p0["w8"])
+      row["check"]["int32_exact"] = bool(np.array_equal(np.asarray(got), np.asarray(want)))
+      print(f"  int32 exact: {row['check']['int32_exact']}", flush=True)
+    except Exception as e:
+      row["errors"]["int32_exact"] = f"{type(e).__name__}: {str(e)[:400]}"
+    # end to end
+    for had in (0, 128):
+      qc = int8_quant.QuantConfig(had)
+      def e2e(x, w8, ws, bias, qc=qc):
+        xq, xs = int8_quant.quantize_rows(x, qc)
+        return w8a8.w8a8_matmul(xq, w8, xs[:, 0], ws, bias)
+      def e2e_ref(x, w8, ws, bias, qc=qc):
+        xq, xs = int8_quant.reference(x, qc)
+        return w8a8.reference(xq, w8, xs[:, 0], ws, bias)
+      pick = lambda p: (p["x"], p["w8"], p["ws"], p["bias"])
+      bench("mosaic_w8a8_e2e_had" if had else "mosaic_w8a8_e2e", e2e, pick,
+            ref=jax.jit(e2e_ref)(*pick(p0)))
+      bench("xla_w8a8_e2e_had" if had else "xla_w8a8_e2e", e2e_ref, pick)
+    bench("mosaic_w4a8", qlinear_mosaic.w4a8, lambda p: (p["x"], p["layer"]), ref=ref_w4a8)
+    row["check"]["w4a8_vs_bf16_relerr"] = rel_err(ref_w4a8, ref_bf16)
+    t = row["times_ms"]
+    if "xla_bf16" in t:
+      row["tflops"] = {key: flops / v / 1e9 for key, v in t.items()}
+      row["vs_bf16"] = {key: t["xla_bf16"] / v for key, v in t.items()}
+    results.append(row)
+    del probs, p0
+    if out_dir:
+      write_json(res, out_dir)
+  return res
+
+
+def summary(res: dict) -> str:
+  lines = [f"device {res['device']}, jax {res['jax_version']}"]
+  hdr = (f"{'shape':18s} {'M':>6s} {'bf16':>7s} {'s8+sc':>7s} {'nvfp4':>7s} {'w8a8k':>7s} "
+         f"{'e2e':>7s} {'e2eH':>7s} {'w4a8':>7s} | x bf16: {'w8a8k':>5s} {'e2e':>5s} {'e2eH':>5s} "
+         f"{'w4a8':>5s} | e2eH/xla_s8sc")
+  lines.append("TF/s (TOP/s for int8):")
+  lines.append(hdr)
+  for r in res["results"]:
+    t = r["times_ms"]
+    tf = lambda key: r["flops"] / t[key] / 1e9 if key in t else float("nan")
+    kern = min((v for key, v in t.items() if key.startswith("mosaic_w8a8[")), default=float("nan"))
+    kt = r["flops"] / kern / 1e9 if kern == kern else float("nan")
+    b = t.get("xla_bf16", float("nan"))
+    ratio = lambda v: b / v if v == v else float("nan")
+    lines.append(
+        f"{r['shape']:18s} {r['M']:6d} {tf('xla_bf16'):7.0f} {tf('xla_s8_scaled'):7.0f} "
+        f"{tf('xla_nvfp4_sm'):7.0f} {kt:7.0f} {tf('mosaic_w8a8_e2e'):7.0f} "
+        f"{tf('mosaic_w8a8_e2e_had'):7.0f} {tf('mosaic_w4a8'):7.0f} | "
+        f"{ratio(kern):5.2f} {ratio(t.get('mosaic_w8a8_e2e', float('nan'))):5.2f} "
+        f"{ratio(t.get('mosaic_w8a8_e2e_had', float('nan'))):5.2f} "
+        f"{ratio(t.get('mosaic_w4a8', float('nan'))):5.2f} | "
+        f"{t.get('xla_s8_scaled', float('nan')) / t.get('mosaic_w8a8_e2e_had', float('nan')):5.2f}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="two shapes only")
+  ap.add_argument("--tune", action="store_true", help="time several tile configs per shape")
+  ap.add_argument("--tune-all", action="store_true", help="--tune at every shape")
+  ap.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
+  args = ap.parse_args(argv)
+  if jax.default_backend() != "gpu":
+    print("benchmarks/kernels.py needs a GPU", file=sys.stderr)
+    return 2
+  out_dir = args.out or os.path.join(os.path.dirname(__file__), "results")
+  res = run(args, out_dir)
+  path = write_json(res, out_dir)
+  print(summary(res))
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

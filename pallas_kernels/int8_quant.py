@@ -1,0 +1,73 @@
+"""Per-token INT8 activation quantizer with the optional block Hadamard, as one XLA fusion.
+
+  quantize_rows(x[M, K], hadamard_block) -> (values s8[M, K], scales f32[M, 1])
+
+equal to formats.quantize_int8(formats.hadamard(x, block), axis=-1), the arithmetic of
+mpqjax.qlinear_xla's INT8 path. The rotation is done on the tensor cores: the orthonormal
+Hadamard matrix is (+-1) / sqrt(b), and +-1 is exact in bf16, so a bf16 x (+-1) dot with
+f32 accumulation equals the f32 rotation up to f32 summation order. f32 inputs are split
+into three bf16 terms (hi + mid + lo), which covers f32's 24-bit significand.
+
+Pallas or XLA: benchmarks/kernels.py times this fusion; pallas_kernels/NOTES.md records
+why it is an XLA fusion (the per-row absmax needs the whole row before any value can be
+cast, so a one-pass kernel must hold [rows, K] on chip).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpqjax import formats
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """hadamard_block: 0 for none, else a power of two dividing K (128 in mpqjax)."""
+  hadamard_block: int = 0
+
+
+def _sign_matrix(block: int) -> jax.Array:
+  return jnp.asarray(np.sign(formats.hadamard_matrix(block)), jnp.bfloat16)
+
+
+def hadamard_tc(x: jax.Array, block: int) -> jax.Array:
+  """Block Hadamard of x[..., K] along the last axis on the tensor cores -> f32."""
+  if x.shape[-1] % block:
+    raise ValueError(f"hadamard_tc(block={block}): last axis must be a multiple of {block}, "
+                     f"got shape {tuple(x.shape)}")
+  if x.dtype == jnp.bfloat16:
+    parts = [x]
+  else:
+    rest, parts = x.astype(jnp.float32), []
+    for _ in range(3):  # f32 = hi + mid + lo in bf16 (8 + 8 + 8 significant bits)
+      parts.append(rest.astype(jnp.bfloat16))
+      rest = rest - parts[-1].astype(jnp.float32)
+  h = _sign_matrix(block)
+  y = None
+  for p in parts:
+    pb = p.reshape(*p.shape[:-1], -1, block)
+    t = jnp.einsum("...b,bc->...c", pb, h, preferred_element_type=jnp.float32)
+    y = t if y is None else y + t
+  # Same f32 constant as formats.hadamard_matrix's entries.
+  return (y * np.float32(1.0 / math.sqrt(block))).reshape(x.shape)
+
+
+def quantize_rows(x: jax.Array, config: QuantConfig = QuantConfig()):
+  """x[M, K] (bf16 or f32) -> (s8[M, K], f32[M, 1]), per-row symmetric INT8."""
+  with jax.named_scope("int8_quant"):
+    y = hadamard_tc(x, config.hadamard_block) if config.hadamard_block else x.astype(jnp.float32)
+    q = formats.quantize_int8(y, axis=-1)
+  return q.values, q.scales
+
+
+def reference(x: jax.Array, config: QuantConfig = QuantConfig()):
+  """The xla implementation's arithmetic (f32 HIGHEST-precision rotation)."""
+  y = x.astype(jnp.float32)
+  if config.hadamard_block:
+    y = formats.hadamard(y, config.hadamard_block)
+  q = formats.quantize_int8(y, axis=-1)
+  return q.values, q.scales

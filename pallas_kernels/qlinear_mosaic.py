@@ -1,0 +1,70 @@
+"""The "mosaic" implementation of qlinear: Mosaic GPU (Pallas) kernels for Hopper.
+
+  MOSAIC.w4a8(x2d, layer): INT8 per-token activations (pallas_kernels.int8_quant) x the
+      weight re-expressed in INT8 per channel, on the W8A8 kernel (pallas_kernels.w8a8_matmul)
+      with the scales and bias fused into its epilogue.
+  MOSAIC.w4a4, MOSAIC.w4a16: the xla implementation (no Hopper kernel yet).
+
+The NVFP4 weight is converted to INT8 by an XLA fusion on every call (qlinear_xla.
+weight_as_int8): only the NVFP4 copy stays resident. Shapes the kernel does not tile
+(N not a multiple of its CTA tile, K not a multiple of 128, stacked layers) fall back to xla.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mpqjax import qlinear_xla
+from pallas_kernels import int8_quant
+from pallas_kernels import w8a8_matmul as w8a8
+
+
+def _is_hopper() -> bool:
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return False
+  if dev.platform != "gpu":
+    return False
+  kind = getattr(dev, "device_kind", "")
+  cc = str(getattr(dev, "compute_capability", ""))
+  return "H100" in kind or "H200" in kind or cc.startswith("9")
+
+
+def interpret_params():
+  """Mosaic GPU interpret mode off a GPU (CPU tests), None on the GPU."""
+  if jax.default_backend() == "gpu":
+    return None
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  return plgpu.InterpretGPUParams()
+
+
+def kernel_fits(m: int, n: int, k: int) -> bool:
+  """Whether the W8A8 kernel tiles this problem (else the xla path runs)."""
+  cfg = w8a8.pick_config(max(m, 1), n, k)
+  return m > 0 and n % cfg.cta_tile_n == 0 and k % (cfg.tile_k * cfg.k_splits) == 0
+
+
+def w4a8(x: jax.Array, layer) -> jax.Array:
+  """x[M, K] -> bf16[M, N], matching qlinear_xla.w4a8."""
+  (m, k), n = x.shape, layer.out_features
+  if layer.weight.shape != (n, k) or not kernel_fits(m, n, k):
+    return qlinear_xla.w4a8(x, layer)
+  xq, xs = int8_quant.quantize_rows(x, int8_quant.QuantConfig(layer.hadamard_block))
+  w = qlinear_xla.weight_as_int8(layer)
+  return w8a8.w8a8_matmul(xq, w, xs[:, 0], layer.w_int8_scale[:, 0], layer.bias,
+                          out_dtype=jnp.bfloat16, interpret=interpret_params())
+
+
+class _Mosaic:
+  name = "mosaic"
+  w4a4 = staticmethod(qlinear_xla.w4a4)
+  w4a8 = staticmethod(w4a8)
+  w4a16 = staticmethod(qlinear_xla.w4a16)
+
+  @staticmethod
+  def available() -> bool:
+    return _is_hopper()
+
+
+MOSAIC = _Mosaic()

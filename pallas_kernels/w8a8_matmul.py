@@ -1,0 +1,260 @@
+"""W8A8 matmul for Hopper (Mosaic GPU): s8[M, K] x s8[N, K] -> s32, fused scale/bias epilogue.
+
+  y[m, n] = bf16(f32(sum_k a[m, k] * b[n, k]) * row_scale[m] * col_scale[n] + bias[n])
+
+which is exactly mpqjax.qlinear_xla's INT8 arithmetic (int32 accumulation, f32 epilogue).
+
+Structure (after jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py): a persistent grid of
+one CTA per SM walks the output tiles; each CTA has one TMA producer warpgroup and two wgmma
+consumer warpgroups (warp-specialised pipeline over K, `max_concurrent_steps` stages deep).
+The weight B is K-major ([N, K] as stored), which is what s8 wgmma requires. The row scales,
+column scales and bias of a tile are fetched by TMA while its K loop runs.
+
+Split-K (`k_splits > 1`, for small M where the tile grid is smaller than the SM count):
+the kernel writes raw int32 partial sums [k_splits, M, N]; `w8a8_matmul` adds them in int32
+(exact) and applies the same epilogue in XLA. `out_dtype=jnp.int32` with one split returns
+the raw accumulator (used to test the int32 path bit for bit).
+
+M need not be a multiple of the tile: TMA zero-fills out-of-bounds loads and drops
+out-of-bounds stores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+
+class Dim(enum.IntEnum):
+  M = 0
+  N = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class W8A8Config:
+  """Tiling of one kernel launch.
+
+  tile_m x tile_n is one consumer warpgroup's accumulator; the CTA tile doubles it along
+  `wg_dimension`. tile_k is in int8 elements (128 = one 128-byte swizzle row).
+  """
+  tile_m: int = 128
+  tile_n: int = 128
+  tile_k: int = 128
+  max_concurrent_steps: int = 4
+  epi_tile_n: int = 32
+  epi_tile_m: int = 64
+  grid_minor_dim: Dim = Dim.N
+  grid_tile_width: int = 8
+  wg_dimension: Dim = Dim.N
+  k_splits: int = 1
+
+  @property
+  def cta_tile_m(self) -> int:
+    return self.tile_m * (2 if self.wg_dimension == Dim.M else 1)
+
+  @property
+  def cta_tile_n(self) -> int:
+    return self.tile_n * (2 if self.wg_dimension == Dim.N else 1)
+
+
+def num_sms() -> int:
+  return jax.devices()[0].core_count if jax.default_backend() == "gpu" else 132
+
+
+def pick_config(m: int, n: int, k: int, sms: int | None = None) -> W8A8Config:
+  """Heuristic tile choice (see pallas_kernels/NOTES.md for the measurements behind it)."""
+  sms = sms or num_sms()
+  if m >= 1024:
+    return W8A8Config()
+  # Memory-bound: weight streaming. Small tiles along N, split K until the SMs are busy.
+  cfg = W8A8Config(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=6,
+                   epi_tile_n=64, epi_tile_m=64, grid_minor_dim=Dim.M, grid_tile_width=1)
+  tiles = pl.cdiv(m, cfg.cta_tile_m) * pl.cdiv(n, cfg.cta_tile_n)
+  k_iters = k // cfg.tile_k
+  splits = 1
+  while tiles * splits * 2 <= sms and k_iters % (splits * 2) == 0 and k_iters // (splits * 2) >= 2:
+    splits *= 2
+  return dataclasses.replace(cfg, k_splits=splits)
+
+
+def _check(a, b, cfg: W8A8Config):
+  if a.dtype != jnp.int8 or b.dtype != jnp.int8:
+    raise ValueError(f"w8a8_matmul needs int8 operands, got {a.dtype} and {b.dtype}")
+  (m, k), (n, k2) = a.shape, b.shape
+  if k != k2:
+    raise ValueError(f"w8a8_matmul: a is {a.shape} but b is {b.shape}; K must match")
+  if n % cfg.cta_tile_n:
+    raise ValueError(f"w8a8_matmul: N={n} must be a multiple of the CTA tile {cfg.cta_tile_n}")
+  if k % (cfg.tile_k * cfg.k_splits):
+    raise ValueError(f"w8a8_matmul: K={k} must be a multiple of tile_k*k_splits="
+                     f"{cfg.tile_k * cfg.k_splits}")
+  if cfg.tile_m % cfg.epi_tile_m or cfg.tile_n % cfg.epi_tile_n:
+    raise ValueError(f"epilogue tile must divide the warpgroup tile: {cfg}")
+
+
+def _transforms(minor_bytes: int, bits: int):
+  swizzle = plgpu.find_swizzle(minor_bytes * 8)
+  return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, interpret,
+                 sms: int):
+  """One launch. out_dtype int32 -> raw partial sums [k_splits, M, N]; else the epilogue."""
+  (m, k), (n, _) = a.shape, b.shape
+  raw = out_dtype == jnp.int32
+  tile_m, tile_n, tile_k = cfg.tile_m, cfg.tile_n, cfg.tile_k
+  cta_m, cta_n = cfg.cta_tile_m, cfg.cta_tile_n
+  m_iters, n_iters = pl.cdiv(m, cta_m), n // cta_n
+  splits = cfg.k_splits
+  k_per_split = k // splits
+  k_iters = k_per_split // tile_k
+  epi_m, epi_n = cfg.epi_tile_m, cfg.epi_tile_n
+  out_bits = jnp.dtype(out_dtype).itemsize * 8
+  in_tr = _transforms(tile_k, 8)
+  out_tr = _transforms(epi_n * out_bits // 8, out_bits)
+  n_epi = (tile_m // epi_m) * (tile_n // epi_n)
+  num_slots = min(2, n_epi)
+  wg_m_dim = cfg.wg_dimension == Dim.M
+
+  def kernel(a_g, b_g, rs_g, cs_g, bias_g, out_g):
+    def get_pipeline(body, ctx):
+      return plgpu.emit_pipeline_warp_specialized(
+          body, grid=(k_iters,), memory_registers=40,
+          in_specs=[
+              plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=in_tr,
+                              memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=in_tr,
+                              memory_space=plgpu.SMEM),
+          ],
+          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.max_concurrent_steps,
+          compute_context=ctx)
+
+    ignore = lambda *_, **__: None
+    scratch = dict(
+        allocs=get_pipeline(ignore, ignore).get_allocations(a_g, b_g),
+        out_smem=plgpu.SMEM((2, num_slots, epi_m, epi_n), out_dtype, transforms=out_tr),
+    )
+    if not raw:
+      scratch.update(
+          rs_smem=plgpu.SMEM((2, tile_m), jnp.float32),
+          cs_smem=plgpu.SMEM((2, tile_n), jnp.float32),
+          bias_smem=plgpu.SMEM((2, tile_n), jnp.float32),
+          bar=plgpu.Barrier(num_arrivals=3, num_barriers=2))
+
+    @functools.partial(pl.run_scoped, collective_axes="wg", **scratch)
+    def _scope(allocs, out_smem, rs_smem=None, cs_smem=None, bias_smem=None, bar=None):
+      wg = lax.axis_index("wg")
+
+      @plgpu.nd_loop((m_iters * n_iters * splits,), collective_axes="sm")
+      def _tile_loop(info):
+        (lin,) = info.index
+        mn, split = lax.div(lin, splits), lax.rem(lin, splits)
+        mi, ni = plgpu.planar_snake(mn, (m_iters, n_iters), int(cfg.grid_minor_dim),
+                                    cfg.grid_tile_width)
+        wg_m0 = mi * cta_m + (wg * tile_m if wg_m_dim else 0)
+        wg_n0 = ni * cta_n + (0 if wg_m_dim else wg * tile_n)
+        k_slice = pl.ds(split * k_per_split, k_per_split)
+
+        def ctx(eval_pipeline):
+          if not raw:  # fetch this tile's scales while the K loop runs
+            plgpu.copy_gmem_to_smem(rs_g.at[pl.ds(wg_m0, tile_m)], rs_smem.at[wg], bar.at[wg])
+            plgpu.copy_gmem_to_smem(cs_g.at[pl.ds(wg_n0, tile_n)], cs_smem.at[wg], bar.at[wg])
+            plgpu.copy_gmem_to_smem(bias_g.at[pl.ds(wg_n0, tile_n)], bias_smem.at[wg],
+                                    bar.at[wg])
+
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.int32))
+          def _acc(acc_ref):
+            eval_pipeline(acc_ref)
+            acc = acc_ref[...]
+            if not raw:
+              plgpu.barrier_wait(bar.at[wg])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            for ei in range(tile_m // epi_m):
+              for ej in range(tile_n // epi_n):
+                ms, ns = slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)
+                part = acc[ms, ns]
+                if not raw:
+                  rs = rs_smem[wg, ms]
+                  cs = cs_smem[wg, ns]
+                  bb = bias_smem[wg, ns]
+                  shape = (epi_m, epi_n)
+                  y = part.astype(jnp.float32) * lax.broadcast_in_dim(rs, shape, [0])
+                  y = y * lax.broadcast_in_dim(cs, shape, [1]) + lax.broadcast_in_dim(bb, shape, [1])
+                  part = y.astype(out_dtype)
+                slot = (ei * (tile_n // epi_n) + ej) % num_slots
+                plgpu.wait_smem_to_gmem(num_slots - 1, wait_read_only=True)
+                out_smem[wg, slot] = part
+                plgpu.commit_smem()
+                dst = out_g.at[split] if raw else out_g
+                plgpu.copy_smem_to_gmem(
+                    out_smem.at[wg, slot],
+                    dst.at[pl.ds(wg_m0 + ei * epi_m, epi_m), pl.ds(wg_n0 + ej * epi_n, epi_n)])
+
+        def mma(_, a_s, b_s, acc_ref):
+          if wg_m_dim:
+            a_op, b_op = a_s.at[pl.ds(wg * tile_m, tile_m)], b_s
+          else:
+            a_op, b_op = a_s, b_s.at[pl.ds(wg * tile_n, tile_n)]
+          plgpu.wgmma(acc_ref, a_op, b_op.transpose((1, 0)))
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        get_pipeline(mma, ctx)(
+            a_g.at[pl.ds(mi * cta_m, cta_m), k_slice],
+            b_g.at[pl.ds(ni * cta_n, cta_n), k_slice],
+            allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  out_shape = (splits, m, n) if raw else (m, n)
+  total = m_iters * n_iters * splits
+  f = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+      grid=(min(sms, total),), grid_names=("sm",), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=interpret)
+  return f(a, b, row_scale, col_scale, bias)
+
+
+def w8a8_matmul(a: jax.Array, b: jax.Array, row_scale: jax.Array, col_scale: jax.Array,
+                bias: jax.Array | None = None, *, config: W8A8Config | None = None,
+                out_dtype=jnp.bfloat16, interpret=None, sms: int | None = None) -> jax.Array:
+  """a s8[M, K], b s8[N, K], row_scale f32[M], col_scale f32[N], bias f32[N] | None.
+
+  Returns out_dtype[M, N] = (a @ b.T) * row_scale[:, None] * col_scale + bias, or with
+  out_dtype=int32 the raw int32 a @ b.T (scales and bias ignored).
+  interpret: a plgpu.InterpretGPUParams to run on CPU.
+  """
+  m, k = a.shape
+  n = b.shape[0]
+  cfg = config or pick_config(m, n, k, sms)
+  _check(a, b, cfg)
+  sms = sms or num_sms()
+  row_scale = row_scale.reshape(m).astype(jnp.float32)
+  col_scale = col_scale.reshape(n).astype(jnp.float32)
+  bias = jnp.zeros((n,), jnp.float32) if bias is None else bias.reshape(n).astype(jnp.float32)
+  if out_dtype == jnp.int32 or cfg.k_splits > 1:
+    parts = _kernel_call(a, b, row_scale, col_scale, bias, cfg, jnp.int32, interpret, sms)
+    acc = parts.sum(axis=0, dtype=jnp.int32)
+    if out_dtype == jnp.int32:
+      return acc
+    y = acc.astype(jnp.float32) * row_scale[:, None] * col_scale + bias
+    return y.astype(out_dtype)
+  return _kernel_call(a, b, row_scale, col_scale, bias, cfg, out_dtype, interpret, sms)
+
+
+def reference(a, b, row_scale, col_scale, bias=None, out_dtype=jnp.bfloat16):
+  """The same function in plain jnp (XLA's int dot)."""
+  acc = lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+  if out_dtype == jnp.int32:
+    return acc
+  y = acc.astype(jnp.float32) * row_scale.reshape(-1, 1) * col_scale.reshape(1, -1)
+  if bias is not None:
+    y = y + bias.reshape(1, -1)
+  return y.astype(out_dtype)

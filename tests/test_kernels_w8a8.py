@@ -1,0 +1,142 @@
+"""W8A8 Mosaic GPU kernel, INT8 quantizer and MOSAIC.w4a8 against the xla reference.
+
+On CPU the kernel runs in Mosaic GPU's interpret mode (small shapes, a few seconds each);
+the same checks at real shapes run on a Hopper GPU (marked gpu, skipped elsewhere).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mpqjax import qlinear_xla
+from mpqjax.qlinear import Mode, qlinear, quantize_linear
+from pallas_kernels import int8_quant, qlinear_mosaic
+from pallas_kernels import w8a8_matmul as w8a8
+
+ON_GPU = jax.default_backend() == "gpu"
+ON_HOPPER = qlinear_mosaic.MOSAIC.available()
+needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (H100/H200)")
+
+SMALL = w8a8.W8A8Config(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=2,
+                        epi_tile_m=64, epi_tile_n=32, grid_minor_dim=w8a8.Dim.N,
+                        grid_tile_width=2)
+
+
+def interp():
+  return None if ON_GPU else qlinear_mosaic.interpret_params()
+
+
+def operands(rng, m, n, k):
+  a = jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8)
+  b = jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)
+  rs = jnp.asarray(rng.uniform(0.5, 2.0, m), jnp.float32) * 1e-2
+  cs = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32) * 1e-3
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  return a, b, rs, cs, bias
+
+
+@pytest.mark.parametrize("cfg,shape", [
+    (SMALL, (96, 256, 256)),                                           # ragged M tile
+    (dataclasses.replace(SMALL, wg_dimension=w8a8.Dim.M), (200, 128, 256)),
+    (dataclasses.replace(SMALL, k_splits=2), (64, 128, 512)),         # split-K path
+], ids=["wgN-raggedM", "wgM", "splitK"])
+def test_int32_path_exact(rng, cfg, shape):
+  m, n, k = shape
+  a, b, rs, cs, bias = operands(rng, m, n, k)
+  got = w8a8.w8a8_matmul(a, b, rs, cs, config=cfg, out_dtype=jnp.int32, interpret=interp())
+  want = w8a8.reference(a, b, rs, cs, out_dtype=jnp.int32)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_epilogue_matches_xla(rng, with_bias):
+  m, n, k = 96, 256, 256
+  a, b, rs, cs, bias = operands(rng, m, n, k)
+  bias = bias if with_bias else None
+  got = w8a8.w8a8_matmul(a, b, rs, cs, bias, config=SMALL, interpret=interp())
+  want = w8a8.reference(a, b, rs, cs, bias)
+  assert got.dtype == jnp.bfloat16 and got.shape == (m, n)
+  g, w = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  # same f32 arithmetic then one bf16 rounding: at most one bf16 ulp apart
+  np.testing.assert_allclose(g, w, rtol=2 ** -8, atol=1e-6)
+  assert np.linalg.norm(g - w) / np.linalg.norm(w) < 1e-3
+
+
+def test_bad_shapes_are_rejected(rng):
+  a, b, rs, cs, _ = operands(rng, 64, 128, 256)
+  with pytest.raises(ValueError, match="K must match"):
+    w8a8.w8a8_matmul(a, b[:, :128], rs, cs, config=SMALL)
+  with pytest.raises(ValueError, match="multiple of the CTA tile"):
+    w8a8.w8a8_matmul(a, b[:64], rs, cs[:64], config=SMALL)
+  with pytest.raises(ValueError, match="int8"):
+    w8a8.w8a8_matmul(a.astype(jnp.int32), b, rs, cs, config=SMALL)
+
+
+@pytest.mark.parametrize("block", [0, 128])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_quantizer_matches_reference(rng, block, dtype):
+  x = jnp.asarray(rng.standard_normal((64, 512)) * rng.uniform(0.1, 10, (64, 1)), dtype)
+  q, s = int8_quant.quantize_rows(x, int8_quant.QuantConfig(block))
+  q_ref, s_ref = int8_quant.reference(x, int8_quant.QuantConfig(block))
+  np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=1e-6)
+  diff = np.abs(np.asarray(q, np.int32) - np.asarray(q_ref, np.int32))
+  # only values sitting on a rounding boundary may differ, and by one step
+  assert diff.max() <= 1 and diff.mean() < 1e-3, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("weight_format,hadamard", [("nvfp4", True), ("nvfp4", False),
+                                                     ("int8", True)])
+def test_mosaic_w4a8_matches_xla(rng, weight_format, hadamard):
+  m, k, n = 80, 256, 128
+  w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
+  b = rng.standard_normal(n).astype(np.float32) * 0.1
+  layer = quantize_linear(w, b, hadamard=hadamard, weight_format=weight_format)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  got = qlinear_mosaic.w4a8(x, layer)
+  want = qlinear_xla.w4a8(x, layer)
+  g, r = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert np.linalg.norm(g - r) / np.linalg.norm(r) <= 1e-3
+
+
+def test_unsupported_shape_falls_back_to_xla(rng):
+  w = rng.standard_normal((96, 256)).astype(np.float32)  # N=96: no CTA tile fits
+  layer = quantize_linear(w, None, hadamard=False)
+  x = jnp.asarray(rng.standard_normal((8, 256)), jnp.float32)
+  assert not qlinear_mosaic.kernel_fits(8, 96, 256)
+  np.testing.assert_array_equal(np.asarray(qlinear_mosaic.w4a8(x, layer)),
+                                np.asarray(qlinear_xla.w4a8(x, layer)))
+
+
+def test_available_only_on_hopper():
+  assert qlinear_mosaic.MOSAIC.available() == ON_HOPPER
+  if not ON_GPU:
+    assert not qlinear_mosaic.MOSAIC.available()
+
+
+@pytest.mark.parametrize("m,k,n", [(35552 // 16, 1920, 7680), (256, 3072, 3072), (64, 3072, 12288)])
+@pytest.mark.gpu
+@needs_hopper
+def test_gpu_kernel_real_shapes(rng, m, k, n):
+  a, b, rs, cs, bias = operands(rng, m, n, k)
+  got = w8a8.w8a8_matmul(a, b, rs, cs, out_dtype=jnp.int32)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(w8a8.reference(a, b, rs, cs, out_dtype=jnp.int32)))
+  y = w8a8.w8a8_matmul(a, b, rs, cs, bias)
+  r = w8a8.reference(a, b, rs, cs, bias)
+  assert np.linalg.norm(np.asarray(y, np.float64) - np.asarray(r, np.float64)) <= 1e-3 * np.linalg.norm(np.asarray(r, np.float64))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("mode", [Mode.INT8])
+def test_gpu_qlinear_mosaic_end_to_end(rng, mode):
+  k, n = 1920, 7680
+  w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
+  b = rng.standard_normal(n).astype(np.float32) * 0.1
+  layer = quantize_linear(w, b)
+  x = jnp.asarray(rng.standard_normal((2, 1111, k)), jnp.bfloat16)
+  got = qlinear(x, layer, mode, implementation="mosaic")
+  want = qlinear(x, layer, mode, implementation="xla")
+  g, r = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert np.linalg.norm(g - r) / np.linalg.norm(r) <= 1e-3
