@@ -1,0 +1,205 @@
+"""Attention benchmark: cuDNN bf16 vs our Mosaic GPU bf16 and INT8/FP8 kernels, in one run.
+
+  PYTHONPATH=. python benchmarks/attention.py [--out DIR] [--reps N] [--shapes 2b,5b,wan]
+
+First checks correctness at small odd lengths (every implementation against a float64 reference
+on inputs with outlier channels in Q and K; Mosaic kernels also against the xla path of the same
+precision), then times each implementation at full size. FLOPs = 4 * B * H * T * T * D (T the
+unpadded length). Writes attention-<device>.json (device, JAX version, date, command, all numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+SHAPES = {  # name: (B, T, H, D)
+    "cogvideox-2b": (2, 17776, 30, 64),   # CFG batch 2, 17550 video + 226 text tokens
+    "cogvideox-5b": (2, 17776, 48, 64),
+    "wan-1.3b-480p": (2, 32760, 12, 128),  # Wan2.1-1.3B, 81 frames 480p
+}
+
+
+def outlier_inputs(key, shape, n_outliers=4, magnitude=4.0, dtype=None):
+  """q, k, v ~ N(0, 1); q and k get `n_outliers` channels with large offsets and gains (DiT-like)."""
+  import jax
+  import jax.numpy as jnp
+  dtype = dtype or jnp.bfloat16
+  b, t, h, d = shape
+  ks = jax.random.split(key, 6)
+  q, k, v = (jax.random.normal(kk, shape, jnp.float32) for kk in ks[:3])
+  ch = jax.random.choice(ks[3], d, (n_outliers,), replace=False)
+  off = jax.random.normal(ks[4], (n_outliers,)) * magnitude
+  gain = 1 + jnp.abs(jax.random.normal(ks[5], (n_outliers,))) * magnitude / 2
+  q = q.at[..., ch].set(q[..., ch] * gain + off)
+  k = k.at[..., ch].set(k[..., ch] * gain + 0.7 * off)
+  return tuple(x.astype(dtype) for x in (q, k, v))
+
+
+def reference_f64(q, k, v):
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bhts,bshd->bthd", p, v)
+
+
+def accuracy(out, ref):
+  """(cosine similarity, relative L1) of out against ref, flattened."""
+  o = np.asarray(out, np.float64).ravel()
+  r = np.asarray(ref, np.float64).ravel()
+  if not np.all(np.isfinite(o)):
+    return float("nan"), float("nan")
+  cos = float(o @ r / (np.linalg.norm(o) * np.linalg.norm(r)))
+  return cos, float(np.abs(o - r).sum() / np.abs(r).sum())
+
+
+def time_fn(fn, args, reps):
+  out = fn(*args)
+  out.block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn(*args).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), times
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated SHAPES keys")
+  ap.add_argument("--skip-check", action="store_true")
+  args = ap.parse_args(argv)
+
+  import jax
+  import jax.numpy as jnp
+  from mpqjax import attention as A
+  from pallas_kernels import attention_mosaic as am
+
+  dev = jax.devices()[0]
+  device_kind = dev.device_kind
+  short = device_kind.lower().replace("nvidia", "").strip().split()[0] if device_kind else "cpu"
+  result = {
+      "device": device_kind, "device_short": short, "jax_version": jax.__version__,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+      "flops_formula": "4*B*H*T*T*D (unpadded T)",
+      "accuracy": [], "timing": [], "errors": [],
+  }
+  print(f"device {device_kind}, jax {jax.__version__}", flush=True)
+
+  impls = [("bf16", "xla"), ("bf16", "cudnn"), ("bf16", "mosaic"), ("int8", "xla"),
+           ("int8", "mosaic")]
+  if not args.skip_check:
+    for d in (64, 128):
+      for t, mag in ((1000, 4.0), (333, 8.0)):
+        shape = (1, t, 2, d)
+        q, k, v = outlier_inputs(jax.random.key(t + d), shape, magnitude=mag)
+        ref = reference_f64(q, k, v)
+        outs = {}
+        for prec, impl in impls:
+          try:
+            o = jax.jit(lambda q, k, v: A.attention(q, k, v, precision=prec,
+                                                    implementation=impl))(q, k, v)
+            outs[(prec, impl)] = np.asarray(o.astype(jnp.float32))
+            cos, rl1 = accuracy(outs[(prec, impl)], ref)
+            row = {"shape": shape, "outlier_magnitude": mag, "precision": prec,
+                   "implementation": impl, "cos": cos, "rel_l1": rl1}
+            if impl == "mosaic":
+              cos_x, rl1_x = accuracy(outs[(prec, impl)], outs[(prec, "xla")])
+              row.update(cos_vs_xla=cos_x, rel_l1_vs_xla=rl1_x)
+            result["accuracy"].append(row)
+            print(f"acc {shape} mag={mag} {prec:5s} {impl:7s} cos={cos:.6f} relL1={rl1:.4f}"
+                  + (f"  vs xla: cos={row['cos_vs_xla']:.6f} relL1={row['rel_l1_vs_xla']:.4f}"
+                     if impl == "mosaic" else ""), flush=True)
+          except Exception as e:  # Report and go on: one broken variant must not hide the rest.
+            msg = f"accuracy {shape} {prec} {impl}: {type(e).__name__}: {e}"
+            result["errors"].append(msg[:4000])
+            print(msg[:4000], flush=True)
+            traceback.print_exc()
+
+  for name in args.shapes.split(","):
+    b, t, h, d = SHAPES[name]
+    flops = 4 * b * h * t * t * d
+    q, k, v = outlier_inputs(jax.random.key(0), (b, t, h, d))
+    s_p = -(-t // A.SEQ_MULTIPLE) * A.SEQ_MULTIPLE
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, s_p - t), (0, 0), (0, 0)))
+    qp, kp, vp = pad(q), pad(k), pad(v)
+    ops = A.quantize_operands(q, k, v)
+    vt8 = am.permute_kv_tokens(jnp.transpose(ops.v8, (0, 2, 3, 1)), axis=-1)
+    bf16_cfg = am.AttentionConfig(precision="bf16")
+    int8_cfg = am.AttentionConfig(precision="int8")
+    variants = {
+        "cudnn_bf16": (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
+                       (q, k, v)),
+        "mosaic_bf16": (lambda q, k, v: A.attention(q, k, v, implementation="mosaic"), (q, k, v)),
+        "mosaic_bf16_kernel_only": (
+            lambda q, k, v: am.flash_attention(q, k, v, kv_len=t, config=bf16_cfg), (qp, kp, vp)),
+        "mosaic_int8": (lambda q, k, v: A.attention(q, k, v, precision="int8",
+                                                    implementation="mosaic"), (q, k, v)),
+        "mosaic_int8_kernel_only": (
+            lambda *o: am.flash_attention(*o, kv_len=t, config=int8_cfg),
+            (ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale)),
+    }
+    if name == args.shapes.split(",")[0]:  # A few tuning points, on the first shape only.
+      s_256 = -(-t // 256) * 256
+      pad256 = lambda x: jnp.pad(x, ((0, 0), (0, s_256 - t), (0, 0), (0, 0)))
+      q256, k256, v256 = pad256(q), pad256(k), pad256(v)
+      for bkv, steps in ((256, 2), (128, 3)):
+        cfg_t = am.AttentionConfig(precision="bf16", block_kv=bkv, max_concurrent_steps=steps)
+        variants[f"mosaic_bf16_kernel_only_bkv{bkv}_s{steps}"] = (
+            lambda q, k, v, cfg_t=cfg_t: am.flash_attention(q, k, v, kv_len=t, config=cfg_t),
+            (q256, k256, v256))
+      cfg_t = am.AttentionConfig(precision="int8", max_concurrent_steps=3)
+      variants["mosaic_int8_kernel_only_s3"] = (
+          lambda *o, cfg_t=cfg_t: am.flash_attention(*o, kv_len=t, config=cfg_t),
+          (ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale))
+    row = {"shape_name": name, "B": b, "T": t, "H": h, "D": d, "flops": flops}
+    for vname, (fn, fargs) in variants.items():
+      try:
+        med, times = time_fn(jax.jit(fn), fargs, args.reps)
+        row[vname] = {"ms": med * 1e3, "tflops": flops / med / 1e12,
+                      "ms_all": [x * 1e3 for x in times]}
+        print(f"time {name:14s} {vname:24s} {med * 1e3:8.3f} ms {flops / med / 1e12:7.1f} TF/s",
+              flush=True)
+      except Exception as e:
+        msg = f"timing {name} {vname}: {type(e).__name__}: {e}"
+        result["errors"].append(msg[:4000])
+        print(msg[:4000], flush=True)
+        traceback.print_exc()
+    base = row.get("cudnn_bf16", {}).get("ms")
+    if base:
+      for vname in variants:
+        if vname != "cudnn_bf16" and vname in row:
+          row[vname]["speedup_vs_cudnn"] = base / row[vname]["ms"]
+    result["timing"].append(row)
+    del q, k, v, qp, kp, vp, ops, vt8, variants
+
+  print("\n%-14s %-24s %9s %8s %8s" % ("shape", "variant", "ms", "TF/s", "x cuDNN"))
+  for row in result["timing"]:
+    for vname in row:
+      if isinstance(row[vname], dict):
+        r = row[vname]
+        print("%-14s %-24s %9.3f %8.1f %8.3f" % (row["shape_name"], vname, r["ms"], r["tflops"],
+                                                 r.get("speedup_vs_cudnn", 1.0)))
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, f"attention-{short}.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(tmp, path)
+  print("wrote", path)
+  return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

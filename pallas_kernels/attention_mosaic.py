@@ -1,0 +1,424 @@
+"""Flash attention forward for Hopper in Pallas Mosaic GPU: plain bf16, or SageAttention-style
+INT8 QK^T + FP8 PV.
+
+Derived from JAX's FA3 example (jax/experimental/pallas/ops/gpu/attention_mgpu.py, Apache-2.0):
+same warp specialization (2 compute warpgroups of `block_q` query rows each, 1 TMA warpgroup
+streaming K/V blocks through a `max_concurrent_steps`-deep ring) and ping-pong schedule barrier.
+Changes against the example, each for a reason:
+  * softmax scale 1/sqrt(D) is applied (the example computes softmax(QK^T) without it, which is
+    why it differed from jax.nn.dot_product_attention by O(1));
+  * the SMEM buffers take the operand dtype (the example hard-codes float16 scratch, so bf16
+    inputs were reinterpreted as f16);
+  * any sequence length: the caller pads to the block grid and the kernel masks key columns
+    >= kv_len in the last KV block only (the full blocks run an unmasked loop);
+  * precision="int8": S = (Q8 K8^T) on s8 wgmma with an int32 accumulator, dequantized by one
+    scalar per (query block, key block) = q_scale * k_scale (softmax scale and log2(e) folded into
+    q_scale); P is quantized to FP8 e4m3 (times 448, so it uses the whole e4m3 range) and fed to an
+    fp8 wgmma straight from registers, against V^T in FP8 with per-channel scales (applied by the
+    caller after the kernel). The fp8 wgmma result of every KV block is added to the fp32 output
+    accumulator on the CUDA cores ("promotion"), so Hopper's reduced-precision FP8 accumulator
+    only ever sums one block of 128 products.
+
+8-bit wgmma wants its register A operand in the WGMMA_LAYOUT_8BIT fragment (each thread holds 4
+consecutive K columns), while the softmax produces P in the accumulator fragment (2 + 2 columns
+8 apart). Instead of shuffling P between threads we reinterpret the registers in place: that is a
+fixed permutation of the K index inside every 16-column group, and the caller stores V^T with its
+token axis permuted the same way (`permute_kv_tokens`), so P' V' = P V exactly.
+
+Shapes (T padded to the block grid by the caller, see mpqjax.attention):
+  bf16: q [B, Tq, H, D], k, v [B, Tk, H, D] (bf16) -> out [B, Tq, H, D] bf16
+  int8: q8 [B, Tq, H, D] s8, k8 [B, Tk, H, D] s8, vt8 [B, H, D, Tk] f8e4m3 (token-permuted),
+        q_scale [B, H, Tq/block_q] f32, k_scale [B, H, Tk/block_kv] f32
+        -> out [B, Tq, H, D] bf16 equal to softmax(QK^T/sqrt(D)) (V / v_scale)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+P_SCALE = 448.0  # P in [0, 1] is stored as P * 448 in e4m3 (max finite 448).
+PRECISIONS = ("bf16", "int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Static kernel configuration.
+
+  precision: "bf16" or "int8" (INT8 QK^T, FP8 PV).
+  block_q: query rows per compute warpgroup (a CTA handles 2 * block_q rows); multiple of 64.
+  block_kv: keys per pipeline step; multiple of 64 (of 128 for int8: one fp8 wgmma K group).
+  max_concurrent_steps: depth of the K/V SMEM ring (>= 2).
+  interpret: run through Mosaic GPU's interpret mode (CPU tests).
+  """
+  precision: str = "bf16"
+  block_q: int = 64
+  block_kv: int = 128
+  max_concurrent_steps: int = 2
+  interpret: bool = False
+
+  def __post_init__(self):
+    if self.precision not in PRECISIONS:
+      raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+    if self.block_q != 64:
+      raise ValueError(f"block_q must be 64 (one wgmma M tile per warpgroup), got {self.block_q}")
+    if self.block_kv % (128 if self.precision == "int8" else 64):
+      raise ValueError(f"block_kv={self.block_kv} must be a multiple of "
+                       f"{128 if self.precision == 'int8' else 64} for precision {self.precision}")
+    if self.max_concurrent_steps < 2:
+      raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
+
+  @property
+  def q_multiple(self) -> int:
+    """The query length must be padded to a multiple of this."""
+    return 2 * self.block_q
+
+
+def permute_kv_tokens(x: jax.Array, axis: int) -> jax.Array:
+  """Permutes `axis` (length a multiple of 16) inside each group of 16 the way the int8 kernel
+  reinterprets P's registers: new[16j + 4t + 2h + l] = old[16j + 8h + 2t + l]."""
+  axis = axis % x.ndim
+  n = x.shape[axis]
+  if n % 16:
+    raise ValueError(f"permute_kv_tokens: axis length {n} is not a multiple of 16")
+  shp = x.shape
+  y = x.reshape(*shp[:axis], n // 16, 2, 4, 2, *shp[axis + 1:])
+  y = jnp.swapaxes(y, axis + 1, axis + 2)
+  return y.reshape(shp)
+
+
+def _p_as_wgmma_operand(p8: jax.Array, interpret: bool) -> jax.Array:
+  """Reinterprets fp8 P [64, N] held in the accumulator fragment as an 8-bit wgmma A operand.
+
+  The logical result is P with its columns permuted by `permute_kv_tokens`. On the GPU this is
+  free (registers are only regrouped); interpret mode has no register layouts, so there we apply
+  the same permutation to the logical array.
+  """
+  if interpret:
+    return permute_kv_tokens(p8, axis=1)
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  import numpy as np
+
+  m, n = p8.shape
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA,),
+      return_type=plgpu.ShapeDtypeStruct((m, n), p8.dtype, layout=plgpu.Layout.WGMMA_8BIT),
+  )
+  def regroup(ctx, x):
+    del ctx
+    assert x.layout == fa.WGMMA_LAYOUT, x.layout
+    src = x.registers  # [1, n/8, 1, 1, 2, 1, 1, 1, 1] of vector<2xf8>
+    dst_shape = fa.WGMMA_LAYOUT_8BIT.registers_shape((m, n))  # [1, n/16, 1, 1, 2, 1, ...]
+    dst = np.empty(dst_shape, dtype=object)
+    for idx in np.ndindex(dst_shape):
+      lo = (idx[0], 2 * idx[1], *idx[2:])
+      hi = (idx[0], 2 * idx[1] + 1, *idx[2:])
+      dst[idx] = mgpu_utils.vector_concat([src[lo], src[hi]])
+    return mgpu.FragmentedArray(_registers=dst, _layout=fa.WGMMA_LAYOUT_8BIT,
+                                _is_signed=x.is_signed)
+
+  return regroup(p8)
+
+
+def _smem_transforms(minor_elems: int, itemsize: int):
+  swizzle = min(128, minor_elems * itemsize)
+  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Array:
+  """Runs the kernel on padded operands (see the module docstring); returns [B, Tq, H, D] bf16.
+
+  kv_len: number of valid keys (<= padded Tk); keys at positions >= kv_len are masked out.
+  """
+  cfg = config
+  quant = cfg.precision == "int8"
+  if quant:
+    q, k, vt, q_scale, k_scale = operands
+    batch_size, q_len_p, num_heads, head_dim = q.shape
+    kv_len_p = k.shape[1]
+    if (q.dtype, k.dtype, vt.dtype) != (jnp.int8, jnp.int8, jnp.float8_e4m3fn):
+      raise ValueError(f"int8 attention wants s8 q, k and f8e4m3 v^T, got {q.dtype}, {k.dtype}, "
+                       f"{vt.dtype}")
+    if vt.shape != (batch_size, num_heads, head_dim, kv_len_p):
+      raise ValueError(f"v^T shape {vt.shape} != {(batch_size, num_heads, head_dim, kv_len_p)}")
+    if q_scale.shape != (batch_size, num_heads, q_len_p // cfg.block_q):
+      raise ValueError(f"q_scale shape {q_scale.shape} does not match q {q.shape}")
+    if k_scale.shape != (batch_size, num_heads, kv_len_p // cfg.block_kv):
+      raise ValueError(f"k_scale shape {k_scale.shape} does not match k {k.shape}")
+  else:
+    q, k, v = operands
+    batch_size, q_len_p, num_heads, head_dim = q.shape
+    kv_len_p = k.shape[1]
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"bf16 attention wants q, k, v of one 16-bit float dtype, got {q.dtype}, "
+                       f"{k.dtype}, {v.dtype}")
+    if v.shape != k.shape:
+      raise ValueError(f"k shape {k.shape} != v shape {v.shape}")
+  if k.shape != (batch_size, kv_len_p, num_heads, head_dim):
+    raise ValueError(f"k shape {k.shape} does not match q {q.shape}")
+  if head_dim not in (64, 128):
+    raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
+  if q_len_p % cfg.q_multiple or kv_len_p % cfg.block_kv:
+    raise ValueError(f"padded lengths {q_len_p}, {kv_len_p} must be multiples of "
+                     f"{cfg.q_multiple}, {cfg.block_kv}")
+  if not 0 < kv_len <= kv_len_p:
+    raise ValueError(f"kv_len={kv_len} must be in (0, {kv_len_p}]")
+
+  block_q, block_kv = cfg.block_q, cfg.block_kv
+  kv_steps = pl.cdiv(kv_len, block_kv)
+  full_steps = kv_len // block_kv
+  has_tail = kv_steps > full_steps
+  steps = min(cfg.max_concurrent_steps, kv_steps)
+  in_dtype = q.dtype
+  out_dtype = jnp.bfloat16 if quant else q.dtype
+  acc_dtype = jnp.int32 if quant else jnp.float32
+  sm_scale_log2 = head_dim ** -0.5 * LOG2E
+
+  def kernel(*refs):
+    if quant:
+      q_ref, k_ref, v_ref, qs_ref, ks_ref, out_ref, scoped = refs
+    else:
+      q_ref, k_ref, v_ref, out_ref, scoped = refs
+    batch = lax.axis_index("batch")
+    head = lax.axis_index("heads")
+    wg_idx = lax.axis_index("wg")
+    (q_smem2, o_smem2, k_smem, v_smem, p_smem2), (k_barriers, v_barriers, q_barriers), \
+        (k_consumed, v_consumed), schedule_barrier = scoped
+
+    def perform_schedule_barrier():
+      plgpu.barrier_arrive(schedule_barrier)
+      plgpu.barrier_wait(schedule_barrier)
+
+    def kv_slice(step):
+      return pl.ds(step * block_kv, block_kv)
+
+    @pl.when(wg_idx < 2)
+    def _compute_wg():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem = q_smem2.at[wg_idx]
+      o_smem = o_smem2.at[wg_idx] if quant else q_smem
+      q_seq_base = lax.axis_index("q_seq") * (2 * block_q) + wg_idx * block_q
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_seq_base, block_q), head], q_smem,
+                              q_barriers.at[wg_idx])
+      if quant:
+        # q_scale carries 1/sqrt(D) * log2(e) too.
+        c_q = qs_ref[batch, head, lax.div(q_seq_base, jnp.int32(block_q))]
+      else:
+        c_q = sm_scale_log2
+      plgpu.barrier_wait(q_barriers.at[wg_idx])
+
+      m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
+                              plgpu.Layout.WGMMA.reduce(1))
+      l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32),
+                              plgpu.Layout.WGMMA.reduce(1))
+      acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+
+      plgpu.barrier_wait(k_barriers.at[0])
+      pl.when(wg_idx == 1)(perform_schedule_barrier)
+
+      def kv_loop(kv_step, carry, masked: bool = False):
+        acc, m_i, l_i = carry
+        slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
+        if quant:
+          c = c_q * ks_ref[batch, head, kv_step]
+        else:
+          c = c_q
+
+        def compute_qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          perform_schedule_barrier()
+          return acc_ref[...]
+        s = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_dtype))
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        if quant:
+          s = s.astype(jnp.float32)
+        if masked:
+          kv_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1,
+                                          layout=plgpu.Layout.WGMMA)
+          s = jnp.where(kv_ids + kv_step * block_kv < kv_len, s, -jnp.inf)
+
+        # Online softmax in base 2; c > 0 folds the softmax scale (and int8 dequantization).
+        m_ij = jnp.maximum(m_i, s.max(axis=1) * c)
+        alpha = jnp.exp2(m_i - m_ij)
+        m_i = m_ij
+        p = jnp.exp2(s * c - lax.broadcast_in_dim(m_ij, s.shape, [0]))
+        l_i *= alpha
+        if quant:
+          p_op = _p_as_wgmma_operand((p * P_SCALE).astype(jnp.float8_e4m3fn), cfg.interpret)
+        else:
+          acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+          p_op = p.astype(in_dtype)
+
+        def end_softmax_barriers():
+          plgpu.barrier_arrive(schedule_barrier)  # Done with softmax.
+          plgpu.barrier_wait(v_barriers.at[slot])
+          plgpu.barrier_wait(schedule_barrier)  # Wait until the tensor cores are free.
+        # The example found this ordering matters for speed at head_dim <= 128.
+        l_i += p.sum(axis=1)
+        acc, l_i, m_i, alpha, p_op = lax.optimization_barrier((acc, l_i, m_i, alpha, p_op))
+        end_softmax_barriers()
+
+        def wait_next_k():
+          wait_step = kv_step + 1
+          wait_slot = lax.rem(wait_step, jnp.array(steps, kv_step.dtype))
+
+          @pl.when(wait_step < kv_steps)
+          def _wait():
+            plgpu.barrier_wait(k_barriers.at[wait_slot])
+
+        if quant:
+          v_op = v_smem.at[slot].transpose((1, 0))  # V^T in SMEM is K-major, as 8-bit needs.
+        else:
+          v_op = v_smem.at[slot]
+        if quant or cfg.interpret:
+          # Fresh accumulator per block: for fp8 this is the fp32 promotion (the tensor cores
+          # only ever sum one block); interpret mode cannot run pl.run_state.
+          if cfg.interpret:
+            # The interpreter's wgmma reads A from SMEM only.
+            p_smem2.at[wg_idx][...] = p_op
+            p_op = p_smem2.at[wg_idx]
+
+          def compute_pv(acc_ref):
+            plgpu.wgmma(acc_ref, p_op, v_op)
+            wait_next_k()
+            return acc_ref[...]
+          pv = pl.run_scoped(compute_pv, plgpu.ACC((block_q, head_dim), jnp.float32))
+          if quant:
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+          acc = acc + pv
+        else:
+          def compute_pv(acc_ref):
+            plgpu.wgmma(acc_ref, p_op, v_op)
+            wait_next_k()
+          acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_consumed.at[slot])
+        return acc, m_i, l_i
+
+      carry = (acc, m_i, l_i)
+      if full_steps:
+        carry = lax.fori_loop(0, full_steps, kv_loop, carry)
+      if has_tail:  # A loop of one step keeps kv_step a traced value (run_state needs it).
+        carry = lax.fori_loop(full_steps, kv_steps, functools.partial(kv_loop, masked=True),
+                              carry)
+      acc, m_i, l_i = carry
+      pl.when(wg_idx == 0)(perform_schedule_barrier)
+
+      denom = l_i * P_SCALE if quant else l_i
+      acc /= lax.broadcast_in_dim(denom, (block_q, head_dim), [0])
+      o_smem[...] = acc.astype(out_dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, pl.ds(q_seq_base, block_q), head])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg_idx == 2)
+    def _memory_wg():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def issue(step, slot):
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, kv_slice(step), head], k_smem.at[slot],
+                                k_barriers.at[slot])
+        v_src = (v_ref.at[batch, head, :, kv_slice(step)] if quant
+                 else v_ref.at[batch, kv_slice(step), head])
+        plgpu.copy_gmem_to_smem(v_src, v_smem.at[slot], v_barriers.at[slot])
+
+      for i in range(steps):
+        issue(i, i)
+
+      @pl.loop(0, kv_steps - steps)
+      def _kv_loop(kv_step):
+        tma_step = kv_step + steps
+        tma_slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
+        plgpu.barrier_wait(k_consumed.at[tma_slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, kv_slice(tma_step), head], k_smem.at[tma_slot],
+                                k_barriers.at[tma_slot])
+        plgpu.barrier_wait(v_consumed.at[tma_slot])
+        v_src = (v_ref.at[batch, head, :, kv_slice(tma_step)] if quant
+                 else v_ref.at[batch, kv_slice(tma_step), head])
+        plgpu.copy_gmem_to_smem(v_src, v_smem.at[tma_slot], v_barriers.at[tma_slot])
+
+  itemsize = jnp.dtype(in_dtype).itemsize
+  qk_t = _smem_transforms(head_dim, itemsize)
+  q_scratch = plgpu.SMEM((2, block_q, head_dim), in_dtype, transforms=qk_t)
+  k_scratch = plgpu.SMEM((steps, block_kv, head_dim), in_dtype, transforms=qk_t)
+  if quant:
+    v_scratch = plgpu.SMEM((steps, head_dim, block_kv), jnp.float8_e4m3fn,
+                           transforms=_smem_transforms(block_kv, 1))
+    o_scratch = plgpu.SMEM((2, block_q, head_dim), out_dtype,
+                           transforms=_smem_transforms(head_dim, 2))
+  else:
+    v_scratch = plgpu.SMEM((steps, block_kv, head_dim), in_dtype, transforms=qk_t)
+    o_scratch = None  # The output reuses the Q buffer.
+
+  p_scratch = None
+  if cfg.interpret:
+    p_dtype = jnp.float8_e4m3fn if quant else in_dtype
+    p_scratch = plgpu.SMEM((2, block_q, block_kv), p_dtype,
+                           transforms=_smem_transforms(block_kv, jnp.dtype(p_dtype).itemsize))
+
+  def entry(*refs):
+    pl.run_scoped(
+        lambda *scoped: kernel(*refs, scoped),
+        (q_scratch, o_scratch, k_scratch, v_scratch, p_scratch),
+        (plgpu.Barrier(num_barriers=steps), plgpu.Barrier(num_barriers=steps),
+         plgpu.Barrier(num_barriers=2)),
+        (plgpu.Barrier(num_arrivals=2, num_barriers=steps),) * 2,
+        plgpu.Barrier(num_arrivals=2),
+        collective_axes="wg",
+    )
+
+  kwargs = {}
+  if cfg.interpret:
+    from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params
+    kwargs["interpret"] = interpret_params.InterpretGPUParams()
+  return plgpu.kernel(
+      entry,
+      out_type=jax.ShapeDtypeStruct((batch_size, q_len_p, num_heads, head_dim), out_dtype),
+      grid=(num_heads, q_len_p // (2 * block_q), batch_size),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      **kwargs,
+  )(*operands)
+
+
+def reference(*operands, kv_len: int, config: AttentionConfig) -> jax.Array:
+  """jnp reference taking the kernel's exact (padded) inputs; f32 math with a materialized S.
+
+  For int8 the products of the quantized values are exact in f32 and P is rounded to e4m3 with
+  the final (not the running) row max, so it agrees with the kernel up to e4m3 rounding noise.
+  """
+  hi = lax.Precision.HIGHEST
+  f32 = jnp.float32
+  if config.precision == "int8":
+    q8, k8, vt8, qs, ks = operands
+    s = jnp.einsum("bthd,bshd->bhts", q8.astype(f32), k8.astype(f32), precision=hi)
+    s = (s * jnp.repeat(qs, config.block_q, axis=2)[..., :, None]
+         * jnp.repeat(ks, config.block_kv, axis=2)[..., None, :])
+  else:
+    q, k, v = operands
+    s = jnp.einsum("bthd,bshd->bhts", q.astype(f32), k.astype(f32), precision=hi)
+    s = s * (q.shape[-1] ** -0.5 * LOG2E)
+  valid = jnp.arange(s.shape[-1]) < kv_len
+  s = jnp.where(valid, s, -jnp.inf)
+  p = jnp.exp2(s - s.max(axis=-1, keepdims=True))
+  l = p.sum(axis=-1)  # [B, H, Tq]
+  if config.precision == "int8":
+    p8 = (p * P_SCALE).astype(jnp.float8_e4m3fn).astype(f32)
+    o = jnp.einsum("bhts,bhds->bthd", permute_kv_tokens(p8, axis=-1), vt8.astype(f32),
+                   precision=hi)
+    o = o / (jnp.moveaxis(l, 1, 2)[..., None] * P_SCALE)
+  else:
+    o = jnp.einsum("bhts,bshd->bthd", p, v.astype(f32), precision=hi)
+    o = o / jnp.moveaxis(l, 1, 2)[..., None]
+  return o.astype(jnp.bfloat16 if config.precision == "int8" else operands[0].dtype)
