@@ -13,6 +13,7 @@ from mpqjax.errors import UserInputError
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "demo": ("mpqjax.demo", "quantize a random linear layer and compare the three modes"),
+    "convert": ("checkpoints_convert.cli", "convert a diffusers CogVideoX transformer (safetensors) for mpqjax"),
 }
 
 
