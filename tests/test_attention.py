@@ -1,0 +1,195 @@
+"""Attention: API, the int8 xla reference of the quantized algorithm, and the Mosaic GPU kernel
+(through Mosaic GPU's interpret mode on CPU; natively in the gpu-marked tests)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mpqjax import attention as A
+from pallas_kernels import attention_mosaic as am
+
+ON_HOPPER = A.mosaic_unavailable_reason(jnp.zeros((1, 1, 1, 64))) is None
+
+
+def _inputs(seed, shape, magnitude=4.0, n_outliers=4, dtype=jnp.bfloat16):
+  """q, k, v ~ N(0, 1) with DiT-like outlier channels (offsets and gains) in q and k."""
+  ks = jax.random.split(jax.random.key(seed), 6)
+  q, k, v = (jax.random.normal(kk, shape, jnp.float32) for kk in ks[:3])
+  d = shape[-1]
+  ch = jax.random.choice(ks[3], d, (n_outliers,), replace=False)
+  off = jax.random.normal(ks[4], (n_outliers,)) * magnitude
+  gain = 1 + jnp.abs(jax.random.normal(ks[5], (n_outliers,))) * magnitude / 2
+  q = q.at[..., ch].set(q[..., ch] * gain + off)
+  k = k.at[..., ch].set(k[..., ch] * gain + 0.7 * off)
+  return tuple(x.astype(dtype) for x in (q, k, v))
+
+
+def _ref64(q, k, v):
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+  p = np.exp(s - s.max(-1, keepdims=True))
+  return np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), v)
+
+
+def _metrics(out, ref):
+  o = np.asarray(jnp.asarray(out, jnp.float32), np.float64).ravel()
+  r = np.asarray(ref, np.float64).ravel()
+  assert np.all(np.isfinite(o))
+  return o @ r / np.linalg.norm(o) / np.linalg.norm(r), np.abs(o - r).sum() / np.abs(r).sum()
+
+
+# ---------------------------------------------------------------------------------------- API
+
+
+def test_bad_arguments_are_named():
+  q = jnp.ones((1, 8, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="expected q"):
+    A.attention(q, q[:, :, :1], q)
+  with pytest.raises(ValueError, match="precision"):
+    A.attention(q, q, q, precision="fp4")
+  with pytest.raises(ValueError, match="implementation"):
+    A.attention(q, q, q, implementation="triton")
+  with pytest.raises(ValueError, match="cudnn"):
+    A.attention(q, q, q, precision="int8", implementation="cudnn")
+  if not ON_HOPPER:
+    with pytest.raises(ValueError, match="mosaic.*unavailable"):
+      A.attention(q, q, q, implementation="mosaic")
+
+
+@pytest.mark.parametrize("t,s", [(37, 37), (50, 130)])
+def test_xla_bf16_matches_float64(t, s):
+  q, _, _ = _inputs(1, (2, t, 3, 64))
+  _, k, v = _inputs(2, (2, s, 3, 64))
+  cos, rel_l1 = _metrics(A.attention(q, k, v, implementation="xla"), _ref64(q, k, v))
+  assert cos > 0.99999 and rel_l1 < 0.005
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_xla_int8_close_to_float64(d):
+  # The quantized algorithm on outlier inputs; the benchmark reports the issue's bars
+  # (cos >= 0.999, rel L1 <= 0.03) at more shapes: e4m3 V alone costs ~2.3% rel L1 on N(0,1) V.
+  q, k, v = _inputs(3 + d, (1, 300, 2, d))
+  ref = _ref64(q, k, v)
+  cos, rel_l1 = _metrics(A.attention(q, k, v, precision="int8", implementation="xla"), ref)
+  assert cos > 0.998 and rel_l1 < 0.06
+  # ... and it is really quantized: measurably worse than bf16.
+  _, rel_bf16 = _metrics(A.attention(q, k, v, implementation="xla"), ref)
+  assert rel_l1 > 2 * rel_bf16
+
+
+def test_quantize_operands():
+  q, k, v = _inputs(4, (2, 150, 3, 64), magnitude=8.0)
+  ops = A.quantize_operands(q, k, v)
+  assert ops.q8.shape == (2, 256, 3, 64) and ops.q8.dtype == jnp.int8
+  assert ops.k8.shape == (2, 256, 3, 64) and ops.k_scale.shape == (2, 3, 2)
+  assert ops.q_scale.shape == (2, 3, 4) and ops.v_scale.shape == (2, 3, 64)
+  assert ops.v8.dtype == jnp.float8_e4m3fn
+  # Padding stays zero.
+  assert not np.any(np.asarray(ops.q8[:, 150:])) and not np.any(np.asarray(ops.k8[:, 150:]))
+  # Dequantized K is the mean-smoothed K (so its token mean is ~0 even in outlier channels).
+  kd = (np.asarray(ops.k8, np.float64)
+        * np.repeat(np.asarray(ops.k_scale), A.BLOCK_KV, axis=2).transpose(0, 2, 1)[..., None])
+  kf = np.asarray(k, np.float64)
+  ks = kf - kf.mean(axis=1, keepdims=True)
+  np.testing.assert_allclose(kd[:, :150], ks, atol=np.abs(ks).max() / 127)
+  assert np.abs(kd[:, :150].mean(axis=1)).max() < 0.05 * np.abs(kf.mean(axis=1)).max()
+  # q_scale folds 1/sqrt(D) * log2(e) into the INT8 scale.
+  qd = (np.asarray(ops.q8, np.float64)
+        * np.repeat(np.asarray(ops.q_scale), A.BLOCK_Q, axis=2).transpose(0, 2, 1)[..., None])
+  qf = np.asarray(q, np.float64) * (64 ** -0.5 * np.log2(np.e))
+  np.testing.assert_allclose(qd[:, :150], qf, atol=np.abs(qf).max() / 127)
+  vd = np.asarray(ops.v8[:, :150], np.float64) * np.asarray(ops.v_scale)[:, None]
+  # e4m3: 3 mantissa bits (relative 2^-4), subnormal spacing 2^-9 in units of v_scale.
+  np.testing.assert_allclose(vd, np.asarray(v, np.float64), rtol=2.0 ** -4,
+                             atol=float(np.max(ops.v_scale)) * 2.0 ** -10)
+
+
+def test_attention_switch_picks_the_branch():
+  q, k, v = _inputs(5, (1, 40, 2, 64))
+  f = jax.jit(functools.partial(A.attention_switch, implementation="xla"))
+  for i, prec in enumerate(A.PRECISIONS):
+    want = A.attention(q, k, v, precision=prec, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(f(q, k, v, jnp.int32(i)), np.float32),
+                                  np.asarray(want, np.float32))
+  assert not np.array_equal(np.asarray(f(q, k, v, 0), np.float32),
+                            np.asarray(f(q, k, v, 1), np.float32))
+
+
+def test_permute_kv_tokens_keeps_the_product():
+  rng = np.random.default_rng(6)
+  p = rng.standard_normal((5, 64)).astype(np.float32)
+  vt = rng.standard_normal((7, 64)).astype(np.float32)
+  pp = np.asarray(am.permute_kv_tokens(jnp.asarray(p), axis=1))
+  vp = np.asarray(am.permute_kv_tokens(jnp.asarray(vt), axis=-1))
+  assert sorted(pp[0]) == sorted(p[0]) and not np.array_equal(pp, p)
+  np.testing.assert_allclose(pp @ vp.T, p @ vt.T, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_config_validation():
+  with pytest.raises(ValueError, match="block_kv"):
+    am.AttentionConfig(precision="int8", block_kv=64)
+  with pytest.raises(ValueError, match="precision"):
+    am.AttentionConfig(precision="fp8")
+
+
+# ------------------------------------------------------------- kernel, Mosaic GPU interpret mode
+
+
+@pytest.mark.parametrize("precision,d", [("bf16", 64), ("int8", 64), ("bf16", 128),
+                                         ("int8", 128)])
+def test_kernel_interpret_matches_reference(precision, d):
+  """The kernel body (barriers, TMA ring, online softmax, tail mask, int8 scales) run by the
+  interpreter on CPU against its jnp reference, at a length that needs padding and masking."""
+  t, kv_len = 256, 200
+  cfg = am.AttentionConfig(precision=precision, interpret=True)
+  ks = jax.random.split(jax.random.key(7 + d), 5)
+  if precision == "bf16":
+    ops = [jax.random.normal(kk, (1, t, 1, d)).astype(jnp.bfloat16) for kk in ks[:3]]
+    tol = 0.01
+  else:
+    q, k, v = _inputs(8 + d, (1, kv_len, 1, d))
+    qo = A.quantize_operands(q, k, v)
+    vt8 = am.permute_kv_tokens(jnp.transpose(qo.v8, (0, 2, 3, 1)), axis=-1)
+    ops = [qo.q8, qo.k8, vt8, qo.q_scale, qo.k_scale]
+    tol = 0.04  # e4m3 P rounded against the running max (kernel) vs the final max (reference)
+  out = am.flash_attention(*ops, kv_len=kv_len, config=cfg)
+  ref = am.reference(*ops, kv_len=kv_len, config=cfg)
+  o, r = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  assert np.all(np.isfinite(o))
+  assert np.linalg.norm(o - r) / np.linalg.norm(r) < tol
+
+
+def test_int8_mosaic_interpret_matches_xla():
+  """The whole int8 pipeline (quantize, transpose + permute V, kernel, V scale) vs the xla path."""
+  q, k, v = _inputs(9, (1, 190, 1, 64), magnitude=6.0)
+  out = A._int8_mosaic(q, k, v, interpret=True)
+  xla = A.attention(q, k, v, precision="int8", implementation="xla")
+  cos, rel_l1 = _metrics(out, np.asarray(xla, np.float64))
+  assert cos > 0.9995 and rel_l1 < 0.03
+  cos, rel_l1 = _metrics(out, _ref64(q, k, v))
+  assert cos > 0.998 and rel_l1 < 0.06
+
+
+def test_bf16_mosaic_interpret_matches_float64():
+  q, k, v = _inputs(10, (1, 130, 2, 64))
+  cos, rel_l1 = _metrics(A._bf16_mosaic(q, k, v, interpret=True), _ref64(q, k, v))
+  assert cos > 0.99999 and rel_l1 < 0.005
+
+
+# --------------------------------------------------------------------------------- GPU only
+
+gpu = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU for the Mosaic GPU kernel")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("precision", A.PRECISIONS)
+@pytest.mark.parametrize("d,t", [(64, 1000), (128, 333)])
+def test_mosaic_gpu_matches_xla(precision, d, t):
+  q, k, v = _inputs(11 + d, (2, t, 3, d))
+  out = A.attention(q, k, v, precision=precision, implementation="mosaic")
+  xla = A.attention(q, k, v, precision=precision, implementation="xla")
+  cos, rel_l1 = _metrics(out, np.asarray(jnp.asarray(xla, jnp.float32), np.float64))
+  assert cos > 0.9995 and rel_l1 < (0.03 if precision == "int8" else 0.01)
