@@ -17,8 +17,10 @@ Missing parts, parts of another type, and configs that do not fit together are U
 Cache: the text encoder and VAE are converted once (names mapped, T5 layers stacked, cast to
 `dtype`) into <cache_dir>/<component>-<key>/params.safetensors, keyed by the source files'
 names, sizes and mtimes and the dtype; later runs stream that file tensor by tensor straight
-to the device. cache_dir: argument, else $MPQJAX_CACHE, else ~/.cache/mpqjax; cache=False
-converts in memory every time.
+to the device. The transformer goes through `mpqjax convert` (checkpoints_convert.cli.convert,
+its own atomic orbax format) into <cache_dir>/transformer-<key> (key also over the weight
+quantization) and mpqjax.load_transformer. cache_dir: argument, else $MPQJAX_CACHE, else
+~/.cache/mpqjax; cache=False converts in memory every time.
 
 Memory: T5 lives on the device only inside encode_prompt. `memory_report()` gives the peak
 host RSS and, where the backend reports it, the peak device memory.
@@ -276,13 +278,28 @@ class Pipeline:
     return emb
 
   # -- denoiser
-  def load_transformer(self, quantize: str | None = "nvfp4") -> LoadedTransformer:
-    """The transformer, converted in memory by checkpoints_convert.cogvideox (streaming),
-    block linears quantized to `quantize` (None: unquantized, in the pipeline dtype)."""
+  def load_transformer(self, quantize: str | None = "nvfp4"):
+    """The transformer (.config, .params), its block linears quantized to `quantize` (None:
+    unquantized, in the pipeline dtype). With the cache: converted once by `mpqjax convert`'s
+    function into <cache_dir>/transformer-<key> and loaded with mpqjax.load_transformer;
+    without: converted in memory (streaming) by checkpoints_convert.cogvideox."""
     import jax
     from checkpoints_convert.cogvideox import build_params
     from checkpoints_convert.safetensors_stream import open_checkpoint
-    with open_checkpoint(self.spec.path("transformer")) as reader:
+    if quantize not in (None, "nvfp4", "int8"):
+      raise UserInputError(f"quantize must be None, 'nvfp4' or 'int8', got {quantize!r}")
+    src = self.spec.path("transformer")
+    if self.cache:
+      from checkpoints_convert.cli import convert
+      from mpqjax.loading import load_transformer
+      dst = os.path.join(self.cache_dir,
+                         f"transformer-{_source_key(src, f'{self.dtype}-{quantize}')}")
+      if not os.path.isdir(dst):
+        self.log(f"converting {src} -> {dst} ({self.dtype}, quantize={quantize})")
+        os.makedirs(self.cache_dir, exist_ok=True)
+        convert(src, dst, quantize=quantize, dtype=self.dtype)
+      return load_transformer(dst)
+    with open_checkpoint(src) as reader:
       params, stats = build_params(reader, self.spec.transformer, dtype=self.dtype,
                                    quantize=quantize)
     return LoadedTransformer(self.spec.transformer, jax.device_put(params), stats)

@@ -149,3 +149,4 @@ def test_generate_video_end_to_end(cache_dir):
   assert frames.std() > 0
   assert result.latents.shape[2] == tr.in_channels
   assert pipe._vae_params is None  # freed after decoding
+  assert [d for d in os.listdir(cache_dir) if d.startswith("transformer-")]  # converted once
