@@ -14,6 +14,8 @@ from mpqjax.errors import UserInputError
 SUBCOMMANDS = {
     "demo": ("mpqjax.demo", "quantize a random linear layer and compare the three modes"),
     "convert": ("checkpoints_convert.cli", "convert a diffusers CogVideoX transformer (safetensors) for mpqjax"),
+    "generate": ("mpqjax.generate_cli", "generate with DMPQ mixed precision + Temporal Delta Cache"),
+    "calibrate": ("mpqjax.calibrate_cli", "fit the DMPQ predictor (Gamma vs E_rel) and pick tau"),
 }
 
 

@@ -1,0 +1,236 @@
+"""`mpqjax generate`: run the method (DMPQ mixed precision + Temporal Delta Cache) end to end.
+
+  mpqjax generate --model CKPT --prompt-embeds emb.npy [--precision mixed --calibration c.json]
+                  [--tdc/--no-tdc --tdc-threshold 0.05] [--steps 50 --guidance 6 --seed 0]
+                  --out DIR
+  mpqjax generate --model PIPELINE_FOLDER --prompt "a panda ..." --out DIR
+
+--model is a converted transformer (`mpqjax convert`; no text encoder or decoder: text comes as
+embeddings from a .npy and the output is DIR/latents.npy) or a diffusers CogVideoX pipeline
+folder (model_index.json: T5 + transformer + VAE; the output is DIR/video.mp4 and the latents).
+Both write DIR/report.json: the settings, summaries (skip ratio, average activation bits,
+weight bytes and bits, TDC memory) and the per-step, per-block stats. Files are written
+atomically. Bad input (missing model, wrong shapes, a calibration for another model or
+version, bad flags) exits with code 2 and a message naming the culprit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+from mpqjax.errors import UserInputError
+
+PRECISIONS = ("bf16", "nvfp4", "int8", "mixed")
+
+
+def add_method_arguments(p: argparse.ArgumentParser) -> None:
+  """Flags shared by generate and calibrate: model, text, sampling."""
+  p.add_argument("--model", required=True,
+                 help="converted transformer folder (mpqjax convert) or diffusers pipeline folder")
+  p.add_argument("--prompt-embeds", metavar="FILE.npy",
+                 help="text embeddings [T, D] or [N, T, D] (for a converted transformer)")
+  p.add_argument("--negative-embeds", metavar="FILE.npy",
+                 help="negative-prompt embeddings, same shape (default: zeros)")
+  p.add_argument("--prompt", action="append", metavar="TEXT",
+                 help="prompt text (pipeline folders only; repeat for several)")
+  p.add_argument("--negative-prompt", default="", help="negative prompt text (pipelines)")
+  p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+  p.add_argument("--guidance", type=float, default=6.0,
+                 help="CFG scale (default 6; <= 1 disables CFG)")
+  p.add_argument("--dynamic-cfg", action="store_true", help="diffusers' dynamic CFG schedule")
+  p.add_argument("--scheduler", choices=("ddim", "dpm"), default=None,
+                 help="default: the pipeline's scheduler, else CogVideoX DDIM")
+  p.add_argument("--latent-shape", metavar="F,H,W",
+                 help="latent frames,height,width (default: the model's sample size)")
+  p.add_argument("--implementation", choices=("xla", "mosaic"), default=None,
+                 help="qlinear backend (default: best available)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  add_method_arguments(p)
+  p.add_argument("--precision", choices=PRECISIONS, default="mixed",
+                 help="activation precision of the block linears (default mixed)")
+  p.add_argument("--calibration", metavar="FILE",
+                 help="DMPQ calibration JSON from `mpqjax calibrate` (mixed)")
+  p.add_argument("--tau", type=float, default=None,
+                 help="predictor threshold (overrides the calibration's; without a calibration "
+                      "the predictor is Gamma itself)")
+  p.add_argument("--outlier-threshold", type=float, default=None,
+                 help="max|x|/mean|x| above which a linear runs BF16 (default 25 for mixed, off "
+                      "otherwise; 'inf' disables)")
+  p.add_argument("--tdc", action=argparse.BooleanOptionalAction, default=True,
+                 help="Temporal Delta Cache (default on)")
+  p.add_argument("--tdc-threshold", type=float, default=None, help="tau_tdc (default 0.05)")
+  p.add_argument("--tdc-error-bound", type=float, default=None, help="E_acc bound (default 0.1)")
+  p.add_argument("--tdc-max-skips", type=int, default=None, help="N_max (default 2)")
+  p.add_argument("--tdc-warmup", type=int, default=None,
+                 help="first steps that always compute (default max(2, 10%% of steps))")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="mpqjax-out", help="output folder (default ./mpqjax-out)")
+
+
+def parse_latent_shape(s: str | None):
+  if s is None:
+    return None
+  try:
+    shape = tuple(int(v) for v in s.split(","))
+  except ValueError:
+    shape = ()
+  if len(shape) != 3 or min(shape) <= 0:
+    raise UserInputError(f"--latent-shape must be three positive integers F,H,W, got {s!r}")
+  return shape
+
+
+def load_npy(path: str, what: str):
+  import numpy as np
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} file not found: {path}")
+  try:
+    return np.load(path, allow_pickle=False)
+  except ValueError as e:
+    raise UserInputError(f"{path}: not a plain .npy array ({e})") from None
+
+
+def load_for_method(args, *, quantized: bool):
+  """-> (model, pos [N, T, D], neg [N, T, D] | None, pipe | None, scheduler kind or config).
+  quantized: the block linears must be quantized (an unquantized converted checkpoint is
+  quantized to NVFP4 on load)."""
+  import numpy as np
+
+  from mpqjax import pipeline as pl
+  if not os.path.exists(args.model):
+    raise FileNotFoundError(f"model not found: {args.model}")
+  if pl.is_pipeline_folder(args.model):
+    if not args.prompt:
+      raise UserInputError("a pipeline folder needs --prompt TEXT")
+    pipe = pl.load_pipeline(args.model, log=lambda s: print(s, flush=True))
+    emb = np.asarray(pipe.encode_prompt([args.negative_prompt, *args.prompt]).astype("float32"))
+    neg = np.broadcast_to(emb[:1], emb[1:].shape)
+    model = pipe.load_transformer(quantize="nvfp4" if quantized else None)
+    sched = pipe.spec.scheduler
+    if args.scheduler:
+      import dataclasses
+      sched = dataclasses.replace(sched, kind=args.scheduler)
+    return model, emb[1:], neg, pipe, sched
+  if args.prompt:
+    raise UserInputError(f"{args.model} is a converted transformer with no text encoder: pass "
+                         "--prompt-embeds FILE.npy instead of --prompt")
+  if not args.prompt_embeds:
+    raise UserInputError("--prompt-embeds FILE.npy is required for a converted transformer")
+  from mpqjax.loading import load_transformer
+  model = load_transformer(args.model)
+  from models.cogvideox.params import is_quantized, quantize_blocks
+  if quantized and not is_quantized(model.params):
+    print(f"{args.model} is unquantized: quantizing its block linears to NVFP4", flush=True)
+    model.params = quantize_blocks(model.params)
+  pos = load_npy(args.prompt_embeds, "--prompt-embeds").astype(np.float32)
+  pos = pos[None] if pos.ndim == 2 else pos
+  d = model.config.text_embed_dim
+  if pos.ndim != 3 or pos.shape[-1] != d:
+    raise UserInputError(f"--prompt-embeds {args.prompt_embeds}: expected [T, {d}] or "
+                         f"[N, T, {d}], got shape {pos.shape}")
+  neg = None
+  if args.negative_embeds:
+    neg = load_npy(args.negative_embeds, "--negative-embeds").astype(np.float32)
+    neg = neg[None] if neg.ndim == 2 else neg
+    if neg.shape[1:] != pos.shape[1:] or neg.shape[0] not in (1, pos.shape[0]):
+      raise UserInputError(f"--negative-embeds shape {neg.shape} does not match "
+                           f"--prompt-embeds {pos.shape}")
+    neg = np.broadcast_to(neg, pos.shape)
+  return model, pos, neg, None, args.scheduler or "ddim"
+
+
+def check_common(args) -> None:
+  if args.steps < 1:
+    raise UserInputError(f"--steps must be >= 1, got {args.steps}")
+  if not args.guidance >= 0:
+    raise UserInputError(f"--guidance must be >= 0, got {args.guidance}")
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def atomic_save_npy(path: str, array) -> None:
+  import io
+
+  import numpy as np
+  buf = io.BytesIO()
+  np.save(buf, np.asarray(array), allow_pickle=False)
+  atomic_write_bytes(path, buf.getvalue())
+
+
+def run(args: argparse.Namespace) -> int:
+  import numpy as np
+
+  from mpqjax.method.calibration import Calibration
+  check_common(args)
+  for flag in ("tdc_threshold", "tdc_error_bound"):
+    v = getattr(args, flag)
+    if v is not None and not v >= 0:
+      raise UserInputError(f"--{flag.replace('_', '-')} must be >= 0, got {v}")
+  if args.tdc_max_skips is not None and args.tdc_max_skips < 0:
+    raise UserInputError(f"--tdc-max-skips must be >= 0, got {args.tdc_max_skips}")
+  if args.tdc_warmup is not None and args.tdc_warmup < 0:
+    raise UserInputError(f"--tdc-warmup must be >= 0, got {args.tdc_warmup}")
+  if args.outlier_threshold is not None and not args.outlier_threshold > 0:
+    raise UserInputError(f"--outlier-threshold must be > 0, got {args.outlier_threshold}")
+  shape = parse_latent_shape(args.latent_shape)
+  calib = Calibration.load(args.calibration) if args.calibration else None
+  if calib is not None and args.precision != "mixed":
+    raise UserInputError(f"--calibration is for --precision mixed, not {args.precision}")
+
+  model, pos, neg, pipe, sched = load_for_method(args, quantized=args.precision != "bf16")
+  if pos.shape[0] != 1:
+    raise UserInputError(f"generate takes one prompt; --prompt-embeds holds {pos.shape[0]}")
+  from mpqjax.generate import generate
+  kw = {k: getattr(args, k) for k in ("tdc_threshold", "tdc_error_bound", "tdc_max_skips",
+                                       "tdc_warmup") if getattr(args, k) is not None}
+  os.makedirs(args.out, exist_ok=True)
+  result = generate(model, pos[0], negative_emb=None if neg is None else neg[0],
+                    latent_shape=shape, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                    dynamic_cfg=args.dynamic_cfg, scheduler=sched, precision=args.precision,
+                    calibration=calib, tau=args.tau, tdc=args.tdc,
+                    outlier_threshold=args.outlier_threshold,
+                    implementation=args.implementation, **kw)
+  files = {"latents": os.path.join(args.out, "latents.npy")}
+  atomic_save_npy(files["latents"], result.latents)
+  if pipe is not None:
+    from mpqjax.video import write_video
+    frames = pipe.decode_latents(result.latents)
+    files["video"] = write_video(frames[0], os.path.join(args.out, "video.mp4"))
+  report = {"command": "generate", "model": os.path.abspath(args.model),
+            "calibration": os.path.abspath(args.calibration) if args.calibration else None,
+            "summary": result.summary, "files": files,
+            "per_step": {"computed": result.stats["computed"].astype(int).tolist(),
+                         "modes": result.stats["modes"].tolist(),
+                         "gamma": _finite(result.stats["gamma"]),
+                         "tdc_change": _finite(result.stats["change"])},
+            "per_step_legend": "[step][block]; modes [step][block][linear] in LINEAR_NAMES order, "
+                               "0 NVFP4, 1 INT8, 2 BF16, -1 skipped (no linear ran)"}
+  files["report"] = os.path.join(args.out, "report.json")
+  atomic_write_bytes(files["report"], json.dumps(report, indent=1).encode())
+  s = result.summary
+  print(f"wrote {', '.join(files.values())}")
+  bits = s["avg_activation_bits"]
+  print(f"precision {s['precision']}, skip ratio {s['skip_ratio']:.3f}, avg activation bits "
+        f"{'n/a' if bits is None else f'{bits:.2f}'}, TDC cache {s['tdc_cache_bytes']} bytes, "
+        f"weights {s['weight_bytes']} bytes ({s['weight_reduction_vs_bf16']:.2f}x smaller than bf16)")
+  return 0
+
+
+def _finite(a):
+  import numpy as np
+  a = np.asarray(a, np.float64)
+  return [[None if not np.isfinite(v) else float(v) for v in row] for row in a]
