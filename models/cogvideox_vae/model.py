@@ -134,13 +134,14 @@ def _prec(x):
 
 
 def conv3d(x: jax.Array, w: jax.Array, b: jax.Array, pad_hw: tuple[int, int]) -> jax.Array:
-  """x [B, Ci, T, H, W] * w [Co, Ci, kt, kh, kw] -> [B, Co, T-kt+1, H', W'], zero padding
-  pad_hw on H and W only, no time padding; accumulation in fp32."""
+  """x [B, Ci, T, H, W] * w [Co, Ci, kt, kh, kw] -> [B, Co, T-kt+1, H', W'] in x's dtype,
+  zero padding pad_hw on H and W only, no time padding; the bias is added in fp32."""
+  # f32: exact f32 accumulation; bf16: cuDNN's own (f32-accumulating) bf16 convolution
   y = jax.lax.conv_general_dilated(
       x, w.astype(x.dtype), (1, 1, 1), [(0, 0), (pad_hw[0],) * 2, (pad_hw[1],) * 2],
-      dimension_numbers=("NCDHW", "OIDHW", "NCDHW"), precision=_prec(x),
-      preferred_element_type=jnp.float32)
-  return (y + b.astype(jnp.float32)[None, :, None, None, None]).astype(x.dtype)
+      dimension_numbers=("NCDHW", "OIDHW", "NCDHW"), precision=_prec(x))
+  return (y.astype(jnp.float32) + b.astype(jnp.float32)[None, :, None, None, None]
+          ).astype(x.dtype)
 
 
 def causal_conv3d(x: jax.Array, p: dict, cache: jax.Array | None):
