@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -98,7 +99,10 @@ def main(argv=None) -> int:
   print(f"device {device_kind}, jax {jax.__version__}", flush=True)
 
   impls = [("bf16", "xla"), ("bf16", "cudnn"), ("bf16", "mosaic"), ("int8", "xla"),
-           ("int8", "mosaic")]
+           ("int8", "mosaic"), ("int8", "mosaic_cvt")]
+  impl_fns = {
+      "mosaic_cvt": lambda q, k, v, prec: A._int8_mosaic(q, k, v, int8_convert="cvt"),
+  }
   if not args.skip_check:
     for d in (64, 128):
       for t, mag in ((1000, 4.0), (333, 8.0)):
@@ -108,19 +112,20 @@ def main(argv=None) -> int:
         outs = {}
         for prec, impl in impls:
           try:
-            o = jax.jit(lambda q, k, v: A.attention(q, k, v, precision=prec,
-                                                    implementation=impl))(q, k, v)
+            fn = impl_fns.get(impl, lambda q, k, v, prec, impl=impl: A.attention(
+                q, k, v, precision=prec, implementation=impl))
+            o = jax.jit(functools.partial(fn, prec=prec))(q, k, v)
             outs[(prec, impl)] = np.asarray(o.astype(jnp.float32))
             cos, rl1 = accuracy(outs[(prec, impl)], ref)
             row = {"shape": shape, "outlier_magnitude": mag, "precision": prec,
                    "implementation": impl, "cos": cos, "rel_l1": rl1}
-            if impl == "mosaic":
+            if impl.startswith("mosaic"):
               cos_x, rl1_x = accuracy(outs[(prec, impl)], outs[(prec, "xla")])
               row.update(cos_vs_xla=cos_x, rel_l1_vs_xla=rl1_x)
             result["accuracy"].append(row)
             print(f"acc {shape} mag={mag} {prec:5s} {impl:7s} cos={cos:.6f} relL1={rl1:.4f}"
                   + (f"  vs xla: cos={row['cos_vs_xla']:.6f} relL1={row['rel_l1_vs_xla']:.4f}"
-                     if impl == "mosaic" else ""), flush=True)
+                     if impl.startswith("mosaic") else ""), flush=True)
           except Exception as e:  # Report and go on: one broken variant must not hide the rest.
             msg = f"accuracy {shape} {prec} {impl}: {type(e).__name__}: {e}"
             result["errors"].append(msg[:4000])
@@ -159,10 +164,14 @@ def main(argv=None) -> int:
         variants[f"mosaic_bf16_kernel_only_bkv{bkv}_s{steps}"] = (
             lambda q, k, v, cfg_t=cfg_t: am.flash_attention(q, k, v, kv_len=t, config=cfg_t),
             (q256, k256, v256))
-      cfg_t = am.AttentionConfig(precision="int8", max_concurrent_steps=3)
-      variants["mosaic_int8_kernel_only_s3"] = (
-          lambda *o, cfg_t=cfg_t: am.flash_attention(*o, kv_len=t, config=cfg_t),
-          (ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale))
+      for vname, cfg_t in (
+          ("mosaic_int8_kernel_only_s3", am.AttentionConfig(precision="int8",
+                                                            max_concurrent_steps=3)),
+          ("mosaic_int8_kernel_only_cvt", am.AttentionConfig(precision="int8",
+                                                             int8_convert="cvt"))):
+        variants[vname] = (
+            lambda *o, cfg_t=cfg_t: am.flash_attention(*o, kv_len=t, config=cfg_t),
+            (ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale))
     row = {"shape_name": name, "B": b, "T": t, "H": h, "D": d, "flops": flops}
     for vname, (fn, fargs) in variants.items():
       try:

@@ -121,27 +121,27 @@ def _int8_xla(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return o[:, :t].astype(q.dtype)
 
 
-def _int8_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False
-                 ) -> jax.Array:
+def _int8_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False,
+                 **config) -> jax.Array:
   from pallas_kernels import attention_mosaic as am
   t, s_len = q.shape[1], k.shape[1]
   ops = quantize_operands(q, k, v)
   with jax.named_scope("attention_quantize"):
     vt8 = am.permute_kv_tokens(jnp.transpose(ops.v8, (0, 2, 3, 1)), axis=-1)  # [B, H, D, Sp]
   cfg = am.AttentionConfig(precision="int8", block_q=BLOCK_Q, block_kv=BLOCK_KV,
-                           interpret=interpret)
+                           interpret=interpret, **config)
   o = am.flash_attention(ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale, kv_len=s_len, config=cfg)
   o = o[:, :t].astype(jnp.float32) * ops.v_scale[:, None]
   return o.astype(q.dtype)
 
 
-def _bf16_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False
-                 ) -> jax.Array:
+def _bf16_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False,
+                 **config) -> jax.Array:
   from pallas_kernels import attention_mosaic as am
   t, s_len = q.shape[1], k.shape[1]
   dt = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
   cfg = am.AttentionConfig(precision="bf16", block_q=BLOCK_Q, block_kv=BLOCK_KV,
-                           interpret=interpret)
+                           interpret=interpret, **config)
   t_p, s_p = _round_up(t, cfg.q_multiple), _round_up(s_len, cfg.block_kv)
   qp, kp, vp = (_pad_seq(x.astype(dt), n) if x.shape[1] != n else x.astype(dt)
                 for x, n in ((q, t_p), (k, s_p), (v, s_p)))

@@ -46,6 +46,8 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 LOG2E = math.log2(math.e)
 P_SCALE = 448.0  # P in [0, 1] is stored as P * 448 in e4m3 (max finite 448).
 PRECISIONS = ("bf16", "int8")
+_MAGIC = 12582912.0  # 1.5 * 2^23: float(bits(_MAGIC) + i) == _MAGIC + i for |i| < 2^22
+_MAGIC_BITS = 0x4B400000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +58,16 @@ class AttentionConfig:
   block_q: query rows per compute warpgroup (a CTA handles 2 * block_q rows); multiple of 64.
   block_kv: keys per pipeline step; multiple of 64 (of 128 for int8: one fp8 wgmma K group).
   max_concurrent_steps: depth of the K/V SMEM ring (>= 2).
+  int8_convert: how the int32 scores become f32: "cvt" (I2F, a quarter-rate conversion on
+    Hopper) or "magic" (integer-add 0x4B400000 and reinterpret: exact for |s| < 2^22, which
+    |q8 . k8| <= 127^2 * 128 guarantees; the 1.5 * 2^23 offset is folded into the softmax max).
   interpret: run through Mosaic GPU's interpret mode (CPU tests).
   """
   precision: str = "bf16"
   block_q: int = 64
   block_kv: int = 128
   max_concurrent_steps: int = 2
+  int8_convert: str = "magic"
   interpret: bool = False
 
   def __post_init__(self):
@@ -72,6 +78,8 @@ class AttentionConfig:
     if self.block_kv % (128 if self.precision == "int8" else 64):
       raise ValueError(f"block_kv={self.block_kv} must be a multiple of "
                        f"{128 if self.precision == 'int8' else 64} for precision {self.precision}")
+    if self.int8_convert not in ("cvt", "magic"):
+      raise ValueError(f"int8_convert must be 'cvt' or 'magic', got {self.int8_convert!r}")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
 
@@ -240,7 +248,10 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
           return acc_ref[...]
         s = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_dtype))
         plgpu.barrier_arrive(k_consumed.at[slot])
-        if quant:
+        if quant and cfg.int8_convert == "magic":
+          # s_f = s + 1.5 * 2^23 exactly; the offset cancels in s * c - m below (m carries it).
+          s = lax.bitcast_convert_type(s + jnp.int32(_MAGIC_BITS), jnp.float32)
+        elif quant:
           s = s.astype(jnp.float32)
         if masked:
           kv_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1,
@@ -248,10 +259,15 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
           s = jnp.where(kv_ids + kv_step * block_kv < kv_len, s, -jnp.inf)
 
         # Online softmax in base 2; c > 0 folds the softmax scale (and int8 dequantization).
-        m_ij = jnp.maximum(m_i, s.max(axis=1) * c)
+        if quant and cfg.int8_convert == "magic":
+          m_ij = jnp.maximum(m_i, (s.max(axis=1) - _MAGIC) * c)
+          bias = m_ij + _MAGIC * c
+        else:
+          m_ij = jnp.maximum(m_i, s.max(axis=1) * c)
+          bias = m_ij
         alpha = jnp.exp2(m_i - m_ij)
         m_i = m_ij
-        p = jnp.exp2(s * c - lax.broadcast_in_dim(m_ij, s.shape, [0]))
+        p = jnp.exp2(s * c - lax.broadcast_in_dim(bias, s.shape, [0]))
         l_i *= alpha
         if quant:
           p_op = _p_as_wgmma_operand((p * P_SCALE).astype(jnp.float8_e4m3fn), cfg.interpret)

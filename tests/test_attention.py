@@ -137,9 +137,10 @@ def test_kernel_config_validation():
 # ------------------------------------------------------------- kernel, Mosaic GPU interpret mode
 
 
-@pytest.mark.parametrize("precision,d", [("bf16", 64), ("int8", 64), ("bf16", 128),
-                                         ("int8", 128)])
-def test_kernel_interpret_matches_reference(precision, d):
+@pytest.mark.parametrize("precision,d,convert", [
+    ("bf16", 64, "magic"), ("int8", 64, "magic"), ("int8", 64, "cvt"), ("bf16", 128, "magic"),
+    ("int8", 128, "magic")])
+def test_kernel_interpret_matches_reference(precision, d, convert):
   """The kernel body (barriers, TMA ring, online softmax, tail mask, int8 scales) run by the
   interpreter on CPU against its jnp reference, at a length that needs padding and masking."""
   t, kv_len = 256, 200
