@@ -135,6 +135,9 @@ def scatter_png(samples: dict[str, np.ndarray], calib: Calibration, path: str) -
   os.close(fd)
   try:
     fig.savefig(tmp, format="png")
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
     os.replace(tmp, path)
   finally:
     plt.close(fig)

@@ -129,3 +129,32 @@ def test_bad_inputs_exit_2(work, capsys, tmp_path):
                       "--out", work["calib"]], "exists")
   _bad(work, capsys, ["calibrate", "--model", work["ckpt"], "--prompt-embeds", work["embs"],
                       "--seeds", "a,b", "--out", str(tmp_path / "c.json")], "--seeds")
+
+
+def test_generate_dpm_is_seeded(work):
+  outs = []
+  for seed in ("1", "1", "2"):
+    out = work["dir"] / f"out_dpm_{len(outs)}"
+    assert _generate(work, out, "--precision", "int8", "--scheduler", "dpm", "--seed", seed,
+                     "--dynamic-cfg") == 0
+    outs.append(np.load(out / "latents.npy"))
+    assert oct(os.stat(out / "latents.npy").st_mode & 0o777) != "0o600"
+  np.testing.assert_array_equal(outs[0], outs[1])
+  assert not np.allclose(outs[0], outs[2])
+  rep = json.loads((work["dir"] / "out_dpm_0" / "report.json").read_text())
+  assert rep["summary"]["scheduler"]["kind"] == "dpm" and rep["summary"]["dynamic_cfg"] is True
+
+
+@pytest.mark.skipif(os.environ.get("MPQJAX_SLOW") != "1",
+                    reason="T5 + VAE compile (~20 s); set MPQJAX_SLOW=1")
+def test_generate_pipeline_folder_writes_video(tmp_path, monkeypatch):
+  monkeypatch.setenv("MPQJAX_CACHE", str(tmp_path / "cache"))
+  folder = os.path.join(os.path.dirname(SRC))
+  out = tmp_path / "out"
+  rc = cli.main(["generate", "--model", folder, "--prompt", "a panda plays guitar", "--steps",
+                 "3", "--precision", "mixed", "--tau", "0.1", "--out", str(out)])
+  assert rc == 0
+  assert (out / "video.mp4").stat().st_size > 0
+  assert np.isfinite(np.load(out / "latents.npy")).all()
+  rep = json.loads((out / "report.json").read_text())
+  assert rep["summary"]["precision"] == "mixed"

@@ -67,6 +67,9 @@ class Calibration:
     try:
       with os.fdopen(fd, "w") as f:
         json.dump(self.to_json(), f, indent=1)
+      mask = os.umask(0)
+      os.umask(mask)
+      os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
       os.replace(tmp, path)
     except BaseException:
       if os.path.exists(tmp):
