@@ -82,21 +82,28 @@ def convert(src: str, dst: str, *, quantize: str | None = None, dtype: str = "bf
             overwrite: bool = False, progress=None) -> dict:
   """The conversion as a function; returns the manifest written."""
   from checkpoints_convert import store
-  from checkpoints_convert.cogvideox import build_params, params_to_plain
+  from checkpoints_convert.cogvideox import iter_groups, params_to_plain
   from checkpoints_convert.safetensors_stream import open_checkpoint
   from models.cogvideox.config import CogVideoXConfig
 
   src = resolve_source(src)
   store.check_destination(dst, overwrite, src)
   config = CogVideoXConfig.from_json(src)
+  stats: dict = {}
   with open_checkpoint(src) as reader:
-    params, stats = build_params(reader, config, dtype=dtype, quantize=quantize,
-                                 progress=progress)
-  manifest = {"model": "CogVideoXTransformer3DModel", "dtype": dtype, "quantize": quantize,
-              "source": os.path.abspath(src), **stats}
-  store.write_converted(dst, params_to_plain(params), config.to_dict(), manifest,
-                        overwrite=overwrite)
-  return manifest
+    def groups():  # plain values, holding no reference to a group once it is passed on
+      for name, value in iter_groups(reader, config, dtype=dtype, quantize=quantize,
+                                     progress=progress, stats=stats):
+        plain = params_to_plain(value)
+        del value
+        yield name, plain
+        del plain
+
+    return store.write_converted(
+        dst, groups(), config.to_dict(),
+        lambda: {"model": "CogVideoXTransformer3DModel", "dtype": dtype, "quantize": quantize,
+                 "source": os.path.abspath(src), **stats},
+        overwrite=overwrite)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,18 +2,19 @@
 
   check_keys(reader, config)                 one UserInputError listing every missing,
                                              unexpected and mis-shaped tensor
-  build_params(reader, config, dtype=..., quantize=None|"nvfp4"|"int8", progress=None)
-      -> (params, stats)                     numpy leaves; blocks stacked [L, ...]
+  iter_groups(reader, config, dtype=..., quantize=None|"nvfp4"|"int8", progress=None,
+              stats=None) -> (name, value) groups, one stacked block parameter at a time
+  build_params(reader, config, ...) -> (params, stats)   the same, assembled in memory
 
-Streaming: tensors are read one at a time (a quantized linear: its weight and bias) and
-written into preallocated stacked output arrays, so host memory holds the output plus about
-one tensor. Every tensor is checked for non-finite values, naming it and its file.
+Streaming: tensors are read one at a time (a quantized linear: its weight and bias) into a
+preallocated stacked array; `mpqjax convert` writes each group out before reading the next,
+so host memory holds about one stacked group plus one tensor. Every tensor is checked for non-finite values, naming it and its file.
 Quantization applies to the 8 linears of each block (models.cogvideox.LINEAR_NAMES);
 everything else is stored in `dtype`.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_dtypes
@@ -22,7 +23,7 @@ import numpy as np
 from checkpoints_convert.safetensors_stream import CheckpointReader
 from models.cogvideox.config import CogVideoXConfig
 from models.cogvideox.params import (BLOCKS, LINEAR_NAMES, block_param_shapes, checkpoint_shapes,
-                                     quantize_block_linear, set_path)
+                                     outer_param_shapes, quantize_block_linear, set_path)
 from mpqjax.errors import UserInputError
 from mpqjax.qlinear import QuantizedLinear
 
@@ -63,14 +64,20 @@ def _read_float(reader: CheckpointReader, key: str) -> np.ndarray:
   return a
 
 
-def build_params(reader: CheckpointReader, config: CogVideoXConfig, *, dtype: str = "bf16",
-                 quantize: str | None = None,
-                 progress: Callable[[int, int, str], None] | None = None):
-  """Stream the checkpoint into the parameter pytree (numpy leaves).
+def iter_groups(reader: CheckpointReader, config: CogVideoXConfig, *, dtype: str = "bf16",
+                quantize: str | None = None,
+                progress: Callable[[int, int, str], None] | None = None,
+                stats: dict | None = None) -> Iterator[tuple[str, Any]]:
+  """Stream the checkpoint as (dotted name, value) groups, in this order: every tensor
+  outside the blocks (value: np.ndarray in `dtype`), then one group per block parameter,
+  stacked over the layers ("transformer_blocks.attn1.norm_q.weight": [L, ...]) or, for a
+  quantized linear, "transformer_blocks.attn1.to_q": a QuantizedLinear of stacked numpy
+  arrays. The layers of one group are read one at a time; a group is complete (and can be
+  written and dropped) before the next one is read, so memory holds one group + one tensor.
 
-  Returns (params, stats): stats = {"param_count", "bf16_bytes" (all parameters in bf16),
-  "bytes" (as stored: quantized block linears + the rest in dtype),
-  "quantized_linears": {name: {"hadamard_block", "weight_format"}} }.
+  `stats`, if given, is filled once the generator is exhausted: "param_count", "bf16_bytes"
+  (all parameters in bf16), "bytes" (as stored), "quantized_linears": {name:
+  {"hadamard_block", "weight_format"}}.
   """
   if dtype not in DTYPES:
     raise UserInputError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
@@ -79,13 +86,8 @@ def build_params(reader: CheckpointReader, config: CogVideoXConfig, *, dtype: st
   check_keys(reader, config)
   out_dt = DTYPES[dtype]
   n_layers = config.num_layers
-  block_shapes = block_param_shapes(config)
   quantized = set(LINEAR_NAMES) if quantize else set()
-  keys = reader.keys()
-  total, done = len(keys), 0
-  params: dict = {}
-  stacks: dict[str, np.ndarray] = {}
-  qstacks: dict[str, object] = {}  # linear name -> QuantizedLinear of stacked numpy arrays
+  total, done, stored = len(reader.keys()), 0, 0
   qmeta: dict[str, dict] = {}
 
   def tick(key):
@@ -94,51 +96,62 @@ def build_params(reader: CheckpointReader, config: CogVideoXConfig, *, dtype: st
     if progress:
       progress(done, total, key)
 
-  for key in keys:
-    if not key.startswith(BLOCKS + "."):
-      set_path(params, key, _read_float(reader, key).astype(out_dt))
-      tick(key)
-      continue
-    _, idx, sub = key.split(".", 2)
-    i = int(idx)
+  for key, _ in sorted(outer_param_shapes(config).items()):
+    a = _read_float(reader, key).astype(out_dt)
+    tick(key)
+    stored += a.nbytes
+    yield key, a
+    del a  # drop our reference: the writer frees the group once written
+
+  for sub, shape in sorted(block_param_shapes(config).items()):
     owner = sub.rsplit(".", 1)[0]
-    if owner in quantized:
-      if sub.endswith(".bias"):
-        continue  # read together with its weight
+    name = f"{BLOCKS}.{sub}"
+    if owner not in quantized:
+      stack = np.empty((n_layers, *shape), out_dt)
+      for i in range(n_layers):
+        key = f"{BLOCKS}.{i}.{sub}"
+        stack[i] = _read_float(reader, key).astype(out_dt)
+        tick(key)
+      stored += stack.nbytes
+      yield name, stack
+      del stack
+      continue
+    if not sub.endswith(".weight"):
+      continue  # a quantized linear's bias is read with its weight
+    qstack = None
+    for i in range(n_layers):
+      key, bkey = f"{BLOCKS}.{i}.{sub}", f"{BLOCKS}.{i}.{owner}.bias"
       w = _read_float(reader, key)
-      bkey = f"{BLOCKS}.{i}.{owner}.bias"
       b = _read_float(reader, bkey) if bkey in reader else None
       q = jax.device_get(quantize_block_linear(w, b, weight_format=quantize, name=key))
       del w, b
-      if owner not in qstacks:
-        qstacks[owner] = jax.tree.map(
-            lambda a: np.empty((n_layers, *np.shape(a)), np.asarray(a).dtype), q)
+      if qstack is None:
+        qstack = jax.tree.map(lambda a: np.empty((n_layers, *np.shape(a)), np.asarray(a).dtype),
+                              q)
         qmeta[owner] = {"hadamard_block": q.hadamard_block, "weight_format": q.weight_format}
 
       def put(dst, src, i=i):
         dst[i] = src
-      jax.tree.map(put, qstacks[owner], q)
+      jax.tree.map(put, qstack, q)
       tick(key)
       if bkey in reader:
         tick(bkey)
-      continue
-    if sub not in stacks:
-      stacks[sub] = np.empty((n_layers, *block_shapes[sub]), out_dt)
-    stacks[sub][i] = _read_float(reader, key).astype(out_dt)
-    tick(key)
+    stored += sum(a.nbytes for a in jax.tree_util.tree_leaves(qstack))
+    yield f"{BLOCKS}.{owner}", qstack
+    del qstack
 
-  blocks: dict = {}
-  for sub, arr in stacks.items():
-    set_path(blocks, sub, arr)
-  for owner, q in qstacks.items():
-    set_path(blocks, owner, q)
-  params[BLOCKS] = blocks
+  if stats is not None:
+    count = sum(int(np.prod(s)) for s in checkpoint_shapes(config).values())
+    stats.update({"param_count": count, "bf16_bytes": 2 * count, "bytes": int(stored),
+                  "quantized_linears": qmeta})
 
-  leaves = jax.tree_util.tree_leaves(params)
-  stored = sum(a.nbytes for a in leaves)
-  count = sum(int(np.prod(s)) for s in checkpoint_shapes(config).values())
-  stats = {"param_count": count, "bf16_bytes": 2 * count, "bytes": int(stored),
-           "quantized_linears": qmeta}
+
+def build_params(reader: CheckpointReader, config: CogVideoXConfig, **kw):
+  """The whole parameter pytree in memory (numpy leaves): (params, stats). See iter_groups."""
+  stats: dict = {}
+  params: dict = {}
+  for name, value in iter_groups(reader, config, stats=stats, **kw):
+    set_path(params, name, value)
   return params, stats
 
 

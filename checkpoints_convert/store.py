@@ -7,9 +7,14 @@
                      {"hadamard_block", "weight_format"}}, "param_count", "bf16_bytes",
                      "bytes", "source", "mpqjax_version"}
     config.json     the diffusers transformer config (CogVideoXConfig.to_dict())
-    params/         orbax checkpoint of the parameter pytree, QuantizedLinear leaves stored
-                    as plain dicts {"weight": {"codes", "scales", "global_scale"} |
-                    {"values", "scales"}, "w_int8_scale", "bias"?} (rebuilt from the manifest)
+    params/part-NNNNN/   orbax checkpoints (StandardCheckpointer) that together hold the
+                    parameter pytree: each is a nested dict, a part of the tree; loading
+                    merges them. QuantizedLinear leaves are stored as plain dicts
+                    {"weight": {"codes", "scales", "global_scale"} | {"values", "scales"},
+                    "w_int8_scale", "bias"?} and rebuilt from the manifest's
+                    quantized_linears. The manifest lists the parts ("parts").
+    Parts exist so that the converter writes (and frees) its output as it goes: a part is
+    flushed once it holds PART_BYTES; orbax's save makes a host copy of what it writes.
 
 write_converted() builds everything in a hidden temporary folder next to DST and renames it
 into place, so an interrupted or failed run leaves no DST behind; replacing an existing DST
@@ -21,6 +26,7 @@ import json
 import os
 import shutil
 import uuid
+from typing import Any, Callable, Iterable
 
 from mpqjax._version import __version__
 from mpqjax.errors import UserInputError
@@ -30,6 +36,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 PARAMS = "params"
+PART_BYTES = 512 * 1024 * 1024
 
 
 def _orbax():
@@ -53,9 +60,12 @@ def check_destination(dst: str, overwrite: bool, src: str | None = None) -> None
     raise FileNotFoundError(f"parent folder of the destination does not exist: {parent}")
 
 
-def write_converted(dst: str, plain_params: dict, config_dict: dict, manifest: dict, *,
-                    overwrite: bool = False) -> None:
-  """Atomically write DST (see module doc). `plain_params`: nested dict of numpy arrays."""
+def write_converted(dst: str, groups: Iterable[tuple[str, Any]], config_dict: dict,
+                    manifest_fn: Callable[[], dict], *, overwrite: bool = False,
+                    part_bytes: int = PART_BYTES) -> dict:
+  """Atomically write DST (see module doc) from (dotted name, plain value) groups, which
+  are consumed (and released) as they come. manifest_fn() is called after the last group
+  (so it may report stats gathered while streaming). Returns the manifest written."""
   check_destination(dst, overwrite)
   dst = os.path.abspath(dst)
   parent, name = os.path.split(dst)
@@ -64,13 +74,32 @@ def write_converted(dst: str, plain_params: dict, config_dict: dict, manifest: d
   try:
     ocp = _orbax()
     ckpt = ocp.StandardCheckpointer()
-    ckpt.save(os.path.join(tmp, PARAMS), plain_params)
-    ckpt.wait_until_finished()
+    parts: list[str] = []
+    pending: dict = {}
+    pending_bytes = 0
+
+    def flush():
+      nonlocal pending, pending_bytes
+      part = f"part-{len(parts):05d}"
+      ckpt.save(os.path.join(tmp, PARAMS, part), pending)
+      ckpt.wait_until_finished()
+      parts.append(part)
+      pending, pending_bytes = {}, 0
+
+    os.mkdir(os.path.join(tmp, PARAMS))
+    for gname, value in groups:
+      _set_path(pending, gname, value)
+      pending_bytes += _nbytes(value)
+      del value
+      if pending_bytes >= part_bytes:
+        flush()
+    if pending:
+      flush()
     ckpt.close()
     with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
       json.dump(config_dict, f, indent=2)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "mpqjax_version": __version__, **manifest}
+                "mpqjax_version": __version__, **manifest_fn(), "parts": parts}
     with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
       json.dump(manifest, f, indent=2)
     old = None
@@ -85,9 +114,33 @@ def write_converted(dst: str, plain_params: dict, config_dict: dict, manifest: d
         shutil.rmtree(old)
       else:
         os.remove(old)
+    return manifest
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+  parts = dotted.split(".")
+  for p in parts[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[parts[-1]] = value
+
+
+def _nbytes(value: Any) -> int:
+  if isinstance(value, dict):
+    return sum(_nbytes(v) for v in value.values())
+  return int(getattr(value, "nbytes", 0))
+
+
+def _merge(into: dict, part: dict, where: str = "") -> None:
+  for k, v in part.items():
+    if isinstance(v, dict) and isinstance(into.get(k), dict):
+      _merge(into[k], v, f"{where}{k}.")
+    elif k in into:
+      raise UserInputError(f"converted checkpoint: {where}{k} is stored twice")
+    else:
+      into[k] = v
 
 
 def read_manifest(path: str) -> dict:
@@ -119,7 +172,7 @@ def read_manifest(path: str) -> dict:
         f"{mpath}: format version {m.get('format_version')!r} (written by mpqjax "
         f"{m.get('mpqjax_version', '?')}) but this mpqjax {__version__} reads version "
         f"{FORMAT_VERSION}; re-run `mpqjax convert` on the diffusers checkpoint")
-  for k in ("model", "dtype", "quantize", "quantized_linears"):
+  for k in ("model", "dtype", "quantize", "quantized_linears", "parts"):
     if k not in m:
       raise UserInputError(f"{mpath}: missing field {k!r}")
   if not os.path.isdir(os.path.join(path, PARAMS)):
@@ -127,13 +180,22 @@ def read_manifest(path: str) -> dict:
   return m
 
 
-def read_plain_params(path: str) -> dict:
-  """The stored nested dict of numpy arrays."""
+def read_plain_params(path: str, manifest: dict) -> dict:
+  """The stored nested dict of numpy arrays (all parts merged)."""
   ocp = _orbax()
   ckpt = ocp.StandardCheckpointer()
+  plain: dict = {}
   try:
-    return ckpt.restore(os.path.join(os.path.abspath(path), PARAMS))
-  except Exception as e:  # orbax raises many kinds for damaged folders
-    raise UserInputError(f"{path}: cannot read the {PARAMS}/ checkpoint ({e})") from e
+    for part in manifest["parts"]:
+      ppath = os.path.join(os.path.abspath(path), PARAMS, part)
+      if not os.path.isdir(ppath):
+        raise UserInputError(f"{path}: part {PARAMS}/{part} listed in the manifest is missing")
+      try:
+        tree = ckpt.restore(ppath)
+      except Exception as e:  # orbax raises many kinds for damaged folders
+        raise UserInputError(f"{path}: cannot read {PARAMS}/{part} ({e})") from e
+      _merge(plain, tree)
+      del tree
   finally:
     ckpt.close()
+  return plain

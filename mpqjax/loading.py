@@ -80,6 +80,6 @@ def load_transformer(path) -> TransformerModel:
   if manifest["model"] != "CogVideoXTransformer3DModel":
     raise UserInputError(f"{path}: model {manifest['model']!r} is not supported")
   config = CogVideoXConfig.from_json(os.path.join(path, store.CONFIG))
-  plain = store.read_plain_params(path)
+  plain = store.read_plain_params(path, manifest)
   params = params_from_plain(jax.tree.map(jnp.asarray, plain), manifest["quantized_linears"])
   return TransformerModel(config, params, manifest, path)
