@@ -71,8 +71,12 @@ def _denoiser(static: GenerateStatic, params, text_all, knobs: MethodKnobs):
     hidden, encoder, temb, rotary = cog.embed(params, x, t, text_all, config)
 
     def block_body(carry, xs):
-      h, e = carry
-      p_l, s_l, a_l, b_l = xs
+      # The stacked state rides in the carry and block l's slice is read and written in place
+      # (dynamic slice / update), so the TDC cache is not copied into a second [L, ...] buffer.
+      h, e, st = carry
+      p_l, a_l, b_l, l = xs
+      s_l = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, l, keepdims=False),
+                                   st)
 
       def compute(h, e, s_l):
         fresh = (i > 0) & (s_l.skips == 0)
@@ -105,11 +109,14 @@ def _denoiser(static: GenerateStatic, params, text_all, knobs: MethodKnobs):
           h2, e2, s_new, stats = jax.lax.cond(skip, skipped, compute, h, e, s_l)
         else:
           h2, e2, s_new, stats = compute(h, e, s_l)
-      return (h2, e2), (s_new, stats)
+      st = jax.tree_util.tree_map(lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, l, 0),
+                                  st, s_new)
+      return (h2, e2, st), stats
 
     with jax.named_scope("transformer_blocks"):
-      (hidden, encoder), (state, stats) = jax.lax.scan(
-          block_body, (hidden, encoder), (params[BLOCKS], state, knobs.alpha, knobs.beta))
+      layers = jnp.arange(config.num_layers, dtype=jnp.int32)
+      (hidden, encoder, state), stats = jax.lax.scan(
+          block_body, (hidden, encoder, state), (params[BLOCKS], knobs.alpha, knobs.beta, layers))
     out = cog.unembed(params, hidden, temb, config, x.shape)
     return out, state, stats
 
