@@ -8,10 +8,14 @@ input sets rotated so that the weights do not sit in L2):
   xla_s8_scaled     XLA s8 dot (cuBLASLt) + a separate f32 scale/bias pass, operands given
   xla_nvfp4_sm      jax.nn.scaled_matmul with NVFP4 operands
   xla_w4a8          qlinear_xla.w4a8 end to end (quantizer + weight conversion + s8 dot)
-  quant / quant_had the INT8 activation quantizer alone, without / with the Hadamard
+  quant_{xla,mgpu}[_had]  the INT8 activation quantizer alone (XLA fusion / Mosaic kernel)
   mosaic_w8a8[cfg]  the W8A8 kernel alone (int8 operands given), per tile config
-  mosaic_w8a8_e2e   quantizer (no Hadamard) + kernel;  ..._had with the Hadamard
+  mosaic_w8a8_e2e   Mosaic quantizer (no Hadamard) + kernel;  ..._had with the Hadamard
+                    (= W4A8 with a cached INT8 weight copy)
+  xla_w8a8_e2e_had  the same in XLA (reference quantizer + s8 dot + scaling)
   mosaic_w4a8       MOSAIC.w4a8: quantizer (Hadamard) + NVFP4->INT8 conversion + kernel
+  mosaic_w4a8_fastconv  the same with the gather-free conversion (nvfp4_to_int8)
+  conv_ref / conv_fast  the NVFP4 -> INT8 weight conversion alone
 and checks every kernel output against its XLA reference (exact int32 for the raw kernel).
 Writes benchmarks/results/kernels-<device>.json (or --out DIR) with device, JAX version,
 date and command; prints a table last.
@@ -35,7 +39,7 @@ import numpy as np
 
 from mpqjax import formats, qlinear_xla
 from mpqjax.qlinear import quantize_linear
-from pallas_kernels import int8_quant, qlinear_mosaic
+from pallas_kernels import int8_quant, int8_quant_mgpu, nvfp4_to_int8, qlinear_mosaic
 from pallas_kernels import w8a8_matmul as w8a8
 
 L2_BYTES = 50 << 20
@@ -45,12 +49,14 @@ M_2B, M_5B = 2 * 17776, 2 * 17776
 def shapes(quick: bool):
   """(name, M, K, N)."""
   out = [("8192^3", 8192, 8192, 8192)]
-  for tag, m, dims in (("2B", M_2B, (1920, 7680)), ("5B", M_5B, (3072, 12288))):
+  small = []
+  for tag, m, dims in (("5B", M_5B, (3072, 12288)), ("2B", M_2B, (1920, 7680))):
     d, f = dims
     for k, n in ((d, d), (d, f), (f, d)):
       out.append((f"{tag} K{k} N{n}", m, k, n))
-      for small in (64, 256):
-        out.append((f"{tag} K{k} N{n}", small, k, n))
+      for sm in (64, 256):
+        small.append((f"{tag} K{k} N{n}", sm, k, n))
+  out += small
   if quick:
     out = [s for s in out if s[0] in ("8192^3",) or (s[0] == "5B K3072 N12288")]
   return out
@@ -63,14 +69,12 @@ def tune_configs(m: int, n: int, k: int):
     c = [base,
          dataclasses.replace(base, wg_dimension=w8a8.Dim.M),
          dataclasses.replace(base, grid_minor_dim=w8a8.Dim.M),
-         dataclasses.replace(base, grid_tile_width=16),
-         dataclasses.replace(base, tile_k=64, max_concurrent_steps=6),
-         dataclasses.replace(base, max_concurrent_steps=3, epi_tile_n=64)]
+         dataclasses.replace(base, max_concurrent_steps=3, epi_tile_n=64),
+         dataclasses.replace(base, grid_minor_dim=w8a8.Dim.M, max_concurrent_steps=3,
+                             epi_tile_n=64, grid_tile_width=4)]
   else:
-    c = [base,
-         dataclasses.replace(base, k_splits=1),
-         dataclasses.replace(base, tile_n=128, k_splits=max(1, base.k_splits // 2)),
-         dataclasses.replace(base, max_concurrent_steps=4)]
+    c = [base, dataclasses.replace(base, k_splits=1),
+         dataclasses.replace(base, k_splits=base.k_splits * 2)]
   seen, out = set(), []
   for x in c:
     if x not in seen and n % x.cta_tile_n == 0 and k % (x.tile_k * x.k_splits) == 0:
@@ -123,8 +127,8 @@ def bf16_dot(x, w):
   return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
 
 
-TUNE_SHAPES = {("8192^3", 8192), ("5B K3072 N12288", M_5B), ("2B K1920 N1920", M_2B),
-               ("5B K3072 N3072", 64), ("5B K3072 N12288", 256)}
+TUNE_SHAPES = {("8192^3", 8192), ("5B K3072 N12288", M_5B), ("2B K1920 N7680", M_2B),
+               ("5B K3072 N3072", 64), ("5B K12288 N3072", 64)}
 
 
 def write_json(res: dict, out_dir: str) -> str:
@@ -148,7 +152,7 @@ def run(args, out_dir=None) -> dict:
   for (name, m, k, n) in shapes(args.quick):
     flops = 2.0 * m * n * k
     wbytes = n * k * 2
-    n_sets = 1 if m >= 1024 else max(1, min(8, math.ceil(3 * L2_BYTES / wbytes)))
+    n_sets = 1 if m >= 1024 else max(1, min(6, math.ceil(2 * L2_BYTES / wbytes)))
     probs = [make_problem(m, k, n, s) for s in range(n_sets)]
     p0 = probs[0]
     row = dict(shape=name, M=m, K=k, N=n, flops=flops, times_ms={}, errors={}, check={})
@@ -185,14 +189,18 @@ def run(args, out_dir=None) -> dict:
     bench("xla_w4a8", qlinear_xla.w4a8, lambda p: (p["x"], p["layer"]))
     for had in (0, 128):
       qc = int8_quant.QuantConfig(had)
-      key = "quant_had" if had else "quant"
-      bench(key, lambda x, qc=qc: int8_quant.quantize_rows(x, qc), lambda p: (p["x"],))
-      try:  # fraction of int8 values that differ from the f32-HIGHEST reference quantizer
-        got = jax.jit(lambda x, qc=qc: int8_quant.quantize_rows(x, qc)[0])(p0["x"])
-        want = jax.jit(lambda x, qc=qc: int8_quant.reference(x, qc)[0])(p0["x"])
-        row["check"][key + "_mismatch_frac"] = float(jnp.mean(got != want))
-      except Exception as e:
-        row["errors"][key + "_check"] = f"{type(e).__name__}: {str(e)[:400]}"
+      want = jax.jit(lambda x, qc=qc: int8_quant.reference(x, qc)[0])(p0["x"])
+      for key, fn in (("quant_xla", lambda x, qc=qc: int8_quant.quantize_rows(x, qc)),
+                      ("quant_mgpu", lambda x, had=had: int8_quant_mgpu.quantize_rows_mgpu(
+                          x, int8_quant_mgpu.QuantMgpuConfig(had)))):
+        key = key + ("_had" if had else "")
+        bench(key, fn, lambda p: (p["x"],))
+        try:  # fraction of int8 values that differ from the f32-HIGHEST reference quantizer
+          got = jax.jit(lambda x, fn=fn: fn(x)[0])(p0["x"])
+          row["check"][key + "_mismatch_frac"] = float(jnp.mean(got != want))
+        except Exception as e:
+          row["errors"][key + "_check"] = f"{type(e).__name__}: {str(e)[:400]}"
+      del want
     # kernel alone, per config
     tune = args.tune and (args.tune_all or (name, m) in TUNE_SHAPES)
     cfgs = tune_configs(m, n, k) if tune else [w8a8.pick_config(m, n, k, sms)]
@@ -213,8 +221,8 @@ def run(args, out_dir=None) -> dict:
     # end to end
     for had in (0, 128):
       qc = int8_quant.QuantConfig(had)
-      def e2e(x, w8, ws, bias, qc=qc):
-        xq, xs = int8_quant.quantize_rows(x, qc)
+      def e2e(x, w8, ws, bias, had=had):
+        xq, xs = qlinear_mosaic.quantize_activations(x, had)
         return w8a8.w8a8_matmul(xq, w8, xs[:, 0], ws, bias)
       def e2e_ref(x, w8, ws, bias, qc=qc):
         xq, xs = int8_quant.reference(x, qc)
@@ -222,8 +230,23 @@ def run(args, out_dir=None) -> dict:
       pick = lambda p: (p["x"], p["w8"], p["ws"], p["bias"])
       bench("mosaic_w8a8_e2e_had" if had else "mosaic_w8a8_e2e", e2e, pick,
             ref=jax.jit(e2e_ref)(*pick(p0)))
-      bench("xla_w8a8_e2e_had" if had else "xla_w8a8_e2e", e2e_ref, pick)
+      if had:
+        bench("xla_w8a8_e2e_had", e2e_ref, pick)
     bench("mosaic_w4a8", qlinear_mosaic.w4a8, lambda p: (p["x"], p["layer"]), ref=ref_w4a8)
+    # W4A8 weight options: reference conversion per call (default), gather-free conversion
+    # per call; resident bytes per weight element: NVFP4 0.5625, NVFP4 + cached INT8 1.5625.
+    bench("conv_ref", qlinear_xla.weight_as_int8, lambda p: (p["layer"],))
+    bench("conv_fast", nvfp4_to_int8.nvfp4_to_int8, lambda p: (p["layer"],))
+    try:
+      fast = jax.jit(nvfp4_to_int8.nvfp4_to_int8)(p0["layer"])
+      row["check"]["conv_fast_mismatch_frac"] = float(jnp.mean(fast != p0["w8"]))
+    except Exception as e:
+      row["errors"]["conv_fast_check"] = f"{type(e).__name__}: {str(e)[:400]}"
+    def w4a8_fast(x, layer):
+      xq, xs = qlinear_mosaic.quantize_activations(x, layer.hadamard_block)
+      return w8a8.w8a8_matmul(xq, nvfp4_to_int8.nvfp4_to_int8(layer), xs[:, 0],
+                              layer.w_int8_scale[:, 0], layer.bias)
+    bench("mosaic_w4a8_fastconv", w4a8_fast, lambda p: (p["x"], p["layer"]), ref=ref_w4a8)
     row["check"]["w4a8_vs_bf16_relerr"] = rel_err(ref_w4a8, ref_bf16)
     t = row["times_ms"]
     if "xla_bf16" in t:
@@ -237,27 +260,26 @@ def run(args, out_dir=None) -> dict:
 
 
 def summary(res: dict) -> str:
-  lines = [f"device {res['device']}, jax {res['jax_version']}"]
-  hdr = (f"{'shape':18s} {'M':>6s} {'bf16':>7s} {'s8+sc':>7s} {'nvfp4':>7s} {'w8a8k':>7s} "
-         f"{'e2e':>7s} {'e2eH':>7s} {'w4a8':>7s} | x bf16: {'w8a8k':>5s} {'e2e':>5s} {'e2eH':>5s} "
-         f"{'w4a8':>5s} | e2eH/xla_s8sc")
-  lines.append("TF/s (TOP/s for int8):")
-  lines.append(hdr)
+  nan = float("nan")
+  lines = [f"device {res['device']}, jax {res['jax_version']}",
+           "TF/s (TOP/s for int8) | speed-up vs XLA bf16 | W8A8 ratios vs XLA s8",
+           f"{'shape':17s} {'M':>5s} {'bf16':>5s} {'s8sc':>5s} {'nvfp4':>5s} {'kern':>5s} "
+           f"{'e2eH':>5s} {'w4a8':>5s} {'w4a8f':>5s} | {'kern':>4s} {'e2e':>4s} {'e2eH':>4s} "
+           f"{'w4a8':>4s} {'w4a8f':>5s} | kern/s8sc e2eH/xla"]
   for r in res["results"]:
     t = r["times_ms"]
-    tf = lambda key: r["flops"] / t[key] / 1e9 if key in t else float("nan")
-    kern = min((v for key, v in t.items() if key.startswith("mosaic_w8a8[")), default=float("nan"))
-    kt = r["flops"] / kern / 1e9 if kern == kern else float("nan")
-    b = t.get("xla_bf16", float("nan"))
-    ratio = lambda v: b / v if v == v else float("nan")
+    kern = min((v for key, v in t.items() if key.startswith("mosaic_w8a8[")), default=nan)
+    tt = dict(t, kern=kern)
+    tf = lambda key: r["flops"] / tt[key] / 1e9 if key in tt else nan
+    b = t.get("xla_bf16", nan)
+    x = lambda key: b / tt[key] if key in tt else nan
     lines.append(
-        f"{r['shape']:18s} {r['M']:6d} {tf('xla_bf16'):7.0f} {tf('xla_s8_scaled'):7.0f} "
-        f"{tf('xla_nvfp4_sm'):7.0f} {kt:7.0f} {tf('mosaic_w8a8_e2e'):7.0f} "
-        f"{tf('mosaic_w8a8_e2e_had'):7.0f} {tf('mosaic_w4a8'):7.0f} | "
-        f"{ratio(kern):5.2f} {ratio(t.get('mosaic_w8a8_e2e', float('nan'))):5.2f} "
-        f"{ratio(t.get('mosaic_w8a8_e2e_had', float('nan'))):5.2f} "
-        f"{ratio(t.get('mosaic_w4a8', float('nan'))):5.2f} | "
-        f"{t.get('xla_s8_scaled', float('nan')) / t.get('mosaic_w8a8_e2e_had', float('nan')):5.2f}")
+        f"{r['shape']:17s} {r['M']:5d} {tf('xla_bf16'):5.0f} {tf('xla_s8_scaled'):5.0f} "
+        f"{tf('xla_nvfp4_sm'):5.0f} {tf('kern'):5.0f} {tf('mosaic_w8a8_e2e_had'):5.0f} "
+        f"{tf('mosaic_w4a8'):5.0f} {tf('mosaic_w4a8_fastconv'):5.0f} | {x('kern'):4.2f} "
+        f"{x('mosaic_w8a8_e2e'):4.2f} {x('mosaic_w8a8_e2e_had'):4.2f} {x('mosaic_w4a8'):4.2f} "
+        f"{x('mosaic_w4a8_fastconv'):5.2f} | {t.get('xla_s8_scaled', nan) / kern:9.2f} "
+        f"{t.get('xla_w8a8_e2e_had', nan) / t.get('mosaic_w8a8_e2e_had', nan):8.2f}")
   return "\n".join(lines)
 
 

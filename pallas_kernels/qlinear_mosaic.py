@@ -1,12 +1,13 @@
 """The "mosaic" implementation of qlinear: Mosaic GPU (Pallas) kernels for Hopper.
 
-  MOSAIC.w4a8(x2d, layer): INT8 per-token activations (pallas_kernels.int8_quant) x the
+  MOSAIC.w4a8(x2d, layer): INT8 per-token activations (pallas_kernels.int8_quant_mgpu, or the
+      XLA fusion pallas_kernels.int8_quant for non-bf16 inputs) x the
       weight re-expressed in INT8 per channel, on the W8A8 kernel (pallas_kernels.w8a8_matmul)
       with the scales and bias fused into its epilogue.
   MOSAIC.w4a4, MOSAIC.w4a16: the xla implementation (no Hopper kernel yet).
 
-The NVFP4 weight is converted to INT8 by an XLA fusion on every call (qlinear_xla.
-weight_as_int8): only the NVFP4 copy stays resident. Shapes the kernel does not tile
+The NVFP4 weight is converted to INT8 by XLA on every call (qlinear_xla.weight_as_int8):
+only the NVFP4 copy stays resident. Shapes the kernel does not tile
 (N not a multiple of its CTA tile, K not a multiple of 128, stacked layers) fall back to xla.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mpqjax import qlinear_xla
-from pallas_kernels import int8_quant
+from pallas_kernels import int8_quant, int8_quant_mgpu
 from pallas_kernels import w8a8_matmul as w8a8
 
 
@@ -45,12 +46,23 @@ def kernel_fits(m: int, n: int, k: int) -> bool:
   return m > 0 and n % cfg.cta_tile_n == 0 and k % (cfg.tile_k * cfg.k_splits) == 0
 
 
+def quantize_activations(x: jax.Array, hadamard_block: int):
+  """Per-token INT8 (+ Hadamard): the Mosaic GPU kernel for bf16 x, else the XLA fusion."""
+  mc = int8_quant_mgpu.QuantMgpuConfig(hadamard_block)
+  if int8_quant_mgpu.supported(x, mc):
+    return int8_quant_mgpu.quantize_rows_mgpu(x, mc, interpret=interpret_params())
+  return int8_quant.quantize_rows(x, int8_quant.QuantConfig(hadamard_block))
+
+
 def w4a8(x: jax.Array, layer) -> jax.Array:
   """x[M, K] -> bf16[M, N], matching qlinear_xla.w4a8."""
   (m, k), n = x.shape, layer.out_features
   if layer.weight.shape != (n, k) or not kernel_fits(m, n, k):
     return qlinear_xla.w4a8(x, layer)
-  xq, xs = int8_quant.quantize_rows(x, int8_quant.QuantConfig(layer.hadamard_block))
+  xq, xs = quantize_activations(x, layer.hadamard_block)
+  # The reference conversion (not nvfp4_to_int8's faster gather-free fusion): NVFP4 values
+  # divided by the channel scale land exactly on .5 often, and XLA may rewrite that division
+  # as a reciprocal multiply depending on the fusion, so only the same HLO rounds the same.
   w = qlinear_xla.weight_as_int8(layer)
   return w8a8.w8a8_matmul(xq, w, xs[:, 0], layer.w_int8_scale[:, 0], layer.bias,
                           out_dtype=jnp.bfloat16, interpret=interpret_params())

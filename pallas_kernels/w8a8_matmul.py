@@ -16,7 +16,7 @@ the kernel writes raw int32 partial sums [k_splits, M, N]; `w8a8_matmul` adds th
 the raw accumulator (used to test the int32 path bit for bit).
 
 M need not be a multiple of the tile: TMA zero-fills out-of-bounds loads and drops
-out-of-bounds stores.
+out-of-bounds stores (M % 8 != 0 is padded to a multiple of 8 first: swizzled TMA stores need it).
 """
 from __future__ import annotations
 
@@ -71,7 +71,10 @@ def pick_config(m: int, n: int, k: int, sms: int | None = None) -> W8A8Config:
   """Heuristic tile choice (see pallas_kernels/NOTES.md for the measurements behind it)."""
   sms = sms or num_sms()
   if m >= 1024:
-    return W8A8Config()
+    cfg = W8A8Config()
+    if n % cfg.cta_tile_n:  # e.g. N=1920: split the CTA tile along M instead (256 x 128)
+      cfg = dataclasses.replace(cfg, wg_dimension=Dim.M)
+    return cfg
   # Memory-bound: weight streaming. Small tiles along N, split K until the SMs are busy.
   cfg = W8A8Config(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=6,
                    epi_tile_n=64, epi_tile_m=64, grid_minor_dim=Dim.M, grid_tile_width=1)
@@ -236,6 +239,12 @@ def w8a8_matmul(a: jax.Array, b: jax.Array, row_scale: jax.Array, col_scale: jax
   cfg = config or pick_config(m, n, k, sms)
   _check(a, b, cfg)
   sms = sms or num_sms()
+  if m % 8:  # TMA stores of the swizzled output tiles need M % 8 == 0: pad, then slice
+    pad = 8 - m % 8
+    out = w8a8_matmul(jnp.pad(a, ((0, pad), (0, 0))), b, jnp.pad(row_scale.reshape(m), (0, pad)),
+                      col_scale, bias, config=cfg, out_dtype=out_dtype, interpret=interpret,
+                      sms=sms)
+    return out[:m]
   row_scale = row_scale.reshape(m).astype(jnp.float32)
   col_scale = col_scale.reshape(n).astype(jnp.float32)
   bias = jnp.zeros((n,), jnp.float32) if bias is None else bias.reshape(n).astype(jnp.float32)
