@@ -193,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
     raise UserInputError(f"--tdc-warmup must be >= 0, got {args.tdc_warmup}")
   if args.outlier_threshold is not None and not args.outlier_threshold > 0:
     raise UserInputError(f"--outlier-threshold must be > 0, got {args.outlier_threshold}")
+  if args.tau is not None and args.tau != args.tau:
+    raise UserInputError("--tau must be a number or +-inf, got nan")
   shape = parse_latent_shape(args.latent_shape)
   calib = Calibration.load(args.calibration) if args.calibration else None
   if calib is not None and args.precision != "mixed":
