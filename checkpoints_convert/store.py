@@ -13,8 +13,8 @@
                     {"weight": {"codes", "scales", "global_scale"} | {"values", "scales"},
                     "w_int8_scale", "bias"?} and rebuilt from the manifest's
                     quantized_linears. The manifest lists the parts ("parts").
-    Parts exist so that the converter writes (and frees) its output as it goes: a part is
-    flushed once it holds PART_BYTES; orbax's save makes a host copy of what it writes.
+    Parts exist so that the converter writes (and frees) its output as it goes: a part
+    holds up to PART_BYTES (or one larger group); orbax's save makes a host copy of it.
 
 write_converted() builds everything in a hidden temporary folder next to DST and renames it
 into place, so an interrupted or failed run leaves no DST behind; replacing an existing DST
@@ -88,11 +88,12 @@ def write_converted(dst: str, groups: Iterable[tuple[str, Any]], config_dict: di
 
     os.mkdir(os.path.join(tmp, PARAMS))
     for gname, value in groups:
+      n = _nbytes(value)
+      if pending and pending_bytes + n > part_bytes:
+        flush()  # a part holds at most max(part_bytes, the largest group)
       _set_path(pending, gname, value)
-      pending_bytes += _nbytes(value)
+      pending_bytes += n
       del value
-      if pending_bytes >= part_bytes:
-        flush()
     if pending:
       flush()
     ckpt.close()
@@ -131,6 +132,12 @@ def _nbytes(value: Any) -> int:
   if isinstance(value, dict):
     return sum(_nbytes(v) for v in value.values())
   return int(getattr(value, "nbytes", 0))
+
+
+def _map_leaves(fn: Callable, tree: Any) -> Any:
+  if isinstance(tree, dict):
+    return {k: _map_leaves(fn, v) for k, v in tree.items()}
+  return fn(tree)
 
 
 def _merge(into: dict, part: dict, where: str = "") -> None:
@@ -180,8 +187,9 @@ def read_manifest(path: str) -> dict:
   return m
 
 
-def read_plain_params(path: str, manifest: dict) -> dict:
-  """The stored nested dict of numpy arrays (all parts merged)."""
+def read_plain_params(path: str, manifest: dict, leaf_fn: Callable | None = None) -> dict:
+  """The stored nested dict of arrays (all parts merged). leaf_fn (e.g. jnp.asarray) is
+  applied part by part, so the host copies of one part are freed before the next is read."""
   ocp = _orbax()
   ckpt = ocp.StandardCheckpointer()
   plain: dict = {}
@@ -194,6 +202,8 @@ def read_plain_params(path: str, manifest: dict) -> dict:
         tree = ckpt.restore(ppath)
       except Exception as e:  # orbax raises many kinds for damaged folders
         raise UserInputError(f"{path}: cannot read {PARAMS}/{part} ({e})") from e
+      if leaf_fn is not None:
+        tree = _map_leaves(leaf_fn, tree)
       _merge(plain, tree)
       del tree
   finally:

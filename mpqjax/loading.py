@@ -68,7 +68,6 @@ def load_transformer(path) -> TransformerModel:
   that is not a converted checkpoint, or a format-version mismatch."""
   import os
 
-  import jax
   import jax.numpy as jnp
 
   from checkpoints_convert import store
@@ -80,6 +79,6 @@ def load_transformer(path) -> TransformerModel:
   if manifest["model"] != "CogVideoXTransformer3DModel":
     raise UserInputError(f"{path}: model {manifest['model']!r} is not supported")
   config = CogVideoXConfig.from_json(os.path.join(path, store.CONFIG))
-  plain = store.read_plain_params(path, manifest)
-  params = params_from_plain(jax.tree.map(jnp.asarray, plain), manifest["quantized_linears"])
+  plain = store.read_plain_params(path, manifest, leaf_fn=jnp.asarray)
+  params = params_from_plain(plain, manifest["quantized_linears"])
   return TransformerModel(config, params, manifest, path)

@@ -105,9 +105,11 @@ class _Linears:
     name = LINEAR_NAMES[idx]
     p = get_path(self.params_l, name)
     with jax.named_scope(name):
-      self.ratios[idx] = outlier_ratio(x)
       if not isinstance(p, QuantizedLinear):
+        if self.collect_stats:  # the float baseline pays no extra reductions otherwise
+          self.ratios[idx] = outlier_ratio(x)
         return linear(x, p["weight"], p.get("bias"))
+      self.ratios[idx] = outlier_ratio(x)
       if idx in MODULATION_LINEARS:
         mode = jnp.int32(Mode.BF16)
       else:
@@ -155,7 +157,8 @@ def block(params_l: dict, hidden: jax.Array, encoder_hidden: jax.Array, temb: ja
   always run Mode.BF16). outlier_threshold: optional f32 scalar (may be traced; +inf
   disables): a quantized linear whose input has max|x|/mean|x| > threshold runs Mode.BF16.
   Returns (hidden', encoder_hidden', aux) with aux = {"modes": int32[8] actually used
-  (UNQUANTIZED_MODE = Mode.BF16 for unquantized linears), "outlier_ratio": f32[8]} plus, when
+  (UNQUANTIZED_MODE = Mode.BF16 for unquantized linears), "outlier_ratio": f32[8] (for
+  unquantized linears only with collect_stats, else 0)} plus, when
   collect_stats (static), "e_rel": f32[8] = ||y_NVFP4 - y_BF16||_F / ||y_BF16||_F of each
   quantized linear on its actual input (0 for unquantized ones).
   """
