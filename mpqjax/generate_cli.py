@@ -25,10 +25,12 @@ from mpqjax.errors import UserInputError
 PRECISIONS = ("bf16", "nvfp4", "int8", "mixed")
 
 
-def add_method_arguments(p: argparse.ArgumentParser) -> None:
+def add_method_arguments(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
   """Flags shared by generate and calibrate: model, text, sampling."""
-  p.add_argument("--model", required=True,
-                 help="converted transformer folder (mpqjax convert) or diffusers pipeline folder")
+  p.add_argument("--model", required=model_required, default=None,
+                 help="converted transformer folder (mpqjax convert) or diffusers pipeline folder"
+                      + ("" if model_required else
+                         "; default: the shipped toy text-to-video model (mpqjax/toyvideo)"))
   p.add_argument("--prompt-embeds", metavar="FILE.npy",
                  help="text embeddings [T, D] or [N, T, D] (for a converted transformer)")
   p.add_argument("--negative-embeds", metavar="FILE.npy",
@@ -49,7 +51,7 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  add_method_arguments(p)
+  add_method_arguments(p, model_required=False)
   p.add_argument("--precision", choices=PRECISIONS, default="mixed",
                  help="activation precision of the block linears (default mixed)")
   p.add_argument("--calibration", metavar="FILE",
@@ -100,6 +102,9 @@ def load_for_method(args, *, quantized: bool):
   import numpy as np
 
   from mpqjax import pipeline as pl
+  if args.model is None:  # the shipped toy model (mpqjax/toyvideo/cli.py)
+    from mpqjax.toyvideo import cli as toy
+    return toy.load_for_method(args, quantized=quantized)
   if not os.path.exists(args.model):
     raise FileNotFoundError(f"model not found: {args.model}")
   if pl.is_pipeline_folder(args.model):
@@ -196,6 +201,9 @@ def run(args: argparse.Namespace) -> int:
   if args.tau is not None and args.tau != args.tau:
     raise UserInputError("--tau must be a number or +-inf, got nan")
   shape = parse_latent_shape(args.latent_shape)
+  if args.model is None:  # the shipped toy model: its calibration, a progress bar
+    from mpqjax.toyvideo import cli as toy
+    toy.apply_defaults(args)
   calib = Calibration.load(args.calibration) if args.calibration else None
   if calib is not None and args.precision != "mixed":
     raise UserInputError(f"--calibration is for --precision mixed, not {args.precision}")
@@ -219,7 +227,10 @@ def run(args: argparse.Namespace) -> int:
     from mpqjax.video import write_video
     frames = pipe.decode_latents(result.latents)
     files["video"] = write_video(frames[0], os.path.join(args.out, "video.mp4"))
-  report = {"command": "generate", "model": os.path.abspath(args.model),
+    if hasattr(pipe, "write_strip"):  # the toy model: a PNG strip of the frames too
+      files["frames"] = pipe.write_strip(result.latents, os.path.join(args.out, "frames.png"))
+  report = {"command": "generate",
+            "model": os.path.abspath(args.model) if args.model else "toyvideo (shipped default)",
             "calibration": os.path.abspath(args.calibration) if args.calibration else None,
             "summary": result.summary, "files": files,
             "per_step": {"computed": result.stats["computed"].astype(int).tolist(),

@@ -65,6 +65,9 @@ class ToyConfig:
   ema: float = 0.999
   cfg_dropout: float = 0.1
   scheduler_preset: str = "cogvideox-2b"
+  # dtype of the transformer's weights inside the step (the AdamW master copy stays f32):
+  # bf16 runs the matmuls in bf16 and attention through cuDNN on GPU
+  compute_dtype: str = "float32"
 
   @property
   def video_shape(self) -> data.VideoShape:
@@ -85,7 +88,7 @@ class ToyConfig:
 
 PRESETS = {
     # what the shipped model was trained with (GPU)
-    "gpu": ToyConfig(layers=6, batch=128),
+    "gpu": ToyConfig(layers=6, batch=128, lr=6e-4, compute_dtype="bfloat16"),
     # a few minutes on 2 CPU cores: same architecture family, smaller
     "cpu-tiny": ToyConfig(heads=2, head_dim=32, layers=2, time_embed_dim=64, text_dim=32,
                           batch=8, warmup=20, ema=0.99),
@@ -173,7 +176,10 @@ def batch_inputs(cfg: ToyConfig, seed: int, step: int) -> dict:
 
 def model_apply(params: dict, cfg: ToyConfig, x, t, ids):
   emb = text.encode(params["text"], ids, heads=cfg.text_heads)
-  return cog.forward(params["transformer"], x, t, emb, config=cfg.transformer_config())
+  tp = params["transformer"]
+  if cfg.compute_dtype != "float32":
+    tp = jax.tree.map(lambda a: a.astype(cfg.compute_dtype), tp)
+  return cog.forward(tp, x, t, emb, config=cfg.transformer_config())
 
 
 def loss_fn(params, cfg: ToyConfig, ac: jax.Array, batch: dict, key):
