@@ -99,9 +99,11 @@ def main(argv=None) -> int:
   print(f"device {device_kind}, jax {jax.__version__}", flush=True)
 
   impls = [("bf16", "xla"), ("bf16", "cudnn"), ("bf16", "mosaic"), ("int8", "xla"),
-           ("int8", "mosaic"), ("int8", "mosaic_cvt")]
-  impl_fns = {
-      "mosaic_cvt": lambda q, k, v, prec: A._int8_mosaic(q, k, v, int8_convert="cvt"),
+           ("int8", "mosaic"), ("bf16", "mosaic_bkv256"), ("int8", "mosaic_bkv256")]
+  impl_fns = {  # block_kv = 256 (bf16 at D = 64 only: 256-key bf16 tiles overflow SMEM at 128)
+      "mosaic_bkv256": lambda q, k, v, prec: (
+          A._int8_mosaic(q, k, v, block_kv=256) if prec == "int8" else
+          A._bf16_mosaic(q, k, v, block_kv=256 if q.shape[-1] == 64 else 128)),
   }
   if not args.skip_check:
     for d in (64, 128):
@@ -136,42 +138,30 @@ def main(argv=None) -> int:
     b, t, h, d = SHAPES[name]
     flops = 4 * b * h * t * t * d
     q, k, v = outlier_inputs(jax.random.key(0), (b, t, h, d))
-    s_p = -(-t // A.SEQ_MULTIPLE) * A.SEQ_MULTIPLE
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, s_p - t), (0, 0), (0, 0)))
-    qp, kp, vp = pad(q), pad(k), pad(v)
-    ops = A.quantize_operands(q, k, v)
-    vt8 = am.permute_kv_tokens(jnp.transpose(ops.v8, (0, 2, 3, 1)), axis=-1)
-    bf16_cfg = am.AttentionConfig(precision="bf16")
-    int8_cfg = am.AttentionConfig(precision="int8")
     variants = {
         "cudnn_bf16": (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
                        (q, k, v)),
         "mosaic_bf16": (lambda q, k, v: A.attention(q, k, v, implementation="mosaic"), (q, k, v)),
-        "mosaic_bf16_kernel_only": (
-            lambda q, k, v: am.flash_attention(q, k, v, kv_len=t, config=bf16_cfg), (qp, kp, vp)),
         "mosaic_int8": (lambda q, k, v: A.attention(q, k, v, precision="int8",
                                                     implementation="mosaic"), (q, k, v)),
-        "mosaic_int8_kernel_only": (
-            lambda *o: am.flash_attention(*o, kv_len=t, config=int8_cfg),
-            (ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale)),
     }
-    if name == args.shapes.split(",")[0]:  # A few tuning points, on the first shape only.
-      s_256 = -(-t // 256) * 256
-      pad256 = lambda x: jnp.pad(x, ((0, 0), (0, s_256 - t), (0, 0), (0, 0)))
-      q256, k256, v256 = pad256(q), pad256(k), pad256(v)
-      for bkv, steps in ((256, 2), (128, 3)):
-        cfg_t = am.AttentionConfig(precision="bf16", block_kv=bkv, max_concurrent_steps=steps)
-        variants[f"mosaic_bf16_kernel_only_bkv{bkv}_s{steps}"] = (
-            lambda q, k, v, cfg_t=cfg_t: am.flash_attention(q, k, v, kv_len=t, config=cfg_t),
-            (q256, k256, v256))
-      for vname, cfg_t in (
-          ("mosaic_int8_kernel_only_s3", am.AttentionConfig(precision="int8",
-                                                            max_concurrent_steps=3)),
-          ("mosaic_int8_kernel_only_cvt", am.AttentionConfig(precision="int8",
-                                                             int8_convert="cvt"))):
-        variants[vname] = (
-            lambda *o, cfg_t=cfg_t: am.flash_attention(*o, kv_len=t, config=cfg_t),
-            (ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale))
+    # Kernel alone on pre-padded / pre-quantized operands, per block_kv (256 x 128 bf16 K+V
+    # tiles do not fit SMEM at D = 128).
+    for bkv in (128, 256):
+      s_p = -(-t // max(A.SEQ_MULTIPLE, bkv)) * max(A.SEQ_MULTIPLE, bkv)
+      if d == 64 or bkv == 128:
+        cfg_b = am.AttentionConfig(precision="bf16", block_kv=bkv)
+        padded = tuple(jnp.pad(x, ((0, 0), (0, s_p - t), (0, 0), (0, 0))) for x in (q, k, v))
+        variants[f"mosaic_bf16_kernel_only_bkv{bkv}"] = (
+            lambda q, k, v, cfg_b=cfg_b: am.flash_attention(q, k, v, kv_len=t, config=cfg_b),
+            padded)
+      ops = A.quantize_operands(q, k, v, block_kv=bkv)
+      vt8 = am.permute_kv_tokens(jnp.transpose(ops.v8, (0, 2, 3, 1)), axis=-1)
+      cfg_i = am.AttentionConfig(precision="int8", block_kv=bkv)
+      variants[f"mosaic_int8_kernel_only_bkv{bkv}"] = (
+          lambda *o, cfg_i=cfg_i: am.flash_attention(*o, kv_len=t, config=cfg_i),
+          (ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale))
+      del ops, vt8
     row = {"shape_name": name, "B": b, "T": t, "H": h, "D": d, "flops": flops}
     for vname, (fn, fargs) in variants.items():
       try:
@@ -191,7 +181,7 @@ def main(argv=None) -> int:
         if vname != "cudnn_bf16" and vname in row:
           row[vname]["speedup_vs_cudnn"] = base / row[vname]["ms"]
     result["timing"].append(row)
-    del q, k, v, qp, kp, vp, ops, vt8, variants
+    del q, k, v, variants
 
   print("\n%-14s %-24s %9s %8s %8s" % ("shape", "variant", "ms", "TF/s", "x cuDNN"))
   for row in result["timing"]:

@@ -36,6 +36,7 @@ IMPLEMENTATIONS = ("xla", "cudnn", "mosaic")
 BLOCK_Q = 64     # query rows per INT8 scale (one kernel warpgroup tile)
 BLOCK_KV = 128   # keys per INT8 scale (one kernel pipeline step)
 SEQ_MULTIPLE = 128  # both sequence axes are padded to this for the quantized/Mosaic paths
+BF16_BLOCK_KV = 128  # the bf16 Mosaic kernel's keys per step
 _LOG2E = math.log2(math.e)
 _E4M3_MAX = 448.0
 
@@ -86,17 +87,23 @@ def _quantize_int8_blocks(x: jax.Array, block: int) -> tuple[jax.Array, jax.Arra
   return q.reshape(b, t, h, d), jnp.moveaxis(scale, 1, 2)
 
 
-def quantize_operands(q: jax.Array, k: jax.Array, v: jax.Array) -> Int8Operands:
-  """Smooths K, quantizes Q, K to INT8 per block and V to FP8 per channel (see Int8Operands)."""
+def quantize_operands(q: jax.Array, k: jax.Array, v: jax.Array, *, block_kv: int = BLOCK_KV
+                      ) -> Int8Operands:
+  """Smooths K, quantizes Q, K to INT8 per block and V to FP8 per channel (see Int8Operands).
+
+  block_kv: keys per K scale (the kernel's block_kv); both sequence axes are padded to
+  max(SEQ_MULTIPLE, block_kv).
+  """
   with jax.named_scope("attention_quantize"):
     f32 = jnp.float32
-    t_p = _round_up(q.shape[1], SEQ_MULTIPLE)
-    s_p = _round_up(k.shape[1], SEQ_MULTIPLE)
+    mult = max(SEQ_MULTIPLE, block_kv)
+    t_p = _round_up(q.shape[1], mult)
+    s_p = _round_up(k.shape[1], mult)
     kf = k.astype(f32)
     # Smoothing: the per-(batch, head) token mean of K; padding is added after, so it stays 0.
     kf = kf - jnp.mean(kf, axis=1, keepdims=True)
     q8, q_scale = _quantize_int8_blocks(_pad_seq(q.astype(f32), t_p), BLOCK_Q)
-    k8, k_scale = _quantize_int8_blocks(_pad_seq(kf, s_p), BLOCK_KV)
+    k8, k_scale = _quantize_int8_blocks(_pad_seq(kf, s_p), block_kv)
     q_scale = q_scale * (q.shape[-1] ** -0.5 * _LOG2E)
     vf = v.astype(f32)
     v_scale = jnp.maximum(jnp.max(jnp.abs(vf), axis=1), 1e-30) / _E4M3_MAX  # [B, H, D]
@@ -125,11 +132,11 @@ def _int8_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = 
                  **config) -> jax.Array:
   from pallas_kernels import attention_mosaic as am
   t, s_len = q.shape[1], k.shape[1]
-  ops = quantize_operands(q, k, v)
+  config = {"block_kv": BLOCK_KV, **config}
+  ops = quantize_operands(q, k, v, block_kv=config["block_kv"])
   with jax.named_scope("attention_quantize"):
     vt8 = am.permute_kv_tokens(jnp.transpose(ops.v8, (0, 2, 3, 1)), axis=-1)  # [B, H, D, Sp]
-  cfg = am.AttentionConfig(precision="int8", block_q=BLOCK_Q, block_kv=BLOCK_KV,
-                           interpret=interpret, **config)
+  cfg = am.AttentionConfig(precision="int8", block_q=BLOCK_Q, interpret=interpret, **config)
   o = am.flash_attention(ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale, kv_len=s_len, config=cfg)
   o = o[:, :t].astype(jnp.float32) * ops.v_scale[:, None]
   return o.astype(q.dtype)
@@ -140,8 +147,8 @@ def _bf16_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = 
   from pallas_kernels import attention_mosaic as am
   t, s_len = q.shape[1], k.shape[1]
   dt = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
-  cfg = am.AttentionConfig(precision="bf16", block_q=BLOCK_Q, block_kv=BLOCK_KV,
-                           interpret=interpret, **config)
+  config = {"block_kv": BF16_BLOCK_KV, **config}
+  cfg = am.AttentionConfig(precision="bf16", block_q=BLOCK_Q, interpret=interpret, **config)
   t_p, s_p = _round_up(t, cfg.q_multiple), _round_up(s_len, cfg.block_kv)
   qp, kp, vp = (_pad_seq(x.astype(dt), n) if x.shape[1] != n else x.astype(dt)
                 for x, n in ((q, t_p), (k, s_p), (v, s_p)))

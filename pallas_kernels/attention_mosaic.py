@@ -45,6 +45,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 LOG2E = math.log2(math.e)
 P_SCALE = 448.0  # P in [0, 1] is stored as P * 448 in e4m3 (max finite 448).
+_LOG2_P_SCALE = math.log2(P_SCALE)
 PRECISIONS = ("bf16", "int8")
 _MAGIC = 12582912.0  # 1.5 * 2^23: float(bits(_MAGIC) + i) == _MAGIC + i for |i| < 2^22
 _MAGIC_BITS = 0x4B400000
@@ -235,11 +236,14 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
       pl.when(wg_idx == 1)(perform_schedule_barrier)
 
       def kv_loop(kv_step, carry, masked: bool = False):
-        acc, m_i, l_i = carry
+        acc, m_i, l_i, *k_scale_now = carry
         slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
         if quant:
-          c = c_q * ks_ref[batch, head, kv_step]
+          # The next block's K scale is loaded a step ahead, off the critical path.
+          k_scale_next = [ks_ref[batch, head, jnp.minimum(kv_step + 1, kv_steps - 1)]]
+          c = c_q * k_scale_now[0]
         else:
+          k_scale_next = []
           c = c_q
 
         def compute_qk(acc_ref):
@@ -265,12 +269,14 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
         else:
           m_ij = jnp.maximum(m_i, s.max(axis=1) * c)
           bias = m_ij
+        if quant:  # exp2(x + log2(448)) = 448 * exp2(x): P comes out pre-scaled for e4m3.
+          bias = bias - _LOG2_P_SCALE
         alpha = jnp.exp2(m_i - m_ij)
         m_i = m_ij
         p = jnp.exp2(s * c - lax.broadcast_in_dim(bias, s.shape, [0]))
         l_i *= alpha
         if quant:
-          p_op = _p_as_wgmma_operand((p * P_SCALE).astype(jnp.float8_e4m3fn), cfg.interpret)
+          p_op = _p_as_wgmma_operand(p.astype(jnp.float8_e4m3fn), cfg.interpret)
         else:
           acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
           p_op = p.astype(in_dtype)
@@ -318,19 +324,18 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
             wait_next_k()
           acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(v_consumed.at[slot])
-        return acc, m_i, l_i
+        return (acc, m_i, l_i, *k_scale_next)
 
-      carry = (acc, m_i, l_i)
+      carry = (acc, m_i, l_i, *([ks_ref[batch, head, 0]] if quant else []))
       if full_steps:
         carry = lax.fori_loop(0, full_steps, kv_loop, carry)
       if has_tail:  # A loop of one step keeps kv_step a traced value (run_state needs it).
         carry = lax.fori_loop(full_steps, kv_steps, functools.partial(kv_loop, masked=True),
                               carry)
-      acc, m_i, l_i = carry
+      acc, m_i, l_i = carry[:3]
       pl.when(wg_idx == 0)(perform_schedule_barrier)
 
-      denom = l_i * P_SCALE if quant else l_i
-      acc /= lax.broadcast_in_dim(denom, (block_q, head_dim), [0])
+      acc /= lax.broadcast_in_dim(l_i, (block_q, head_dim), [0])  # For int8 l_i has the 448.
       o_smem[...] = acc.astype(out_dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, pl.ds(q_seq_base, block_q), head])

@@ -137,21 +137,23 @@ def test_kernel_config_validation():
 # ------------------------------------------------------------- kernel, Mosaic GPU interpret mode
 
 
-@pytest.mark.parametrize("precision,d,convert", [
-    ("bf16", 64, "magic"), ("int8", 64, "magic"), ("int8", 64, "cvt"), ("bf16", 128, "magic"),
-    ("int8", 128, "magic")])
-def test_kernel_interpret_matches_reference(precision, d, convert):
+@pytest.mark.parametrize("precision,d,convert,block_kv", [
+    ("bf16", 64, "magic", 128), ("int8", 64, "magic", 128), ("int8", 64, "cvt", 128),
+    ("bf16", 128, "magic", 128), ("int8", 128, "magic", 128), ("int8", 64, "magic", 256),
+    ("bf16", 64, "magic", 256)])
+def test_kernel_interpret_matches_reference(precision, d, convert, block_kv):
   """The kernel body (barriers, TMA ring, online softmax, tail mask, int8 scales) run by the
   interpreter on CPU against its jnp reference, at a length that needs padding and masking."""
-  t, kv_len = 256, 200
-  cfg = am.AttentionConfig(precision=precision, interpret=True)
+  t, kv_len = (256, 200) if block_kv == 128 else (512, 400)  # a full block and a masked tail
+  cfg = am.AttentionConfig(precision=precision, interpret=True, int8_convert=convert,
+                           block_kv=block_kv)
   ks = jax.random.split(jax.random.key(7 + d), 5)
   if precision == "bf16":
     ops = [jax.random.normal(kk, (1, t, 1, d)).astype(jnp.bfloat16) for kk in ks[:3]]
     tol = 0.01
   else:
     q, k, v = _inputs(8 + d, (1, kv_len, 1, d))
-    qo = A.quantize_operands(q, k, v)
+    qo = A.quantize_operands(q, k, v, block_kv=block_kv)
     vt8 = am.permute_kv_tokens(jnp.transpose(qo.v8, (0, 2, 3, 1)), axis=-1)
     ops = [qo.q8, qo.k8, vt8, qo.q_scale, qo.k_scale]
     tol = 0.04  # e4m3 P rounded against the running max (kernel) vs the final max (reference)
