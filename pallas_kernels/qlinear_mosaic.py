@@ -46,10 +46,18 @@ def kernel_fits(m: int, n: int, k: int) -> bool:
   return m > 0 and n % cfg.cta_tile_n == 0 and k % (cfg.tile_k * cfg.k_splits) == 0
 
 
-def quantize_activations(x: jax.Array, hadamard_block: int):
-  """Per-token INT8 (+ Hadamard): the Mosaic GPU kernel for bf16 x, else the XLA fusion."""
+# Rows from which the Mosaic quantizer (one CTA per 64 rows) beats the XLA fusion; below it
+# the kernel has too few CTAs to stream the rows (NOTES.md).
+MGPU_QUANT_MIN_ROWS = 1024
+
+
+def quantize_activations(x: jax.Array, hadamard_block: int, use_mgpu: bool | None = None):
+  """Per-token INT8 (+ Hadamard): the Mosaic GPU kernel for bf16 x with many rows, else
+  the XLA fusion. Returns (s8[M, K], f32[M, 1])."""
   mc = int8_quant_mgpu.QuantMgpuConfig(hadamard_block)
-  if int8_quant_mgpu.supported(x, mc):
+  if use_mgpu is None:
+    use_mgpu = x.shape[0] >= MGPU_QUANT_MIN_ROWS
+  if use_mgpu and int8_quant_mgpu.supported(x, mc):
     return int8_quant_mgpu.quantize_rows_mgpu(x, mc, interpret=interpret_params())
   return int8_quant.quantize_rows(x, int8_quant.QuantConfig(hadamard_block))
 
