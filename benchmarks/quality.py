@@ -85,13 +85,6 @@ def eval_prompts(n: int) -> list[tuple[str, int]]:
   return out
 
 
-def calib_prompts(n: int) -> list[str]:
-  """Calibration prompts: random grammar captions from a seed disjoint from eval's."""
-  from mpqjax.toyvideo import data
-  _, caps, _ = data.sample(777, n)
-  return caps
-
-
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--prompts", type=int, default=48, help="evaluation prompts (one seed each)")
@@ -103,18 +96,17 @@ def main(argv=None) -> int:
   ap.add_argument("--write-calibration", metavar="PATH", default=None,
                   help="also save the fitted calibration JSON here (the shipped one is made so)")
   ap.add_argument("--calibration", metavar="PATH", default=None,
-                  help="use this calibration instead of fitting one (Pearson r is then read "
-                       "from the file)")
+                  help="use this calibration (e.g. the shipped mpqjax/toyvideo/weights/"
+                       "calibration.json) instead of fitting one; Pearson r is read from it")
   ap.add_argument("--out", default="benchmarks/results/quality.json")
   ap.add_argument("--markdown", default=None, help="also write the table section here")
   args = ap.parse_args(argv)
 
   import jax
 
-  from mpqjax import calibrate as calib_lib
   from mpqjax.generate import generate
   from mpqjax.method.calibration import Calibration
-  from mpqjax.toyvideo import analyze, weights
+  from mpqjax.toyvideo import analyze, ship, weights
   t_all = time.perf_counter()
   m_q = weights.load(quantize="nvfp4")
   m_bf = weights.load(quantize=None)
@@ -126,12 +118,10 @@ def main(argv=None) -> int:
     calib = Calibration.load(args.calibration)
     calib_info = {"source": os.path.abspath(args.calibration)}
   else:
-    cps = calib_prompts(args.calib_prompts)
-    pos, neg = m_q.encode(cps)
+    cps = ship.calibration_prompts(args.calib_prompts)
     t0 = time.perf_counter()
-    calib, _ = calib_lib.calibrate(m_q, pos, seeds=(0,), steps=args.calib_steps,
-                                   target_bits=args.target_bits, negative_embs=neg,
-                                   guidance=args.guidance, scheduler=sched)
+    calib, _ = ship.make_calibration(m_q, cps, steps=args.calib_steps, guidance=args.guidance,
+                                     target_bits=args.target_bits)
     calib_info = {"prompts": cps, "seeds": [0], "steps": args.calib_steps,
                   "wall_s": time.perf_counter() - t0}
     if args.write_calibration:

@@ -65,6 +65,13 @@ def apply_defaults(args) -> None:
       args.calibration = path
   if not args.prompt:
     raise UserInputError("--prompt TEXT is required, e.g. --prompt \"a red circle moving left\"")
+  import json
+
+  from mpqjax.toyvideo import text
+  with open(weights.weights_path()[1], encoding="utf-8") as f:
+    max_tokens = int(json.load(f)["text_encoder"]["max_tokens"])
+  for p in [*args.prompt, args.negative_prompt]:  # fail fast, before loading anything heavy
+    text.tokenize(p, max_tokens)
   if args.prompt_embeds or args.negative_embeds:
     raise UserInputError("--prompt-embeds/--negative-embeds need --model (the default toy model "
                          "has its own text encoder: use --prompt)")

@@ -86,6 +86,83 @@ class ToyModel:
     return Calibration.load(path)
 
 
+def prequantized_path(folder: str = WEIGHTS_DIR, weight_format: str = "nvfp4") -> str:
+  return os.path.join(folder, f"{NAME}.{weight_format}.safetensors")
+
+
+def _sha256(path: str) -> str:
+  import hashlib
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+_QL_FIELDS = ("codes", "scales", "global_scale", "w_int8_scale", "bias")
+
+
+def save_prequantized(folder: str = WEIGHTS_DIR, weight_format: str = "nvfp4") -> str:
+  """Quantize the block linears of folder's f32 weights (quantize_blocks) and store the result,
+  so loading needs no eager quantization (~7 s of op-by-op compilation on CPU). The file records
+  the sha256 of the f32 file it was made from; load() ignores it when they differ."""
+  import jax
+  from safetensors.numpy import load_file, save_file
+
+  from models.cogvideox.params import BLOCKS, LINEAR_NAMES, get_path, quantize_blocks
+  from mpqjax.toyvideo.train import _atomic_write
+  if weight_format != "nvfp4":
+    raise ValueError("only the nvfp4 copy is shipped")
+  st, _ = weights_path(folder)
+  flat = {}
+  tp = jax.tree.map(np.asarray, _unflatten(load_file(st), "transformer."))
+  q = quantize_blocks(tp, weight_format=weight_format)[BLOCKS]
+  meta = {"source_sha256": _sha256(st), "weight_format": weight_format}
+  for name in LINEAR_NAMES:
+    ql = get_path(q, name)
+    arrays = {"codes": ql.weight.codes, "scales": np.asarray(ql.weight.scales).view(np.uint8),
+              "global_scale": ql.weight.global_scale, "w_int8_scale": ql.w_int8_scale,
+              "bias": ql.bias}
+    for field, a in arrays.items():
+      if a is not None:
+        flat[f"{name}.{field}"] = np.ascontiguousarray(np.asarray(a))
+    meta[f"{name}.hadamard_block"] = str(ql.hadamard_block)
+  path = prequantized_path(folder, weight_format)
+  _atomic_write(path, lambda p: save_file(flat, p, metadata=meta))
+  return path
+
+
+def _load_prequantized(folder: str, source: str, weight_format: str):
+  """{linear name: stacked QuantizedLinear} from the shipped copy, or None when absent or made
+  from other weights."""
+  path = prequantized_path(folder, weight_format)
+  if not os.path.isfile(path):
+    return None
+  import jax.numpy as jnp
+  import ml_dtypes
+  from safetensors import safe_open
+
+  from models.cogvideox.params import LINEAR_NAMES
+  from mpqjax.formats import NVFP4Tensor
+  from mpqjax.qlinear import QuantizedLinear
+  with safe_open(path, framework="numpy") as f:
+    meta = f.metadata() or {}
+    if meta.get("source_sha256") != _sha256(source) or meta.get("weight_format") != weight_format:
+      return None
+    keys = set(f.keys())
+    out = {}
+    for name in LINEAR_NAMES:
+      g = lambda field: f.get_tensor(f"{name}.{field}") if f"{name}.{field}" in keys else None
+      w = NVFP4Tensor(jnp.asarray(g("codes")),
+                      jnp.asarray(g("scales").view(ml_dtypes.float8_e4m3fn)),
+                      jnp.asarray(g("global_scale")))
+      bias = g("bias")
+      out[name] = QuantizedLinear(w, jnp.asarray(g("w_int8_scale")),
+                                  None if bias is None else jnp.asarray(bias),
+                                  int(meta[f"{name}.hadamard_block"]), weight_format)
+  return out
+
+
 def _unflatten(flat: dict[str, np.ndarray], prefix: str) -> dict:
   from models.cogvideox.params import set_path
   out: dict = {}
@@ -136,7 +213,13 @@ def load(folder: str = WEIGHTS_DIR, *, quantize: str | None = "nvfp4",
   from mpqjax.qlinear import QuantizedLinear
   tp = jax.tree.map(jnp.asarray, tp)
   if quantize is not None:
-    tp = quantize_blocks(tp, weight_format=quantize)
+    pre = _load_prequantized(folder, st, quantize)
+    if pre is not None:  # the shipped NVFP4 copy (made by save_prequantized from the same file)
+      from models.cogvideox.params import BLOCKS, set_path
+      for name, ql in pre.items():
+        set_path(tp[BLOCKS], name, ql)
+    else:
+      tp = quantize_blocks(tp, weight_format=quantize)
   tp = jax.tree.map(lambda a: a if isinstance(a, QuantizedLinear) else a.astype(dtype), tp,
                     is_leaf=lambda a: isinstance(a, QuantizedLinear))
   xp = jax.tree.map(jnp.asarray, _unflatten(flat, "text."))
