@@ -56,6 +56,18 @@ class GenerateStatic:
   collect_stats: bool = False
   implementation: str | None = None
   attention_precision: str = "bf16"
+  progress: bool = False  # a jax.debug.callback per step (opt-in: it reaches the host)
+
+
+# The step hook the compiled program calls when GenerateStatic.progress: module-level, so that a
+# new callable per call does not retrace; generate(on_step=...) sets it for the call's duration.
+_ON_STEP = [None]
+
+
+def _emit_step(i, n):
+  hook = _ON_STEP[0]
+  if hook is not None:
+    hook(int(i), int(n))
 
 
 def _denoiser(static: GenerateStatic, params, text_all, knobs: MethodKnobs):
@@ -68,6 +80,8 @@ def _denoiser(static: GenerateStatic, params, text_all, knobs: MethodKnobs):
                                 attention_precision=static.attention_precision)
 
   def model_fn(state: tdc_lib.BlockState, x, t, i, num_steps):
+    if static.progress:
+      jax.debug.callback(_emit_step, i, num_steps)
     hidden, encoder, temb, rotary = cog.embed(params, x, t, text_all, config)
 
     def block_body(carry, xs):
@@ -273,13 +287,15 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
              tdc_error_bound: float = DEFAULT_TDC_ERROR_BOUND,
              tdc_max_skips: int = DEFAULT_TDC_MAX_SKIPS, tdc_warmup: int | None = None,
              outlier_threshold: float | None = None, collect_stats: bool = False,
-             implementation: str | None = None, attention_precision: str = "bf16"
-             ) -> GenerateResult:
+             implementation: str | None = None, attention_precision: str = "bf16",
+             on_step=None) -> GenerateResult:
   """Run the method end to end on `model` (anything with .config and .params).
 
   text_emb: [T, Dt] or [B, T, Dt]; negative_emb: same shape (zeros when None: there is no text
   encoder here to encode the empty prompt). latents: initial noise f32[B, F, C, H, W]; else drawn
   from `seed` with latent_shape (F, H, W) (default: the config's sample size).
+  on_step: optional callable(step, num_steps) called from the device loop as each step starts
+  (a jax.debug.callback, e.g. for a progress bar; None: the loop never reaches the host).
   scheduler: "ddim", "dpm", or a SchedulerConfig (defaults: the CogVideoX-2b/5b release configs
   by the model's RoPE flag). CFG runs when guidance > 1 (batched, unconditional half first).
   """
@@ -316,8 +332,15 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
                                    tdc_threshold=tdc_threshold, tdc_error_bound=tdc_error_bound,
                                    tdc_max_skips=tdc_max_skips, tdc_warmup=warm)
   static = GenerateStatic(config, scheduler, tdc=tdc, do_cfg=do_cfg, collect_stats=collect_stats,
-                          implementation=implementation, attention_precision=attention_precision)
-  x, stats = generate_latents(params, text_all, latents, k_noise, knobs, sched, g, static=static)
+                          implementation=implementation, attention_precision=attention_precision,
+                          progress=on_step is not None)
+  _ON_STEP[0] = on_step
+  try:
+    x, stats = generate_latents(params, text_all, latents, k_noise, knobs, sched, g,
+                                static=static)
+    x = jax.block_until_ready(x)
+  finally:
+    _ON_STEP[0] = None
   stats = jax.tree_util.tree_map(np.asarray, jax.device_get(stats))
   state_shape = jax.eval_shape(lambda: init_method_state(static, params, latents.shape,
                                                          text_all.shape))

@@ -69,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tdc-max-skips", type=int, default=None, help="N_max (default 2)")
   p.add_argument("--tdc-warmup", type=int, default=None,
                  help="first steps that always compute (default max(2, 10%% of steps))")
+  p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                 help="per-step progress on stderr (default: when stderr is a terminal)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="mpqjax-out", help="output folder (default ./mpqjax-out)")
 
@@ -220,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
                     dynamic_cfg=args.dynamic_cfg, scheduler=sched, precision=args.precision,
                     calibration=calib, tau=args.tau, tdc=args.tdc,
                     outlier_threshold=args.outlier_threshold,
-                    implementation=args.implementation, **kw)
+                    implementation=args.implementation, on_step=_progress_hook(args), **kw)
   files = {"latents": os.path.join(args.out, "latents.npy")}
   atomic_save_npy(files["latents"], result.latents)
   if pipe is not None:
@@ -248,6 +250,29 @@ def run(args: argparse.Namespace) -> int:
         f"{'n/a' if bits is None else f'{bits:.2f}'}, TDC cache {s['tdc_cache_bytes']} bytes, "
         f"weights {s['weight_bytes']} bytes ({s['weight_reduction_vs_bf16']:.2f}x smaller than bf16)")
   return 0
+
+
+def _progress_hook(args):
+  """A per-step progress line on stderr, or None."""
+  import sys
+  import time
+  show = args.progress if args.progress is not None else sys.stderr.isatty()
+  if not show:
+    return None
+  start = [None]
+
+  def hook(i: int, n: int) -> None:
+    now = time.perf_counter()
+    if start[0] is None:
+      start[0] = now
+    done = i  # steps finished before step i starts
+    bar = "#" * int(30 * done / n)
+    end = "\n" if not sys.stderr.isatty() else "\r"
+    print(f"denoising [{bar:<30}] step {i + 1}/{n}  {now - start[0]:6.1f} s", end=end,
+          file=sys.stderr, flush=True)
+    if i == n - 1 and end == "\r":
+      print(file=sys.stderr)
+  return hook
 
 
 def _finite(a):

@@ -158,3 +158,11 @@ def test_generate_pipeline_folder_writes_video(tmp_path, monkeypatch):
   assert np.isfinite(np.load(out / "latents.npy")).all()
   rep = json.loads((out / "report.json").read_text())
   assert rep["summary"]["precision"] == "mixed"
+
+
+def test_generate_progress_reports_every_step(work, capsys):
+  out = work["dir"] / "out_progress"
+  assert _generate(work, out, "--precision", "int8", "--no-tdc", "--progress") == 0
+  err = capsys.readouterr().err
+  for i in range(1, int(STEPS) + 1):
+    assert f"step {i}/{STEPS}" in err, err
