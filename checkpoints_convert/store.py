@@ -94,6 +94,8 @@ def write_converted(dst: str, groups: Iterable[tuple[str, Any]], config_dict: di
       _set_path(pending, gname, value)
       pending_bytes += n
       del value
+      if pending_bytes >= part_bytes:
+        flush()  # before the next group is built
     if pending:
       flush()
     ckpt.close()
