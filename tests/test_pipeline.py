@@ -150,3 +150,23 @@ def test_generate_video_end_to_end(cache_dir):
   assert result.latents.shape[2] == tr.in_channels
   assert pipe._vae_params is None  # freed after decoding
   assert [d for d in os.listdir(cache_dir) if d.startswith("transformer-")]  # converted once
+
+
+def test_t5_is_freed_after_encoding(cache_dir):
+  import jax
+  pipe = pl.load_pipeline(FOLDER, dtype="fp32", cache_dir=cache_dir)
+  before = {id(a) for a in jax.live_arrays()}
+  emb = pipe.encode_prompt(["a red car", "snow"])
+  new = [a for a in jax.live_arrays() if id(a) not in before]
+  assert sum(a.nbytes for a in new) == emb.nbytes  # only the embeddings stay on the device
+
+
+def test_cli_exits_2_on_a_broken_pipeline_folder(tmp_path, capsys):
+  from mpqjax.cli import main
+  folder = _broken_copy(tmp_path, lambda d: _edit_json(d / "text_encoder" / "config.json",
+                                                       d_model=48))
+  rc = main(["generate", "--model", folder, "--prompt", "a cat", "--out",
+             str(tmp_path / "out")])
+  assert rc == 2
+  assert "text_embed_dim" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
