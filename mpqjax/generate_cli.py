@@ -241,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
                          "tdc_change": _finite(result.stats["change"])},
             "per_step_legend": "[step][block]; modes [step][block][linear] in LINEAR_NAMES order, "
                                "0 NVFP4, 1 INT8, 2 BF16, -1 skipped (no linear ran)"}
+  if pipe is not None:  # pipeline folders: peak host RSS and device memory (issue 8)
+    report["memory"] = pipe.memory_report()
   files["report"] = os.path.join(args.out, "report.json")
   atomic_write_bytes(files["report"], json.dumps(report, indent=1).encode())
   s = result.summary
