@@ -156,7 +156,7 @@ def main(argv=None) -> int:
             lambda q, k, v, cfg_b=cfg_b: am.flash_attention(q, k, v, kv_len=t, config=cfg_b),
             padded)
       ops = A.quantize_operands(q, k, v, block_kv=bkv)
-      vt8 = am.permute_kv_tokens(jnp.transpose(ops.v8, (0, 2, 3, 1)), axis=-1)
+      vt8 = am.prepare_vt(ops.v8)
       cfg_i = am.AttentionConfig(precision="int8", block_kv=bkv)
       variants[f"mosaic_int8_kernel_only_bkv{bkv}"] = (
           lambda *o, cfg_i=cfg_i: am.flash_attention(*o, kv_len=t, config=cfg_i),

@@ -11,15 +11,18 @@ precision:
   "int8": SageAttention-style quantized attention. K is smoothed by subtracting its per-head mean
     over tokens (softmax is invariant to adding q.c to every score of a row, so this changes
     nothing mathematically and removes K's channel outliers); Q and K are quantized to INT8 with
-    one scale per block of tokens (64 query rows, 128 keys) per head; S = QK^T is exact in
-    int32; the softmax is f32; P is rounded to FP8 e4m3 (scaled by 448) and V to FP8 e4m3 with
-    one scale per channel; PV accumulates in fp32.
+    one scale per block of tokens (BLOCK_Q = 64 query rows, BLOCK_KV = 256 keys) per head;
+    S = QK^T is exact in int32; the softmax is f32; P is rounded to FP8 e4m3 (scaled by 448) and
+    V to FP8 e4m3 with one scale per channel; PV accumulates in fp32 and the softmax denominator
+    is the sum of the rounded P (so the output is an exact convex combination of the FP8 V).
 implementation:
   "xla": pure jnp (runs everywhere, materializes [B, H, T, S]); for "int8" it computes the
     quantized algorithm exactly (the CPU reference of the kernel's numerics).
   "cudnn": jax.nn.dot_product_attention's cuDNN flash attention (bf16 only).
   "mosaic": the Pallas Mosaic GPU kernel in pallas_kernels/attention_mosaic.py (Hopper only).
-  None: "bf16" -> cuDNN on GPU where it applies, else xla; "int8" -> mosaic on Hopper, else xla.
+  None: "mosaic" on Hopper at D in (64, 128) (measured faster than cuDNN, see
+    benchmarks/results/attention-h200.json); else "bf16" -> cuDNN on GPU where it applies, else
+    xla; "int8" -> xla.
 """
 from __future__ import annotations
 
@@ -34,9 +37,13 @@ from jax import lax
 PRECISIONS = ("bf16", "int8")  # attention_switch's precision_index indexes this tuple.
 IMPLEMENTATIONS = ("xla", "cudnn", "mosaic")
 BLOCK_Q = 64     # query rows per INT8 scale (one kernel warpgroup tile)
-BLOCK_KV = 128   # keys per INT8 scale (one kernel pipeline step)
-SEQ_MULTIPLE = 128  # both sequence axes are padded to this for the quantized/Mosaic paths
-BF16_BLOCK_KV = 128  # the bf16 Mosaic kernel's keys per step
+BLOCK_KV = 256   # keys per INT8 scale (one kernel pipeline step; 256 measured faster than 128)
+SEQ_MULTIPLE = 128  # both sequence axes are padded to a multiple of this (and of block_kv)
+
+
+def _bf16_block_kv(head_dim: int) -> int:
+  """bf16 kernel keys per step: 256 measured faster at D = 64; 256 x 128 K+V tiles overflow SMEM."""
+  return 256 if head_dim == 64 else 128
 _LOG2E = math.log2(math.e)
 _E4M3_MAX = 448.0
 
@@ -121,10 +128,10 @@ def _int8_xla(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
        * jnp.repeat(ops.k_scale, BLOCK_KV, axis=2)[..., None, :])
   s = jnp.where(jnp.arange(s.shape[-1]) < s_len, s, -jnp.inf)
   p = jnp.exp2(s - s.max(axis=-1, keepdims=True))
-  l = p.sum(axis=-1)  # [B, H, Tp]
   p8 = (p * _E4M3_MAX).astype(jnp.float8_e4m3fn).astype(f32)
+  l = p8.sum(axis=-1)  # [B, H, Tp]; the kernel gets it from V^T's row of ones
   o = jnp.einsum("bhts,bshd->bthd", p8, ops.v8.astype(f32), precision=hi)
-  o = o / (jnp.moveaxis(l, 1, 2)[..., None] * _E4M3_MAX) * ops.v_scale[:, None]
+  o = o / jnp.moveaxis(l, 1, 2)[..., None] * ops.v_scale[:, None]
   return o[:, :t].astype(q.dtype)
 
 
@@ -135,7 +142,7 @@ def _int8_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = 
   config = {"block_kv": BLOCK_KV, **config}
   ops = quantize_operands(q, k, v, block_kv=config["block_kv"])
   with jax.named_scope("attention_quantize"):
-    vt8 = am.permute_kv_tokens(jnp.transpose(ops.v8, (0, 2, 3, 1)), axis=-1)  # [B, H, D, Sp]
+    vt8 = am.prepare_vt(ops.v8)  # [B, H, D + 8, Sp]
   cfg = am.AttentionConfig(precision="int8", block_q=BLOCK_Q, interpret=interpret, **config)
   o = am.flash_attention(ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale, kv_len=s_len, config=cfg)
   o = o[:, :t].astype(jnp.float32) * ops.v_scale[:, None]
@@ -147,7 +154,7 @@ def _bf16_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = 
   from pallas_kernels import attention_mosaic as am
   t, s_len = q.shape[1], k.shape[1]
   dt = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
-  config = {"block_kv": BF16_BLOCK_KV, **config}
+  config = {"block_kv": _bf16_block_kv(q.shape[-1]), **config}
   cfg = am.AttentionConfig(precision="bf16", block_q=BLOCK_Q, interpret=interpret, **config)
   t_p, s_p = _round_up(t, cfg.q_multiple), _round_up(s_len, cfg.block_kv)
   qp, kp, vp = (_pad_seq(x.astype(dt), n) if x.shape[1] != n else x.astype(dt)
@@ -190,10 +197,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, precision: str = "bf1
   if implementation == "mosaic" and (why := mosaic_unavailable_reason(q)):
     raise ValueError(f"attention implementation 'mosaic' is unavailable: {why}")
   if implementation is None:
-    if precision == "int8":
-      implementation = "mosaic" if mosaic_unavailable_reason(q) is None else "xla"
+    if mosaic_unavailable_reason(q) is None:
+      implementation = "mosaic"
+    elif precision == "bf16" and _cudnn_ok(q):
+      implementation = "cudnn"
     else:
-      implementation = "cudnn" if _cudnn_ok(q) else "xla"
+      implementation = "xla"
   with jax.named_scope(f"attention_{precision}_{implementation}"):
     if implementation == "cudnn":
       return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")

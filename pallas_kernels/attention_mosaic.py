@@ -49,6 +49,7 @@ _LOG2_P_SCALE = math.log2(P_SCALE)
 PRECISIONS = ("bf16", "int8")
 _MAGIC = 12582912.0  # 1.5 * 2^23: float(bits(_MAGIC) + i) == _MAGIC + i for |i| < 2^22
 _MAGIC_BITS = 0x4B400000
+V_EXTRA_ROWS = 8  # int8: V^T carries a row of ones (then zeros) so PV also sums P8.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,16 @@ def permute_kv_tokens(x: jax.Array, axis: int) -> jax.Array:
   y = x.reshape(*shp[:axis], n // 16, 2, 4, 2, *shp[axis + 1:])
   y = jnp.swapaxes(y, axis + 1, axis + 2)
   return y.reshape(shp)
+
+
+def prepare_vt(v8: jax.Array) -> jax.Array:
+  """FP8 V [B, S, H, D] -> the int8 kernel's V^T operand [B, H, D + 8, S]: transposed (8-bit wgmma
+  needs B K-major), one extra row of ones and 7 of zeros (PV then also yields sum(P8), the
+  softmax denominator), tokens permuted by `permute_kv_tokens`. S must be a multiple of 16."""
+  b, s, h, _ = v8.shape
+  vt = jnp.transpose(v8, (0, 2, 3, 1))
+  extra = jnp.zeros((b, h, V_EXTRA_ROWS, s), v8.dtype).at[:, :, 0].set(1)
+  return permute_kv_tokens(jnp.concatenate([vt, extra], axis=2), axis=-1)
 
 
 def _p_as_wgmma_operand(p8: jax.Array, interpret: bool) -> jax.Array:
@@ -158,8 +169,9 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
     if (q.dtype, k.dtype, vt.dtype) != (jnp.int8, jnp.int8, jnp.float8_e4m3fn):
       raise ValueError(f"int8 attention wants s8 q, k and f8e4m3 v^T, got {q.dtype}, {k.dtype}, "
                        f"{vt.dtype}")
-    if vt.shape != (batch_size, num_heads, head_dim, kv_len_p):
-      raise ValueError(f"v^T shape {vt.shape} != {(batch_size, num_heads, head_dim, kv_len_p)}")
+    want = (batch_size, num_heads, head_dim + V_EXTRA_ROWS, kv_len_p)
+    if vt.shape != want:
+      raise ValueError(f"v^T shape {vt.shape} != {want} (see prepare_vt)")
     if q_scale.shape != (batch_size, num_heads, q_len_p // cfg.block_q):
       raise ValueError(f"q_scale shape {q_scale.shape} does not match q {q.shape}")
     if k_scale.shape != (batch_size, num_heads, kv_len_p // cfg.block_kv):
@@ -192,6 +204,9 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
   out_dtype = jnp.bfloat16 if quant else q.dtype
   acc_dtype = jnp.int32 if quant else jnp.float32
   sm_scale_log2 = head_dim ** -0.5 * LOG2E
+  # int8: the PV product also yields the softmax denominator (V^T's extra row of ones).
+  dv = head_dim + V_EXTRA_ROWS if quant else head_dim
+  magic = quant and cfg.int8_convert == "magic"
 
   def kernel(*refs):
     if quant:
@@ -230,7 +245,10 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
                               plgpu.Layout.WGMMA.reduce(1))
       l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32),
                               plgpu.Layout.WGMMA.reduce(1))
-      acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+      acc = plgpu.layout_cast(jnp.full((block_q, dv), 0, jnp.float32), plgpu.Layout.WGMMA)
+      if magic and not cfg.interpret:
+        s_init = plgpu.layout_cast(jnp.full((block_q, block_kv), _MAGIC_BITS, jnp.int32),
+                                   plgpu.Layout.WGMMA)
 
       plgpu.barrier_wait(k_barriers.at[0])
       pl.when(wg_idx == 1)(perform_schedule_barrier)
@@ -246,15 +264,25 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
           k_scale_next = []
           c = c_q
 
-        def compute_qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-          perform_schedule_barrier()
-          return acc_ref[...]
-        s = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_dtype))
+        if magic and not cfg.interpret:
+          # The int32 accumulator starts at the bits of 1.5 * 2^23, so its result reinterpreted
+          # as f32 is exactly 1.5 * 2^23 + s: int -> float for free (no I2F, no IADD).
+          def compute_qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+            perform_schedule_barrier()
+          s = pl.run_state(compute_qk)(plgpu.ACC.init(s_init))
+        else:
+          def compute_qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+            perform_schedule_barrier()
+            return acc_ref[...]
+          s = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_dtype))
+          if magic:  # Interpret mode (no run_state): the same value by an integer add.
+            s = s + jnp.int32(_MAGIC_BITS)
         plgpu.barrier_arrive(k_consumed.at[slot])
-        if quant and cfg.int8_convert == "magic":
+        if magic:
           # s_f = s + 1.5 * 2^23 exactly; the offset cancels in s * c - m below (m carries it).
-          s = lax.bitcast_convert_type(s + jnp.int32(_MAGIC_BITS), jnp.float32)
+          s = lax.bitcast_convert_type(s, jnp.float32)
         elif quant:
           s = s.astype(jnp.float32)
         if masked:
@@ -263,7 +291,7 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
           s = jnp.where(kv_ids + kv_step * block_kv < kv_len, s, -jnp.inf)
 
         # Online softmax in base 2; c > 0 folds the softmax scale (and int8 dequantization).
-        if quant and cfg.int8_convert == "magic":
+        if magic:
           m_ij = jnp.maximum(m_i, (s.max(axis=1) - _MAGIC) * c)
           bias = m_ij + _MAGIC * c
         else:
@@ -274,11 +302,11 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
         alpha = jnp.exp2(m_i - m_ij)
         m_i = m_ij
         p = jnp.exp2(s * c - lax.broadcast_in_dim(bias, s.shape, [0]))
-        l_i *= alpha
         if quant:
           p_op = _p_as_wgmma_operand(p.astype(jnp.float8_e4m3fn), cfg.interpret)
         else:
           acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+          l_i = l_i * alpha + p.sum(axis=1)
           p_op = p.astype(in_dtype)
 
         def end_softmax_barriers():
@@ -286,7 +314,6 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
           plgpu.barrier_wait(v_barriers.at[slot])
           plgpu.barrier_wait(schedule_barrier)  # Wait until the tensor cores are free.
         # The example found this ordering matters for speed at head_dim <= 128.
-        l_i += p.sum(axis=1)
         acc, l_i, m_i, alpha, p_op = lax.optimization_barrier((acc, l_i, m_i, alpha, p_op))
         end_softmax_barriers()
 
@@ -314,7 +341,7 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
             plgpu.wgmma(acc_ref, p_op, v_op)
             wait_next_k()
             return acc_ref[...]
-          pv = pl.run_scoped(compute_pv, plgpu.ACC((block_q, head_dim), jnp.float32))
+          pv = pl.run_scoped(compute_pv, plgpu.ACC((block_q, dv), jnp.float32))
           if quant:
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
           acc = acc + pv
@@ -335,7 +362,10 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
       acc, m_i, l_i = carry[:3]
       pl.when(wg_idx == 0)(perform_schedule_barrier)
 
-      acc /= lax.broadcast_in_dim(l_i, (block_q, head_dim), [0])  # For int8 l_i has the 448.
+      if quant:  # Column head_dim holds sum(P8) (448x the f32 sum), the rest of the extra 0.
+        l_i = acc[:, head_dim:].sum(axis=1)
+        acc = acc[:, :head_dim]
+      acc /= lax.broadcast_in_dim(l_i, (block_q, head_dim), [0])
       o_smem[...] = acc.astype(out_dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, pl.ds(q_seq_base, block_q), head])
@@ -372,7 +402,7 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
   q_scratch = plgpu.SMEM((2, block_q, head_dim), in_dtype, transforms=qk_t)
   k_scratch = plgpu.SMEM((steps, block_kv, head_dim), in_dtype, transforms=qk_t)
   if quant:
-    v_scratch = plgpu.SMEM((steps, head_dim, block_kv), jnp.float8_e4m3fn,
+    v_scratch = plgpu.SMEM((steps, dv, block_kv), jnp.float8_e4m3fn,
                            transforms=_smem_transforms(block_kv, 1))
     o_scratch = plgpu.SMEM((2, block_q, head_dim), out_dtype,
                            transforms=_smem_transforms(head_dim, 2))
@@ -434,11 +464,12 @@ def reference(*operands, kv_len: int, config: AttentionConfig) -> jax.Array:
   s = jnp.where(valid, s, -jnp.inf)
   p = jnp.exp2(s - s.max(axis=-1, keepdims=True))
   l = p.sum(axis=-1)  # [B, H, Tq]
-  if config.precision == "int8":
+  if config.precision == "int8":  # V^T's row of ones makes the denominator sum(P8).
     p8 = (p * P_SCALE).astype(jnp.float8_e4m3fn).astype(f32)
     o = jnp.einsum("bhts,bhds->bthd", permute_kv_tokens(p8, axis=-1), vt8.astype(f32),
                    precision=hi)
-    o = o / (jnp.moveaxis(l, 1, 2)[..., None] * P_SCALE)
+    d = o.shape[-1] - V_EXTRA_ROWS
+    o = o[..., :d] / o[..., d:d + 1]
   else:
     o = jnp.einsum("bhts,bshd->bthd", p, v.astype(f32), precision=hi)
     o = o / jnp.moveaxis(l, 1, 2)[..., None]

@@ -83,8 +83,8 @@ def test_quantize_operands():
   q, k, v = _inputs(4, (2, 150, 3, 64), magnitude=8.0)
   ops = A.quantize_operands(q, k, v)
   assert ops.q8.shape == (2, 256, 3, 64) and ops.q8.dtype == jnp.int8
-  assert ops.k8.shape == (2, 256, 3, 64) and ops.k_scale.shape == (2, 3, 2)
-  assert ops.q_scale.shape == (2, 3, 4) and ops.v_scale.shape == (2, 3, 64)
+  assert ops.k8.shape == (2, 256, 3, 64) and ops.k_scale.shape == (2, 3, 256 // A.BLOCK_KV)
+  assert ops.q_scale.shape == (2, 3, 256 // A.BLOCK_Q) and ops.v_scale.shape == (2, 3, 64)
   assert ops.v8.dtype == jnp.float8_e4m3fn
   # Padding stays zero.
   assert not np.any(np.asarray(ops.q8[:, 150:])) and not np.any(np.asarray(ops.k8[:, 150:]))
@@ -154,7 +154,7 @@ def test_kernel_interpret_matches_reference(precision, d, convert, block_kv):
   else:
     q, k, v = _inputs(8 + d, (1, kv_len, 1, d))
     qo = A.quantize_operands(q, k, v, block_kv=block_kv)
-    vt8 = am.permute_kv_tokens(jnp.transpose(qo.v8, (0, 2, 3, 1)), axis=-1)
+    vt8 = am.prepare_vt(qo.v8)
     ops = [qo.q8, qo.k8, vt8, qo.q_scale, qo.k_scale]
     tol = 0.04  # e4m3 P rounded against the running max (kernel) vs the final max (reference)
   out = am.flash_attention(*ops, kv_len=kv_len, config=cfg)
