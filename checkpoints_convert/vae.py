@@ -1,9 +1,10 @@
 """Convert a diffusers AutoencoderKLCogVideoX folder (config.json + safetensors) into the params
-pytree of models.cogvideox_vae (decoder only), streaming tensor by tensor.
+pytree of models.cogvideox_vae, streaming tensor by tensor.
 
-  cfg, params = convert_vae(folder, dtype=np.float32)   # numpy leaves
+  cfg, params = convert_vae(folder, dtype=np.float32)                # decoder only
+  cfg, params = convert_vae(folder, dtype=np.float32, encoder=True)  # and the encoder
 
-The encoder's weights (and quant convs) are checked for nothing and never read.
+Without encoder=True the encoder's weights are neither checked nor read.
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from checkpoints_convert.safetensors_stream import CheckpointError, open_checkpo
 from checkpoints_convert.t5 import DTYPES, check_keys, read_finite, set_path
 from models.cogvideox_vae.model import VAEConfig, param_shapes
 
-VAE_IGNORED = (re.compile(r"^encoder\."), re.compile(r"^quant_conv\."))
+VAE_IGNORED = (re.compile(r"^quant_conv\."),)
+ENCODER = re.compile(r"^encoder\.")
 
 
-def convert_vae(folder: str, dtype=np.float32,
-                progress: Callable[[str], None] | None = None) -> tuple[VAEConfig, dict]:
+def convert_vae(folder: str, dtype=np.float32, progress: Callable[[str], None] | None = None,
+                encoder: bool = False) -> tuple[VAEConfig, dict]:
   """(VAEConfig, params) from an AutoencoderKLCogVideoX folder. dtype: numpy dtype or
   'bf16'/'fp32'."""
   dtype = DTYPES.get(dtype, None) if isinstance(dtype, str) else np.dtype(dtype)
@@ -32,10 +34,10 @@ def convert_vae(folder: str, dtype=np.float32,
     raise FileNotFoundError(f"{folder}: no config.json (a diffusers AutoencoderKLCogVideoX "
                             "folder has config.json and diffusion_pytorch_model.safetensors)")
   cfg = VAEConfig.from_file(cfg_path)
-  expected = param_shapes(cfg)
+  expected = param_shapes(cfg, encoder=encoder)
   params: dict = {}
   with open_checkpoint(folder) as ckpt:
-    check_keys(ckpt, expected, VAE_IGNORED, source=folder)
+    check_keys(ckpt, expected, VAE_IGNORED + (() if encoder else (ENCODER,)), source=folder)
     for key in expected:
       set_path(params, key.split("."), read_finite(ckpt, key, dtype))
       if progress is not None:

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from checkpoints_convert.safetensors_stream import CheckpointError
 from checkpoints_convert.vae import convert_vae
-from models.cogvideox_vae import Tiling, VAEConfig, decode, frame_batches
+from models.cogvideox_vae import Tiling, VAEConfig, decode, encode, frame_batches, latent_mode
 from mpqjax.errors import UserInputError
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "vae", "tiny")
@@ -95,3 +95,36 @@ def test_vae_config_rejects_other_models():
     VAEConfig.from_dict(dict(d, _class_name="AutoencoderKL"))
   with pytest.raises(UserInputError, match="norm_num_groups"):
     VAEConfig.from_dict(dict(d, norm_num_groups=3))
+
+
+with open(os.path.join(FIX, "encode_cases.json")) as _f:
+  ENCODE_CASES = json.load(_f)
+
+
+@pytest.fixture(scope="module")
+def vae_with_encoder():
+  cfg, params = convert_vae(FIX, encoder=True)
+  return cfg, jax.tree.map(jnp.asarray, params)
+
+
+@pytest.mark.parametrize("case", sorted(ENCODE_CASES))
+def test_vae_encode_matches_diffusers(vae_with_encoder, case):
+  """Latent moments of AutoencoderKLCogVideoX.encode (frame batches of 8 with caches, tiling)."""
+  cfg, params = vae_with_encoder
+  info = ENCODE_CASES[case]
+  io = load_file(os.path.join(FIX, f"enc_{case}.safetensors"))
+  tiling = False
+  if info["tiled"]:
+    tiling = Tiling(info["tile_sample_min_height"], info["tile_sample_min_width"],
+                    info["tile_overlap_factor_height"], info["tile_overlap_factor_width"])
+  out = encode(params, io["x"], cfg, tiling=tiling,
+               frame_batch=info["num_sample_frames_batch_size"])
+  assert out.shape == io["moments"].shape
+  assert rel_err(out, io["moments"]) <= 1e-4
+  np.testing.assert_array_equal(latent_mode(out), out[:, :cfg.latent_channels])
+
+
+def test_decoder_only_params_refuse_encoding(vae):
+  cfg, params = vae
+  with pytest.raises(UserInputError, match="encoder"):
+    encode(params, np.zeros((1, 3, 1, 16, 16), np.float32), cfg)
