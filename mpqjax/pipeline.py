@@ -125,6 +125,13 @@ def inspect_pipeline(folder: str) -> PipelineSpec:
   vae = cfg("vae", "config.json", lambda d, p: VAEConfig.from_dict(d, source=p))
   tr = cfg("transformer", "config.json", lambda d, p: CogVideoXConfig.from_dict(d, source=p))
   sch = cfg("scheduler", "scheduler_config.json", lambda d, p: SchedulerConfig.from_diffusers(d))
+  for name in ("text_encoder", "transformer", "vae"):
+    files = os.listdir(os.path.join(folder, name))
+    if not any(f.endswith((".safetensors", ".safetensors.index.json")) for f in files):
+      pickled = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+      problems.append(f"{name}/ has no safetensors weights" + (
+          f" (only pickled {', '.join(pickled)}, which are refused: re-save with "
+          "safe_serialization=True)" if pickled else ""))
   if not os.path.isfile(os.path.join(folder, "tokenizer", "spiece.model")):
     problems.append("tokenizer/spiece.model (the T5 sentencepiece model) is missing")
   if t5 is not None and tr is not None and t5.d_model != tr.text_embed_dim:

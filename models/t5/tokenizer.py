@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 
@@ -85,6 +86,8 @@ class T5Tokenizer:
         raise UserInputError(f"prompt {i} is {type(t).__name__}, not a string")
       ids = self.encode(t)
       if len(ids) > max_length:
+        warnings.warn(f"prompt {i} has {len(ids)} tokens; truncated to {max_length} as "
+                      "CogVideoX does")
         ids = ids[:max_length - 1] + [self.eos_id]
       out[i, :len(ids)] = ids
     return out
