@@ -270,12 +270,12 @@ class Pipeline:
     import jax
     import jax.numpy as jnp
     from checkpoints_convert.t5 import convert_t5
-    from models.t5.model import encode
+    from models.t5.model import encode_jit
     n = max_sequence_length or self.spec.transformer.max_text_seq_length
     ids = self.tokenizer(texts, max_length=n)
     params = self._component_params("text_encoder", convert_t5)
     try:
-      emb = jax.jit(encode, static_argnums=2)(params, jnp.asarray(ids), self.spec.t5)
+      emb = encode_jit(params, jnp.asarray(ids), self.spec.t5)
       emb.block_until_ready()
     finally:
       self._note_device_peak("text_encoder")

@@ -73,6 +73,7 @@ def test_cache_key_follows_dtype_and_files(tmp_path):
   assert pl._source_key(str(folder), "fp32") != k32
 
 
+@pytest.mark.filterwarnings("ignore:os.fork")  # imageio-ffmpeg starts ffmpeg
 def test_write_video_mp4_and_gif_fallback(tmp_path, rng, monkeypatch):
   import imageio.v2 as imageio
   frames = to_uint8(rng.random((5, 32, 48, 3)))

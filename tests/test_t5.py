@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 from checkpoints_convert.safetensors_stream import CheckpointError
 from checkpoints_convert.t5 import convert_t5
 from models.t5 import T5Config, T5Tokenizer, encode
+from models.t5.model import encode_jit
 from mpqjax.errors import UserInputError
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -30,7 +31,7 @@ def test_t5_encoder_matches_transformers(case):
   cfg, params = convert_t5(folder)
   io = load_file(os.path.join(folder, "io.safetensors"))
   mask = io.get("attention_mask")
-  out = jax.jit(encode, static_argnums=2)(
+  out = encode_jit(
       jax.tree.map(jnp.asarray, params), jnp.asarray(io["input_ids"]), cfg,
       None if mask is None else jnp.asarray(mask))
   assert out.shape == io["last_hidden_state"].shape and out.dtype == jnp.float32

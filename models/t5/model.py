@@ -189,3 +189,7 @@ def encode(params: dict, input_ids: jax.Array, cfg: T5Config,
 
   h, _ = jax.lax.scan(step, h, enc["block"])
   return rms_norm(h, enc["final_layer_norm"]["weight"], cfg.layer_norm_epsilon)
+
+
+# encode compiled once per (config, batch, length); the mask is optional (None or [B, T])
+encode_jit = jax.jit(encode, static_argnums=(2,))
