@@ -28,6 +28,8 @@ import shutil
 import uuid
 from typing import Any, Callable, Iterable
 
+import numpy as np
+
 from mpqjax._version import __version__
 from mpqjax.errors import UserInputError
 
@@ -62,11 +64,12 @@ def check_destination(dst: str, overwrite: bool, src: str | None = None) -> None
 
 def write_converted(dst: str, groups: Iterable[tuple[str, Any]], config_dict: dict,
                     manifest_fn: Callable[[], dict], *, overwrite: bool = False,
-                    part_bytes: int = PART_BYTES) -> dict:
+                    part_bytes: int | None = None) -> dict:
   """Atomically write DST (see module doc) from (dotted name, plain value) groups, which
   are consumed (and released) as they come. manifest_fn() is called after the last group
   (so it may report stats gathered while streaming). Returns the manifest written."""
   check_destination(dst, overwrite)
+  part_bytes = PART_BYTES if part_bytes is None else part_bytes
   dst = os.path.abspath(dst)
   parent, name = os.path.split(dst)
   tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -75,15 +78,20 @@ def write_converted(dst: str, groups: Iterable[tuple[str, Any]], config_dict: di
     ocp = _orbax()
     ckpt = ocp.StandardCheckpointer()
     parts: list[str] = []
+    layer_slices: dict[str, list[int]] = {}
     pending: dict = {}
     pending_bytes = 0
 
-    def flush():
-      nonlocal pending, pending_bytes
+    def save(tree: dict) -> str:
       part = f"part-{len(parts):05d}"
-      ckpt.save(os.path.join(tmp, PARAMS, part), pending)
+      ckpt.save(os.path.join(tmp, PARAMS, part), tree)
       ckpt.wait_until_finished()
       parts.append(part)
+      return part
+
+    def flush():
+      nonlocal pending, pending_bytes
+      save(pending)
       pending, pending_bytes = {}, 0
       _release_freed_memory()
 
@@ -91,7 +99,21 @@ def write_converted(dst: str, groups: Iterable[tuple[str, Any]], config_dict: di
     for gname, value in groups:
       n = _nbytes(value)
       if pending and pending_bytes + n > part_bytes:
-        flush()  # a part holds at most max(part_bytes, the largest group)
+        flush()  # a part holds at most part_bytes, or one slice of a larger group
+      if n > part_bytes:
+        # A large group (all leaves share the leading layer axis) goes out in layer slices,
+        # each its own part: orbax's host copy is then one slice, not the whole group.
+        n_layers = _leading_dim(value, gname)
+        per = max(1, int(n_layers * part_bytes // n))
+        for start in range(0, n_layers, per):
+          stop = min(start + per, n_layers)
+          tree: dict = {}
+          _set_path(tree, gname, _map_leaves(lambda a: a[start:stop], value))
+          layer_slices[save(tree)] = [start, stop]
+          del tree
+        del value
+        _release_freed_memory()
+        continue
       _set_path(pending, gname, value)
       pending_bytes += n
       del value
@@ -103,7 +125,8 @@ def write_converted(dst: str, groups: Iterable[tuple[str, Any]], config_dict: di
     with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
       json.dump(config_dict, f, indent=2)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "mpqjax_version": __version__, **manifest_fn(), "parts": parts}
+                "mpqjax_version": __version__, **manifest_fn(), "parts": parts,
+                "layer_slices": layer_slices}
     with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
       json.dump(manifest, f, indent=2)
     old = None
@@ -145,6 +168,29 @@ def _nbytes(value: Any) -> int:
   if isinstance(value, dict):
     return sum(_nbytes(v) for v in value.values())
   return int(getattr(value, "nbytes", 0))
+
+
+def _leading_dim(value: Any, name: str) -> int:
+  dims = {int(a.shape[0]) for a in _leaves(value) if getattr(a, "ndim", 0) >= 1}
+  if len(dims) != 1:
+    raise ValueError(f"{name}: leaves do not share one leading layer axis ({sorted(dims)})")
+  return dims.pop()
+
+
+def _leaves(tree: Any) -> list:
+  if isinstance(tree, dict):
+    return [x for v in tree.values() for x in _leaves(v)]
+  return [tree]
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+  out = []
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.extend(_flatten(v, f"{prefix}{k}."))
+    else:
+      out.append((f"{prefix}{k}", v))
+  return out
 
 
 def _map_leaves(fn: Callable, tree: Any) -> Any:
@@ -192,7 +238,7 @@ def read_manifest(path: str) -> dict:
         f"{mpath}: format version {m.get('format_version')!r} (written by mpqjax "
         f"{m.get('mpqjax_version', '?')}) but this mpqjax {__version__} reads version "
         f"{FORMAT_VERSION}; re-run `mpqjax convert` on the diffusers checkpoint")
-  for k in ("model", "dtype", "quantize", "quantized_linears", "parts"):
+  for k in ("model", "dtype", "quantize", "quantized_linears", "parts", "layer_slices"):
     if k not in m:
       raise UserInputError(f"{mpath}: missing field {k!r}")
   if not os.path.isdir(os.path.join(path, PARAMS)):
@@ -206,6 +252,8 @@ def read_plain_params(path: str, manifest: dict, leaf_fn: Callable | None = None
   ocp = _orbax()
   ckpt = ocp.StandardCheckpointer()
   plain: dict = {}
+  slices = manifest.get("layer_slices", {})
+  pieces: dict[str, list] = {}  # leaf path -> [(start, array)] for layer-sliced groups
   try:
     for part in manifest["parts"]:
       ppath = os.path.join(os.path.abspath(path), PARAMS, part)
@@ -215,10 +263,23 @@ def read_plain_params(path: str, manifest: dict, leaf_fn: Callable | None = None
         tree = ckpt.restore(ppath)
       except Exception as e:  # orbax raises many kinds for damaged folders
         raise UserInputError(f"{path}: cannot read {PARAMS}/{part} ({e})") from e
+      if part in slices:
+        for leaf_path, a in _flatten(tree):
+          pieces.setdefault(leaf_path, []).append((slices[part][0], a))
+        del tree
+        continue
       if leaf_fn is not None:
         tree = _map_leaves(leaf_fn, tree)
       _merge(plain, tree)
       del tree
+    for leaf_path in list(pieces):
+      ordered = [a for _, a in sorted(pieces.pop(leaf_path), key=lambda t: t[0])]
+      a = np.concatenate(ordered, axis=0)
+      del ordered
+      tree = {}
+      _set_path(tree, leaf_path, leaf_fn(a) if leaf_fn is not None else a)
+      del a
+      _merge(plain, tree)
   finally:
     ckpt.close()
   return plain

@@ -10,7 +10,6 @@ import sys
 import ml_dtypes
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 import mpqjax
 from checkpoints_convert import store
@@ -190,6 +189,32 @@ def test_load_transformer_errors(tmp_path):
   (dst / "manifest.json").write_text(json.dumps(dict(m, format_version=999)))
   with pytest.raises(UserInputError, match="format version 999"):
     mpqjax.load_transformer(dst)
+
+
+@pytest.mark.parametrize("quantize", [None, "nvfp4"])
+def test_small_parts_and_layer_slices_round_trip(tmp_path, monkeypatch, quantize):
+  """With tiny parts every large group is written in layer slices; loading reassembles
+  exactly what build_params produces in memory."""
+  import jax
+  from checkpoints_convert.cogvideox import build_params
+  from checkpoints_convert.cli import convert
+  from models.cogvideox.config import CogVideoXConfig
+  src = os.path.join(FIXTURES, "sincos_sample_sharded")  # 3 layers
+  monkeypatch.setattr(store, "PART_BYTES", 6000)
+  m = convert(src, str(tmp_path / "ck"), quantize=quantize, dtype="fp32")
+  assert m["layer_slices"] and len(m["parts"]) > len(m["layer_slices"])
+  assert {tuple(v) for v in m["layer_slices"].values()} >= {(0, 1), (2, 3)}
+  loaded = mpqjax.load_transformer(tmp_path / "ck").params
+  with open_checkpoint(src) as r:
+    ref, _ = build_params(r, CogVideoXConfig.from_json(src), dtype="fp32", quantize=quantize)
+  is_q = lambda x: isinstance(x, QuantizedLinear)
+  flat_ref = jax.tree_util.tree_leaves_with_path(ref, is_leaf=None)
+  flat_got = jax.tree_util.tree_leaves_with_path(loaded)
+  assert [p for p, _ in flat_ref] == [p for p, _ in flat_got]
+  for (path, a), (_, b) in zip(flat_ref, flat_got):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8),
+                                  err_msg=jax.tree_util.keystr(path))
+  assert jax.tree.structure(ref, is_leaf=is_q) == jax.tree.structure(loaded, is_leaf=is_q)
 
 
 def test_quantized_and_bf16_conversions(tmp_path):
