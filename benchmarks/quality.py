@@ -30,12 +30,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-MODES = (  # name, precision, tdc
-    ("bf16", "bf16", False),
-    ("nvfp4", "nvfp4", False),
-    ("int8", "int8", False),
-    ("mixed", "mixed", False),
-    ("mixed+TDC", "mixed", True),
+MODES = (  # name, precision, tdc, extra generate kwargs
+    ("bf16", "bf16", False, {}),
+    ("nvfp4", "nvfp4", False, {}),
+    ("int8", "int8", False, {}),
+    ("mixed", "mixed", False, {}),
+    ("mixed+TDC", "mixed", True, {}),  # the defaults of `mpqjax generate`
+    # not a default: a looser TDC threshold, to show what skipping costs on this model
+    ("mixed+TDC(tau_tdc=0.1)", "mixed", True, {"tdc_threshold": 0.1}),
 )
 
 
@@ -137,10 +139,10 @@ def main(argv=None) -> int:
   # --- generation
   videos: dict[str, list[np.ndarray]] = {}
   rows = {}
-  for name, precision, tdc in MODES:
+  for name, precision, tdc, extra in MODES:
     model = m_bf if precision == "bf16" else m_q
     kw = dict(steps=args.steps, guidance=args.guidance, scheduler=sched, precision=precision,
-              tdc=tdc, calibration=calib if precision == "mixed" else None)
+              tdc=tdc, calibration=calib if precision == "mixed" else None, **extra)
     p0, n0 = model.encode([pairs[0][0]])
     t0 = time.perf_counter()
     generate(model, p0[0], negative_emb=n0[0], seed=pairs[0][1], **kw)  # compile
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
             zip(vids, pairs)]
     bits = [s["avg_activation_bits"] for s in summaries]
     rows[name] = {
-        "precision": precision, "tdc": tdc,
+        "precision": precision, "tdc": tdc, **extra,
         "adherence": float(np.mean(hits)),
         "skip_ratio": float(np.mean([s["skip_ratio"] for s in summaries])),
         "avg_activation_bits": None if bits[0] is None else float(np.mean(bits)),

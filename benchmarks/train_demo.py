@@ -33,6 +33,9 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default="benchmarks/results")
   ap.add_argument("--checkpoint-every", type=int, default=1000)
   ap.add_argument("--log-every", type=int, default=50)
+  ap.add_argument("--init", metavar="SAFETENSORS", default=None,
+                  help="start from these weights (a toyvideo.safetensors of the same preset) "
+                       "instead of the random init; the optimizer starts fresh (with warm-up)")
   args = ap.parse_args(argv)
 
   import jax
@@ -40,6 +43,10 @@ def main(argv=None) -> int:
   from mpqjax.toyvideo import train
 
   cfg = train.preset_config(args.preset)
+  init = None
+  if args.init:
+    from mpqjax.toyvideo.weights import load_params
+    init = load_params(args.init)
   t_start = time.perf_counter()
   if args.steps == "auto":
     if not args.time_budget:
@@ -47,7 +54,7 @@ def main(argv=None) -> int:
     # Probe the compiled step's speed on a throwaway run (the real run reuses the compilation).
     probe = 30
     _, plog = train.train(cfg, steps=probe, seed=args.seed, log_every=probe,
-                          print_fn=lambda *a: None)
+                          print_fn=lambda *a: None, init=init)
     per_step = (plog["train_s"] - plog["compile_s"]) / (probe - 1)
     left = args.time_budget - (time.perf_counter() - t_start)
     steps = max(int(0.93 * left / per_step) // 100 * 100, 100)
@@ -61,7 +68,7 @@ def main(argv=None) -> int:
 
   def finish_log(log):
     log = dict(log)
-    log.update(command=command, steps_chosen=steps, date=datetime.datetime.now(
+    log.update(command=command, steps_chosen=steps, init=args.init, date=datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds"),
         params=int(sum(x.size for x in jax.tree.leaves(state_holder["params"]))))
     return log
@@ -79,7 +86,8 @@ def main(argv=None) -> int:
   limit = None if args.time_budget is None else args.time_budget - (time.perf_counter() - t_start)
   state, log = train.train(cfg, steps=steps, seed=args.seed, log_every=args.log_every,
                            checkpoint_every=args.checkpoint_every, on_checkpoint=on_checkpoint,
-                           time_limit_s=limit, print_fn=lambda s: print(s, flush=True))
+                           time_limit_s=limit, print_fn=lambda s: print(s, flush=True),
+                           init=init)
   print(f"done: {log['steps_done']} steps in {log['train_s']:.1f}s, final loss "
         f"{log['loss'][-1]:.4f}", flush=True)
   return 0

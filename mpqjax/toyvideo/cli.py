@@ -93,6 +93,11 @@ class ToyPipe:
       _BAR.start(STAGES[3])
     return self.upscale(self.model.to_frames(latents))
 
+  @staticmethod
+  def memory_report() -> dict:
+    from mpqjax.pipeline import device_peak_bytes, peak_host_rss_bytes
+    return {"peak_host_rss_bytes": peak_host_rss_bytes(), "peak_device_bytes": device_peak_bytes()}
+
   def write_strip(self, latents, path: str) -> str:
     from mpqjax.video import _atomic_write
     frames = self.upscale(self.model.to_frames(latents))[0]   # [F, H, W, 3]

@@ -87,7 +87,9 @@ class ToyConfig:
 
 
 PRESETS = {
-    # what the shipped model was trained with (GPU)
+    # the shipped model: stage 1 (f32 compute, 4000 steps), then stage 2 from its EMA weights
+    # (bf16 compute, 12400 steps; --init), both on one H200; see docs/MODEL_CARD.md
+    "gpu-stage1": ToyConfig(layers=6, batch=128, lr=5e-4),
     "gpu": ToyConfig(layers=6, batch=128, lr=6e-4, compute_dtype="bfloat16"),
     # a few minutes on 2 CPU cores: same architecture family, smaller
     "cpu-tiny": ToyConfig(heads=2, head_dim=32, layers=2, time_embed_dim=64, text_dim=32,
@@ -231,14 +233,14 @@ def hardware() -> dict:
 def train(cfg: ToyConfig, steps: int, seed: int = 0, *, log_every: int = 50,
           checkpoint_every: int = 0, on_checkpoint: Callable[[TrainState, dict], None] | None = None,
           time_limit_s: float | None = None, state: TrainState | None = None,
-          print_fn=print) -> tuple[TrainState, dict]:
+          print_fn=print, init: dict | None = None) -> tuple[TrainState, dict]:
   """Train for `steps` steps (or until time_limit_s). Returns (final state, log dict with the
   loss curve (the mean loss of each log interval), wall times, hardware). on_checkpoint(state, log) is called every
-  checkpoint_every steps and at the end."""
+  checkpoint_every steps and at the end. init: starting parameters (default: init_params)."""
   optimizer = make_optimizer(cfg)
   key = jax.random.key(seed)
   if state is None:
-    params = init_params(cfg, seed)
+    params = init_params(cfg, seed) if init is None else jax.tree.map(jnp.asarray, init)
     state = TrainState(0, params, jax.tree.map(jnp.array, params), optimizer.init(params))
   step_fn = make_step(cfg)
   log = {"config": dataclasses.asdict(cfg), "seed": seed, "steps_planned": steps,

@@ -172,6 +172,13 @@ def _unflatten(flat: dict[str, np.ndarray], prefix: str) -> dict:
   return out
 
 
+def load_params(path: str) -> dict:
+  """The raw f32 training pytree {"transformer": ..., "text": ...} of a toyvideo.safetensors."""
+  from safetensors.numpy import load_file
+  flat = load_file(path)
+  return {"transformer": _unflatten(flat, "transformer."), "text": _unflatten(flat, "text.")}
+
+
 def load(folder: str = WEIGHTS_DIR, *, quantize: str | None = "nvfp4",
          dtype: str = "bfloat16") -> ToyModel:
   """Load the toy model. quantize: "nvfp4" (block linears in NVFP4: the method's weights),
