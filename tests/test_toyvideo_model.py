@@ -60,10 +60,11 @@ def test_shipped_model_forward_shapes(rng):
 
 
 def test_default_generate_cli_writes_video(tmp_path, capsys):
+  """The README's main job at its defaults (50 steps, mixed + TDC): the prompt is recognizable."""
   from mpqjax import cli
+  from mpqjax.toyvideo import analyze
   out = tmp_path / "o"
-  rc = cli.main(["generate", "--prompt", "a blue square moving up", "--steps", "3",
-                 "--out", str(out)])
+  rc = cli.main(["generate", "--prompt", "a blue square moving up", "--out", str(out)])
   assert rc == 0
   for f in ("video.mp4", "frames.png", "report.json", "latents.npy"):
     assert (out / f).is_file() or (f == "video.mp4" and (out / "video.gif").is_file())
@@ -75,6 +76,9 @@ def test_default_generate_cli_writes_video(tmp_path, capsys):
   import imageio.v2 as imageio
   strip = imageio.imread(out / "frames.png")
   assert strip.shape == (32 * 8, 32 * 8 * 8, 3)
+  frames = np.clip((np.transpose(lat[0], (0, 2, 3, 1)) + 1) / 2, 0, 1)
+  result = analyze.analyze(frames)
+  assert (result.color, result.direction) == ("blue", "up"), result
 
 
 def test_default_generate_cli_bad_prompt(capsys):
