@@ -36,7 +36,18 @@ def main(argv=None) -> int:
   ap.add_argument("--init", metavar="SAFETENSORS", default=None,
                   help="start from these weights (a toyvideo.safetensors of the same preset) "
                        "instead of the random init; the optimizer starts fresh (with warm-up)")
+  ap.add_argument("--plot-stages", nargs="+", metavar="LOG.json", default=None,
+                  help="only draw the loss curves of these consecutive runs on one axis into "
+                       "--out (a .png path)")
   args = ap.parse_args(argv)
+  if args.plot_stages:
+    import json
+
+    from mpqjax.toyvideo import train
+    logs = [json.load(open(p)) for p in args.plot_stages]
+    train.plot_loss_stages(args.out, logs)
+    print(f"wrote {args.out}")
+    return 0
 
   import jax
 

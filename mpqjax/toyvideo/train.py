@@ -356,12 +356,29 @@ def save_log(path: str, log: dict) -> None:
   _atomic_write(path, w)
 
 
-def plot_loss(path: str, log: dict, title: str = "toy text-to-video: training loss") -> None:
+def plot_loss_stages(path: str, logs: list[dict],
+                     title: str = "toy text-to-video: training loss") -> None:
+  """Several runs, each continuing from the previous one's weights, on one step axis."""
+  merged = {"loss_steps": [], "loss": [], "train_s": sum(l["train_s"] for l in logs),
+            "hardware": logs[-1].get("hardware", {})}
+  offset = 0
+  for l in logs:
+    merged["loss_steps"] += [offset + s for s in l["loss_steps"]]
+    merged["loss"] += l["loss"]
+    offset += l["steps_done"]
+  plot_loss(path, merged, title + f" ({len(logs)} stages)", marks=[
+      sum(l["steps_done"] for l in logs[:i]) for i in range(1, len(logs))])
+
+
+def plot_loss(path: str, log: dict, title: str = "toy text-to-video: training loss",
+              marks=()) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
   ax.plot(log["loss_steps"], log["loss"], lw=1)
+  for m in marks:  # stage boundaries
+    ax.axvline(m, color="gray", ls="--", lw=0.8)
   ax.set_yscale("log")
   ax.set_xlabel("step")
   ax.set_ylabel("v-prediction MSE")
