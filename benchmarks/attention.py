@@ -99,11 +99,10 @@ def main(argv=None) -> int:
   print(f"device {device_kind}, jax {jax.__version__}", flush=True)
 
   impls = [("bf16", "xla"), ("bf16", "cudnn"), ("bf16", "mosaic"), ("int8", "xla"),
-           ("int8", "mosaic"), ("bf16", "mosaic_bkv256"), ("int8", "mosaic_bkv256")]
-  impl_fns = {  # block_kv = 256 (bf16 at D = 64 only: 256-key bf16 tiles overflow SMEM at 128)
-      "mosaic_bkv256": lambda q, k, v, prec: (
-          A._int8_mosaic(q, k, v, block_kv=256) if prec == "int8" else
-          A._bf16_mosaic(q, k, v, block_kv=256 if q.shape[-1] == 64 else 128)),
+           ("int8", "mosaic"), ("int8", "mosaic_magic_init")]
+  impl_fns = {
+      "mosaic_magic_init": lambda q, k, v, prec: A._int8_mosaic(q, k, v,
+                                                                int8_convert="magic_init"),
   }
   if not args.skip_check:
     for d in (64, 128):
@@ -157,10 +156,11 @@ def main(argv=None) -> int:
             padded)
       ops = A.quantize_operands(q, k, v, block_kv=bkv)
       vt8 = am.prepare_vt(ops.v8)
-      cfg_i = am.AttentionConfig(precision="int8", block_kv=bkv)
-      variants[f"mosaic_int8_kernel_only_bkv{bkv}"] = (
-          lambda *o, cfg_i=cfg_i: am.flash_attention(*o, kv_len=t, config=cfg_i),
-          (ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale))
+      for conv in ("magic", "magic_init"):
+        cfg_i = am.AttentionConfig(precision="int8", block_kv=bkv, int8_convert=conv)
+        variants[f"mosaic_int8_kernel_only_bkv{bkv}_{conv}"] = (
+            lambda *o, cfg_i=cfg_i: am.flash_attention(*o, kv_len=t, config=cfg_i),
+            (ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale))
       del ops, vt8
     row = {"shape_name": name, "B": b, "T": t, "H": h, "D": d, "flops": flops}
     for vname, (fn, fargs) in variants.items():

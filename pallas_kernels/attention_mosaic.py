@@ -61,8 +61,10 @@ class AttentionConfig:
   block_kv: keys per pipeline step; multiple of 64 (of 128 for int8: one fp8 wgmma K group).
   max_concurrent_steps: depth of the K/V SMEM ring (>= 2).
   int8_convert: how the int32 scores become f32: "cvt" (I2F, a quarter-rate conversion on
-    Hopper) or "magic" (integer-add 0x4B400000 and reinterpret: exact for |s| < 2^22, which
-    |q8 . k8| <= 127^2 * 128 guarantees; the 1.5 * 2^23 offset is folded into the softmax max).
+    Hopper), "magic" (integer-add 0x4B400000 and reinterpret: exact for |s| < 2^22, which
+    |q8 . k8| <= 127^2 * 128 guarantees; the 1.5 * 2^23 offset is folded into the softmax max)
+    or "magic_init" (the same value with no per-element op: the int32 wgmma accumulator starts
+    at 0x4B400000; interpret mode, which cannot run pl.run_state, does the add instead).
   interpret: run through Mosaic GPU's interpret mode (CPU tests).
   """
   precision: str = "bf16"
@@ -80,8 +82,9 @@ class AttentionConfig:
     if self.block_kv % (128 if self.precision == "int8" else 64):
       raise ValueError(f"block_kv={self.block_kv} must be a multiple of "
                        f"{128 if self.precision == 'int8' else 64} for precision {self.precision}")
-    if self.int8_convert not in ("cvt", "magic"):
-      raise ValueError(f"int8_convert must be 'cvt' or 'magic', got {self.int8_convert!r}")
+    if self.int8_convert not in ("cvt", "magic", "magic_init"):
+      raise ValueError(f"int8_convert must be 'cvt', 'magic' or 'magic_init', "
+                       f"got {self.int8_convert!r}")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
 
@@ -206,7 +209,8 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
   sm_scale_log2 = head_dim ** -0.5 * LOG2E
   # int8: the PV product also yields the softmax denominator (V^T's extra row of ones).
   dv = head_dim + V_EXTRA_ROWS if quant else head_dim
-  magic = quant and cfg.int8_convert == "magic"
+  magic = quant and cfg.int8_convert in ("magic", "magic_init")
+  magic_init = quant and cfg.int8_convert == "magic_init" and not cfg.interpret
 
   def kernel(*refs):
     if quant:
@@ -246,7 +250,7 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
       l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32),
                               plgpu.Layout.WGMMA.reduce(1))
       acc = plgpu.layout_cast(jnp.full((block_q, dv), 0, jnp.float32), plgpu.Layout.WGMMA)
-      if magic and not cfg.interpret:
+      if magic_init:
         s_init = plgpu.layout_cast(jnp.full((block_q, block_kv), _MAGIC_BITS, jnp.int32),
                                    plgpu.Layout.WGMMA)
 
@@ -264,7 +268,7 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
           k_scale_next = []
           c = c_q
 
-        if magic and not cfg.interpret:
+        if magic_init:
           # The int32 accumulator starts at the bits of 1.5 * 2^23, so its result reinterpreted
           # as f32 is exactly 1.5 * 2^23 + s: int -> float for free (no I2F, no IADD).
           def compute_qk(acc_ref):
@@ -277,7 +281,7 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
             perform_schedule_barrier()
             return acc_ref[...]
           s = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_dtype))
-          if magic:  # Interpret mode (no run_state): the same value by an integer add.
+          if magic:  # The same value by an integer add.
             s = s + jnp.int32(_MAGIC_BITS)
         plgpu.barrier_arrive(k_consumed.at[slot])
         if magic:
