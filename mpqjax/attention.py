@@ -139,7 +139,10 @@ def _int8_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = 
                  **config) -> jax.Array:
   from pallas_kernels import attention_mosaic as am
   t, s_len = q.shape[1], k.shape[1]
-  config = {"block_kv": BLOCK_KV, **config}
+  # Measured on H200 (benchmarks/results/attention-h200.json): the accumulator-init int->float
+  # wins at D = 64 (1.21x cuDNN vs 1.10x) but spills at D = 128 (0.66x vs 1.43x).
+  config = {"block_kv": BLOCK_KV,
+            "int8_convert": "magic_init" if q.shape[-1] == 64 else "magic", **config}
   ops = quantize_operands(q, k, v, block_kv=config["block_kv"])
   with jax.named_scope("attention_quantize"):
     vt8 = am.prepare_vt(ops.v8)  # [B, H, D + 8, Sp]
