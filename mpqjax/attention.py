@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
+import types
 from typing import NamedTuple
 
 import jax
@@ -221,3 +223,15 @@ def attention_switch(q: jax.Array, k: jax.Array, v: jax.Array, precision_index: 
   branches = [functools.partial(attention, precision=p, implementation=implementation)
               for p in PRECISIONS]
   return lax.switch(jnp.asarray(precision_index, jnp.int32), branches, q, k, v)
+
+
+class _CallableModule(types.ModuleType):
+  """Makes `mpqjax.attention(q, k, v, ...)` call attention() while `mpqjax.attention` stays this
+  module (the model blocks use `mpqjax.attention.attention`; exporting the function under the
+  module's own name would shadow the module)."""
+
+  def __call__(self, *args, **kwargs):
+    return attention(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

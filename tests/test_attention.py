@@ -196,3 +196,12 @@ def test_mosaic_gpu_matches_xla(precision, d, t):
   xla = A.attention(q, k, v, precision=precision, implementation="xla")
   cos, rel_l1 = _metrics(out, np.asarray(jnp.asarray(xla, jnp.float32), np.float64))
   assert cos > 0.9995 and rel_l1 < (0.03 if precision == "int8" else 0.01)
+
+
+def test_package_exports_a_callable_attention():
+  import mpqjax
+  q, k, v = _inputs(12, (1, 20, 2, 64))
+  got = mpqjax.attention(q, k, v, precision="int8", implementation="xla")
+  want = mpqjax.attention.attention(q, k, v, precision="int8", implementation="xla")
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  assert "attention" in mpqjax.__all__
