@@ -24,11 +24,13 @@ def work(tmp_path_factory):
   np.save(embs, rng.standard_normal((2, 8, 32)).astype(np.float32))
   one = str(d / "one.npy")
   np.save(one, rng.standard_normal((8, 32)).astype(np.float32))
+  first = str(d / "first.npy")
+  np.save(first, np.load(embs)[0])
   calib = str(d / "calib.json")
   rc = cli.main(["calibrate", "--model", ckpt, "--prompt-embeds", embs, "--seeds", "0,1",
                  "--steps", STEPS, "--out", calib])
   assert rc == 0
-  return {"dir": d, "ckpt": ckpt, "embs": embs, "one": one, "calib": calib}
+  return {"dir": d, "ckpt": ckpt, "embs": embs, "one": one, "first": first, "calib": calib}
 
 
 def test_calibrate_writes_versioned_json_and_png(work, capsys):
@@ -166,3 +168,17 @@ def test_generate_progress_reports_every_step(work, capsys):
   err = capsys.readouterr().err
   for i in range(1, int(STEPS) + 1):
     assert f"step {i}/{STEPS}" in err, err
+
+
+def test_calibrated_tau_hits_about_the_target_bits(work):
+  # a calibration prompt and seed, TDC and the outlier rule off: the measured average width
+  # should sit near the 6-bit target (the trajectory differs a little from the INT8 one the
+  # calibration ran, so not exactly)
+  out = work["dir"] / "out_bits"
+  rc = cli.main(["generate", "--model", work["ckpt"], "--prompt-embeds", work["first"],
+                 "--steps", STEPS, "--seed", "0", "--out", str(out), "--precision", "mixed",
+                 "--calibration", work["calib"], "--no-tdc", "--outlier-threshold", "inf"])
+  assert rc == 0
+  s = json.loads((out / "report.json").read_text())["summary"]
+  assert 5.0 <= s["avg_activation_bits"] <= 7.0, s["avg_activation_bits"]
+  assert s["linear_mode_counts"]["nvfp4"] > 0 and s["linear_mode_counts"]["int8"] > 0
