@@ -38,7 +38,7 @@ def add_method_arguments(p: argparse.ArgumentParser, *, model_required: bool = T
   p.add_argument("--prompt", action="append", metavar="TEXT",
                  help="prompt text (pipeline folders only; repeat for several)")
   p.add_argument("--negative-prompt", default="", help="negative prompt text (pipelines)")
-  p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+  p.add_argument("--steps", type=int, default=50, help="denoising steps (default %(default)s)")
   p.add_argument("--guidance", type=float, default=6.0,
                  help="CFG scale (default 6; <= 1 disables CFG)")
   p.add_argument("--dynamic-cfg", action="store_true", help="diffusers' dynamic CFG schedule")
