@@ -20,9 +20,9 @@ implementation:
     quantized algorithm exactly (the CPU reference of the kernel's numerics).
   "cudnn": jax.nn.dot_product_attention's cuDNN flash attention (bf16 only).
   "mosaic": the Pallas Mosaic GPU kernel in pallas_kernels/attention_mosaic.py (Hopper only).
-  None: "mosaic" on Hopper at D in (64, 128) (measured faster than cuDNN, see
-    benchmarks/results/attention-h200.json); else "bf16" -> cuDNN on GPU where it applies, else
-    xla; "int8" -> xla.
+  None: "mosaic" on Hopper at D in (64, 128) for int8 and for 16-bit float inputs (measured
+    faster than cuDNN, see benchmarks/results/attention-h200.json); else "bf16" -> cuDNN on GPU
+    where it applies, else xla; "int8" -> xla.
 """
 from __future__ import annotations
 
@@ -202,7 +202,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, precision: str = "bf1
   if implementation == "mosaic" and (why := mosaic_unavailable_reason(q)):
     raise ValueError(f"attention implementation 'mosaic' is unavailable: {why}")
   if implementation is None:
-    if mosaic_unavailable_reason(q) is None:
+    # f32 inputs keep the exact xla path for bf16 precision (the kernel would round to bf16).
+    if mosaic_unavailable_reason(q) is None and (
+        precision == "int8" or q.dtype in (jnp.bfloat16, jnp.float16)):
       implementation = "mosaic"
     elif precision == "bf16" and _cudnn_ok(q):
       implementation = "cudnn"
