@@ -1,6 +1,6 @@
 """Benchmark (and check) the Mosaic GPU qlinear kernels against XLA, side by side in one run.
 
-  PYTHONPATH=. python3 benchmarks/kernels.py [--quick] [--tune] [--out DIR]
+  PYTHONPATH=. python3 benchmarks/kernels.py [--quick] [--tune] [--max-m M] [--min-m M] [--out DIR]
 
 For each shape (M, K, N) it times, with CUPTI (sum of device kernel time per call, over
 input sets rotated so that the weights do not sit in L2):
@@ -59,6 +59,12 @@ def shapes(quick: bool):
   if quick:
     out = [s for s in out if s[0] in ("8192^3",) or (s[0] == "5B K3072 N12288")]
   return out
+
+
+def select(all_shapes, max_m: int | None, min_m: int | None):
+  """--max-m / --min-m filters (e.g. --max-m 256 for the memory-bound shapes alone)."""
+  return [s for s in all_shapes if (max_m is None or s[1] <= max_m)
+          and (min_m is None or s[1] >= min_m)]
 
 
 def tune_configs(m: int, n: int, k: int):
@@ -132,7 +138,7 @@ TUNE_SHAPES = {("8192^3", 8192), ("5B K12288 N3072", 64)}
 def write_json(res: dict, out_dir: str) -> str:
   dev = res["device"].replace(" ", "_").replace("/", "_")
   os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"kernels-{dev}.json")
+  path = os.path.join(out_dir, f"kernels-{dev}{res.get('suffix', '')}.json")
   fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
   with os.fdopen(fd, "w") as f:
     json.dump(res, f, indent=1)
@@ -146,8 +152,10 @@ def run(args, out_dir=None) -> dict:
   results = []
   res = dict(device=dev.device_kind, num_sms=sms, jax_version=jax.__version__,
              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             command=" ".join([os.path.basename(sys.executable)] + sys.argv), results=results)
-  for (name, m, k, n) in shapes(args.quick):
+             command=" ".join([os.path.basename(sys.executable)] + sys.argv), results=results,
+             suffix=getattr(args, "suffix", ""))
+  for (name, m, k, n) in select(shapes(args.quick), getattr(args, "max_m", None),
+                                getattr(args, "min_m", None)):
     flops = 2.0 * m * n * k
     wbytes = n * k * 2
     n_sets = 1 if m >= 1024 else max(1, min(6, math.ceil(2 * L2_BYTES / wbytes)))
@@ -292,6 +300,9 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="two shapes only")
   ap.add_argument("--tune", action="store_true", help="time several tile configs per shape")
+  ap.add_argument("--max-m", type=int, default=None, help="only shapes with M <= this")
+  ap.add_argument("--min-m", type=int, default=None, help="only shapes with M >= this")
+  ap.add_argument("--suffix", default="", help="appended to the JSON name, e.g. .smallm")
   ap.add_argument("--tune-all", action="store_true", help="--tune at every shape")
   ap.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
   args = ap.parse_args(argv)
