@@ -145,3 +145,14 @@ def test_input_shape_errors(setup):
     forward(params, lat, t[:1], te, config=CFG)
   with pytest.raises(UserInputError, match="modes"):
     forward(params, lat, t, te, config=CFG, modes=jnp.zeros((3, 8), jnp.int32))
+
+
+def test_named_scopes_reach_the_compiled_program(setup):
+  """Profiles are read by these names: each linear, the norms and attention, per block."""
+  _, qparams, (lat, t, te) = setup
+  txt = jax.jit(lambda p: forward(p, lat, t, te, config=CFG)).lower(qparams).as_text(
+      debug_info=True)
+  for scope in ("transformer_blocks", "norm1", "norm2", "norm_q", "norm_k", "rope",
+                "attn1/attention", "ff/gelu", "patch_embed", "time_embedding", "norm_final",
+                "norm_out", "proj_out", *(n for n in LINEAR_NAMES)):
+    assert scope in txt, scope
