@@ -307,3 +307,15 @@ def test_real_size_sharded_conversion(tmp_path, preset, quantize):
       lin = model.params["transformer_blocks"]["attn1"]["to_q"]
       assert lin.weight.codes.shape == (cfg.num_layers, cfg.inner_dim, cfg.inner_dim // 2)
     shutil.rmtree(dst)
+
+
+def test_pipeline_folder_uses_its_transformer(tmp_path, capsys):
+  """A whole diffusers pipeline folder: the converter picks its transformer/ subfolder."""
+  pipe = tmp_path / "pipe"
+  shutil.copytree(SINCOS, pipe / "transformer")
+  (pipe / "model_index.json").write_text("{}")
+  assert main(["convert", str(pipe), str(tmp_path / "out"), "--dtype", "fp32", "--quiet"]) == 0
+  assert "transformer" in capsys.readouterr().out
+  io = np.load(os.path.join(SINCOS, "io.npz"))
+  out = mpqjax.load_transformer(tmp_path / "out")(io["latents"], io["timestep"], io["text_emb"])
+  assert _rel(out, io["out"]) <= 1e-5
