@@ -35,6 +35,9 @@ MODES = (  # name, precision, tdc, extra generate kwargs
     ("nvfp4", "nvfp4", False, {}),
     ("int8", "int8", False, {}),
     ("mixed", "mixed", False, {}),
+    # the PDR outlier rule (BF16 for max|x|/mean|x| > 25) raises the average width above the
+    # calibrated ~6 bits; without it, mixed runs at the calibration's target
+    ("mixed, outlier rule off", "mixed", False, {"outlier_threshold": float("inf")}),
     ("mixed+TDC", "mixed", True, {}),  # the defaults of `mpqjax generate`
     # not a default: a looser TDC threshold, to show what skipping costs on this model
     ("mixed+TDC(tau_tdc=0.1)", "mixed", True, {"tdc_threshold": 0.1}),
@@ -160,7 +163,8 @@ def main(argv=None) -> int:
             zip(vids, pairs)]
     bits = [s["avg_activation_bits"] for s in summaries]
     rows[name] = {
-        "precision": precision, "tdc": tdc, **extra,
+        "precision": precision, "tdc": tdc,
+        **{k: (v if np.isfinite(v) else str(v)) for k, v in extra.items()},
         "adherence": float(np.mean(hits)),
         "skip_ratio": float(np.mean([s["skip_ratio"] for s in summaries])),
         "avg_activation_bits": None if bits[0] is None else float(np.mean(bits)),
@@ -180,9 +184,11 @@ def main(argv=None) -> int:
 
   claims = {
       "mixed_closer_to_bf16_than_nvfp4_by_psnr": {
-          "mixed_psnr": rows["mixed"]["psnr_vs_bf16"], "nvfp4_psnr": rows["nvfp4"]["psnr_vs_bf16"],
-          "mixed_avg_bits": rows["mixed"]["avg_activation_bits"],
-          "holds": rows["mixed"]["psnr_vs_bf16"] > rows["nvfp4"]["psnr_vs_bf16"]},
+          name: {"mixed_psnr": rows[name]["psnr_vs_bf16"],
+                 "nvfp4_psnr": rows["nvfp4"]["psnr_vs_bf16"],
+                 "mixed_avg_bits": rows[name]["avg_activation_bits"],
+                 "holds": rows[name]["psnr_vs_bf16"] > rows["nvfp4"]["psnr_vs_bf16"]}
+          for name in ("mixed", "mixed, outlier rule off")},
       "mixed_tdc_adherence_within_2_points_of_bf16": {
           "bf16": rows["bf16"]["adherence"], "mixed+TDC": rows["mixed+TDC"]["adherence"],
           "drop_points": 100 * (rows["bf16"]["adherence"] - rows["mixed+TDC"]["adherence"]),
@@ -232,7 +238,9 @@ def markdown(r: dict) -> str:
       f"{s['guidance']}. PSNR/SSIM against the bf16 video of the same prompt and seed; adherence "
       f"= share of videos whose analyzed color and direction match the prompt (the analyzer "
       f"scores {100 * r['analyzer_on_dataset']:.0f}% on dataset clips); wall time per video after "
-      "compilation.", "",
+      "compilation (on a CPU shared with other jobs these times are noisy, and XLA emulates "
+      "NVFP4/INT8 there, so quantized modes are slower than bf16: speed belongs to the GPU "
+      "benchmarks).", "",
       "| mode | PSNR vs bf16 (dB) | SSIM vs bf16 | adherence | skip ratio | avg act. bits | "
       "s / video |",
       "|---|---|---|---|---|---|---|",
@@ -246,15 +254,18 @@ def markdown(r: dict) -> str:
                  f"{m['skip_ratio']:.3f} | {bits} | {m['wall_s_per_video']:.2f} |")
   c = r["calibration"]
   cl = r["claims"]
-  a, b = cl["mixed_closer_to_bf16_than_nvfp4_by_psnr"], cl["mixed_tdc_adherence_within_2_points_of_bf16"]
+  b = cl["mixed_tdc_adherence_within_2_points_of_bf16"]
   lines += [
       "", f"Calibration: Pearson r of Γ_b(t−1) vs E_rel(l,t) = {c['pearson_r_overall']:.3f} "
       f"overall, {c['pearson_r_mean_per_linear']:.3f} mean per linear; τ = {c['tau']:.4g} for "
       f"{c['target_bits']} target bits.", "",
-      "Claims (issue 5 §6):",
-      f"- mixed at {a['mixed_avg_bits']:.2f} avg bits closer to bf16 than all-NVFP4 by PSNR: "
+      "Claims (issue 5 §6):"]
+  for name, a in cl["mixed_closer_to_bf16_than_nvfp4_by_psnr"].items():
+    lines.append(
+      f"- {name} at {a['mixed_avg_bits']:.2f} avg bits closer to bf16 than all-NVFP4 by PSNR: "
       f"{a['mixed_psnr']:.2f} vs {a['nvfp4_psnr']:.2f} dB -> "
-      f"{'holds' if a['holds'] else 'does NOT hold'}.",
+      f"{'holds' if a['holds'] else 'does NOT hold'}.")
+  lines += [
       f"- mixed+TDC loses <= 2 adherence points vs bf16: {100 * b['bf16']:.1f}% -> "
       f"{100 * b['mixed+TDC']:.1f}% ({b['drop_points']:+.1f} points lost; one video = "
       f"{b['resolution_points']:.1f} points) -> {'holds' if b['holds'] else 'does NOT hold'}.", ""]
