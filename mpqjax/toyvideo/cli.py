@@ -54,8 +54,6 @@ def apply_defaults(args) -> None:
   """Fill flags the user left unset with the toy model's defaults (shipped calibration)."""
   from mpqjax.toyvideo import weights
   global _BAR
-  _BAR = StageBar()
-  _BAR.start(STAGES[0])
   if not weights.available():
     raise FileNotFoundError(f"the default toy model's weights are missing from {weights.WEIGHTS_DIR}"
                             " (a broken install?); pass --model")
@@ -72,6 +70,8 @@ def apply_defaults(args) -> None:
     max_tokens = int(json.load(f)["text_encoder"]["max_tokens"])
   for p in [*args.prompt, args.negative_prompt]:  # fail fast, before loading anything heavy
     text.tokenize(p, max_tokens)
+  _BAR = StageBar()
+  _BAR.start(STAGES[0])
   if args.prompt_embeds or args.negative_embeds:
     raise UserInputError("--prompt-embeds/--negative-embeds need --model (the default toy model "
                          "has its own text encoder: use --prompt)")
