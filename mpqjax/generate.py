@@ -23,6 +23,7 @@ import numpy as np
 
 from models.cogvideox import model as cog
 from models.cogvideox.params import BLOCKS, LINEAR_NAMES, MODULATION_LINEARS, is_quantized
+from mpqjax import attention as attention_lib
 from mpqjax import sampler, schedulers
 from mpqjax.errors import UserInputError
 from mpqjax.method import predictor
@@ -30,7 +31,8 @@ from mpqjax.method import tdc as tdc_lib
 from mpqjax.method.calibration import Calibration
 from mpqjax.method.knobs import (DEFAULT_OUTLIER_THRESHOLD, DEFAULT_TDC_ERROR_BOUND,
                                  DEFAULT_TDC_MAX_SKIPS, DEFAULT_TDC_THRESHOLD,
-                                 DEFAULT_TDC_WARMUP_FRACTION, MethodKnobs, make_knobs)
+                                 DEFAULT_TDC_WARMUP_FRACTION, DEFAULT_ATTENTION_EDGE_STEPS,
+                                 MethodKnobs, make_knobs)
 from mpqjax.qlinear import MODE_ACTIVATION_BITS, Mode, QuantizedLinear
 
 PRECISIONS = ("bf16", "nvfp4", "int8", "mixed")
@@ -76,8 +78,8 @@ def _denoiser(static: GenerateStatic, params, text_all, knobs: MethodKnobs):
   config = static.model_config
   routed = jnp.asarray(ROUTED)
   run_block = functools.partial(cog.block, config=config, collect_stats=static.collect_stats,
-                                implementation=static.implementation,
-                                attention_precision=static.attention_precision)
+                                implementation=static.implementation)
+  int8_attention = static.attention_precision == "int8"
 
   def model_fn(state: tdc_lib.BlockState, x, t, i, num_steps):
     if static.progress:
@@ -88,7 +90,7 @@ def _denoiser(static: GenerateStatic, params, text_all, knobs: MethodKnobs):
       # The stacked state rides in the carry and block l's slice is read and written in place
       # (dynamic slice / update), so the TDC cache is not copied into a second [L, ...] buffer.
       h, e, st = carry
-      p_l, a_l, b_l, l = xs
+      p_l, a_l, b_l, att_l, l = xs
       s_l = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, l, keepdims=False),
                                    st)
 
@@ -96,13 +98,19 @@ def _denoiser(static: GenerateStatic, params, text_all, knobs: MethodKnobs):
         fresh = (i > 0) & (s_l.skips == 0)
         modes = predictor.predict_modes(s_l.gamma, fresh, a_l, b_l, knobs.tau, routed)
         modes = jnp.where((knobs.mode_override >= 0) & routed, knobs.mode_override, modes)
+        if int8_attention:  # index into attention.PRECISIONS: 1 = int8, 0 = bf16
+          edge = knobs.attention_edge_steps
+          att = (att_l & (i >= edge) & (i < num_steps - edge)).astype(jnp.int32)
+        else:
+          att = jnp.int32(0)
         h2, e2, aux = run_block(p_l, h, e, temb, rotary, modes,
-                                outlier_threshold=knobs.outlier_threshold)
+                                outlier_threshold=knobs.outlier_threshold,
+                                attention_precision=att if int8_attention else "bf16")
         gamma = predictor.block_divergence(h, e, h2, e2)
         s_new = tdc_lib.computed(s_l, h, e, h2, e2, gamma, tdc=static.tdc)
         stats = {"computed": jnp.bool_(True), "modes": aux["modes"].astype(jnp.int32),
                  "gamma": gamma, "change": s_new.change, "e_acc": s_l.e_acc,
-                 "outlier_ratio": aux["outlier_ratio"]}
+                 "outlier_ratio": aux["outlier_ratio"], "attention": att}
         if static.collect_stats:
           stats["e_rel"] = aux["e_rel"]
         return h2, e2, s_new, stats
@@ -112,7 +120,8 @@ def _denoiser(static: GenerateStatic, params, text_all, knobs: MethodKnobs):
         n = len(LINEAR_NAMES)
         stats = {"computed": jnp.bool_(False), "modes": jnp.full((n,), SKIPPED_MODE, jnp.int32),
                  "gamma": jnp.float32(jnp.nan), "change": s_l.change, "e_acc": s_new.e_acc,
-                 "outlier_ratio": jnp.full((n,), jnp.nan, jnp.float32)}
+                 "outlier_ratio": jnp.full((n,), jnp.nan, jnp.float32),
+                 "attention": jnp.int32(-1)}
         if static.collect_stats:
           stats["e_rel"] = jnp.full((n,), jnp.nan, jnp.float32)
         return h2, e2, s_new, stats
@@ -130,7 +139,8 @@ def _denoiser(static: GenerateStatic, params, text_all, knobs: MethodKnobs):
     with jax.named_scope("transformer_blocks"):
       layers = jnp.arange(config.num_layers, dtype=jnp.int32)
       (hidden, encoder, state), stats = jax.lax.scan(
-          block_body, (hidden, encoder, state), (params[BLOCKS], knobs.alpha, knobs.beta, layers))
+          block_body, (hidden, encoder, state),
+          (params[BLOCKS], knobs.alpha, knobs.beta, knobs.attention_int8, layers))
     out = cog.unembed(params, hidden, temb, config, x.shape)
     return out, state, stats
 
@@ -214,7 +224,9 @@ def summarize(stats: dict[str, np.ndarray]) -> dict[str, Any]:
           "skipped_per_step": (~computed).sum(axis=1).tolist(),
           "avg_activation_bits": float(nominal) if ran.size else None,
           "avg_activation_bits_with_scales": float(effective) if ran.size else None,
-          "linear_mode_counts": counts}
+          "linear_mode_counts": counts,
+          "attention_int8_fraction": (float((np.asarray(stats["attention"])[computed] == 1).mean())
+                                      if computed.any() else None)}
 
 
 def default_warmup(steps: int) -> int:
@@ -225,7 +237,9 @@ def make_method_knobs(config, params, *, precision: str, calibration: Calibratio
                       tau: float | None = None, outlier_threshold: float | None = None,
                       tdc_threshold: float = DEFAULT_TDC_THRESHOLD,
                       tdc_error_bound: float = DEFAULT_TDC_ERROR_BOUND,
-                      tdc_max_skips: int = DEFAULT_TDC_MAX_SKIPS, tdc_warmup: int = 2
+                      tdc_max_skips: int = DEFAULT_TDC_MAX_SKIPS, tdc_warmup: int = 2,
+                      attention_blocks=None,
+                      attention_edge_steps: int = DEFAULT_ATTENTION_EDGE_STEPS
                       ) -> tuple[MethodKnobs, dict]:
   """Knobs for a precision. "mixed" needs a calibration (α, β, τ) or a user τ (then α = 1,
   β = 0: the predictor is Γ_b(t−1) itself). Returns (knobs, notes for the report)."""
@@ -265,7 +279,8 @@ def make_method_knobs(config, params, *, precision: str, calibration: Calibratio
   knobs = make_knobs(L, n, tau=t, alpha=alpha, beta=beta, mode_override=override,
                      outlier_threshold=outlier_threshold, tdc_threshold=tdc_threshold,
                      tdc_error_bound=tdc_error_bound, tdc_max_skips=tdc_max_skips,
-                     tdc_warmup=tdc_warmup)
+                     tdc_warmup=tdc_warmup,
+                     attention_int8=attention_blocks, attention_edge_steps=attention_edge_steps)
   return knobs, notes
 
 
@@ -288,6 +303,7 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
              tdc_max_skips: int = DEFAULT_TDC_MAX_SKIPS, tdc_warmup: int | None = None,
              outlier_threshold: float | None = None, collect_stats: bool = False,
              implementation: str | None = None, attention_precision: str = "bf16",
+             attention_blocks=None, attention_edge_steps: int = DEFAULT_ATTENTION_EDGE_STEPS,
              on_step=None) -> GenerateResult:
   """Run the method end to end on `model` (anything with .config and .params).
 
@@ -298,7 +314,13 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
   (a jax.debug.callback, e.g. for a progress bar; None: the loop never reaches the host).
   scheduler: "ddim", "dpm", or a SchedulerConfig (defaults: the CogVideoX-2b/5b release configs
   by the model's RoPE flag). CFG runs when guidance > 1 (batched, unconditional half first).
+  attention_precision "int8" runs the INT8/FP8 attention in `attention_blocks` (block indices,
+  None = all) except during the first and last `attention_edge_steps` steps; both are knob
+  arrays, so changing them does not recompile.
   """
+  if attention_precision not in attention_lib.PRECISIONS:
+    raise UserInputError(f"attention precision must be one of {attention_lib.PRECISIONS}, got "
+                         f"{attention_precision!r}")
   config, params = model.config, model.params
   text = _as_batch("text_emb", text_emb, config.text_embed_dim)
   neg = jnp.zeros_like(text) if negative_emb is None else _as_batch(
@@ -330,7 +352,9 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
   knobs, notes = make_method_knobs(config, params, precision=precision, calibration=calibration,
                                    tau=tau, outlier_threshold=outlier_threshold,
                                    tdc_threshold=tdc_threshold, tdc_error_bound=tdc_error_bound,
-                                   tdc_max_skips=tdc_max_skips, tdc_warmup=warm)
+                                   tdc_max_skips=tdc_max_skips, tdc_warmup=warm,
+                                   attention_blocks=attention_blocks,
+                                   attention_edge_steps=attention_edge_steps)
   static = GenerateStatic(config, scheduler, tdc=tdc, do_cfg=do_cfg, collect_stats=collect_stats,
                           implementation=implementation, attention_precision=attention_precision,
                           progress=on_step is not None)
@@ -349,6 +373,7 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
              "tdc_error_bound": tdc_error_bound, "tdc_max_skips": tdc_max_skips,
              "tdc_warmup": warm, "scheduler": scheduler.to_dict(), "steps": steps,
              "guidance": guidance, "dynamic_cfg": dynamic_cfg, "seed": seed,
+             "attention_precision": attention_precision,
              "latents_shape": list(latents.shape)}
   for k, v in list(summary.items()):
     if isinstance(v, float) and not math.isfinite(v):

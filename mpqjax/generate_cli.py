@@ -69,6 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tdc-max-skips", type=int, default=None, help="N_max (default 2)")
   p.add_argument("--tdc-warmup", type=int, default=None,
                  help="first steps that always compute (default max(2, 10%% of steps))")
+  p.add_argument("--attention", choices=("bf16", "int8"), default="bf16",
+                 help="attention precision: int8 = INT8 QK^T / FP8 PV (SageAttention-style) in "
+                      "every block except the first and last --attention-edge-steps steps "
+                      "(default bf16)")
+  p.add_argument("--attention-edge-steps", type=int, default=1,
+                 help="first and last steps that keep bf16 attention with --attention int8 "
+                      "(default 1)")
   p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                  help="per-step progress on stderr (default: when stderr is a terminal)")
   p.add_argument("--seed", type=int, default=0)
@@ -200,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
     raise UserInputError(f"--tdc-warmup must be >= 0, got {args.tdc_warmup}")
   if args.outlier_threshold is not None and not args.outlier_threshold > 0:
     raise UserInputError(f"--outlier-threshold must be > 0, got {args.outlier_threshold}")
+  if args.attention_edge_steps < 0:
+    raise UserInputError(f"--attention-edge-steps must be >= 0, got {args.attention_edge_steps}")
   if args.tau is not None and args.tau != args.tau:
     raise UserInputError("--tau must be a number or +-inf, got nan")
   shape = parse_latent_shape(args.latent_shape)
@@ -222,7 +231,9 @@ def run(args: argparse.Namespace) -> int:
                     dynamic_cfg=args.dynamic_cfg, scheduler=sched, precision=args.precision,
                     calibration=calib, tau=args.tau, tdc=args.tdc,
                     outlier_threshold=args.outlier_threshold,
-                    implementation=args.implementation, on_step=_progress_hook(args), **kw)
+                    implementation=args.implementation, attention_precision=args.attention,
+                    attention_edge_steps=args.attention_edge_steps,
+                    on_step=_progress_hook(args), **kw)
   files = {"latents": os.path.join(args.out, "latents.npy")}
   atomic_save_npy(files["latents"], result.latents)
   if pipe is not None:
@@ -238,9 +249,11 @@ def run(args: argparse.Namespace) -> int:
             "per_step": {"computed": result.stats["computed"].astype(int).tolist(),
                          "modes": result.stats["modes"].tolist(),
                          "gamma": _finite(result.stats["gamma"]),
-                         "tdc_change": _finite(result.stats["change"])},
+                         "tdc_change": _finite(result.stats["change"]),
+                         "attention": result.stats["attention"].tolist()},
             "per_step_legend": "[step][block]; modes [step][block][linear] in LINEAR_NAMES order, "
-                               "0 NVFP4, 1 INT8, 2 BF16, -1 skipped (no linear ran)"}
+                               "0 NVFP4, 1 INT8, 2 BF16, -1 skipped (no linear ran); attention "
+                               "[step][block] 0 bf16, 1 int8, -1 skipped"}
   if pipe is not None:  # pipeline folders: peak host RSS and device memory (issue 8)
     report["memory"] = pipe.memory_report()
   files["report"] = os.path.join(args.out, "report.json")

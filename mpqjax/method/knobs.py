@@ -17,12 +17,13 @@ DEFAULT_TDC_THRESHOLD = 0.05
 DEFAULT_TDC_ERROR_BOUND = 0.10
 DEFAULT_TDC_MAX_SKIPS = 2
 DEFAULT_TDC_WARMUP_FRACTION = 0.1   # warm-up steps = max(2, round(0.1 * S))
+DEFAULT_ATTENTION_EDGE_STEPS = 1    # first and last step keep bf16 attention (issue 10)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=("tau", "alpha", "beta", "mode_override", "outlier_threshold",
                                 "tdc_threshold", "tdc_error_bound", "tdc_max_skips",
-                                "tdc_warmup"),
+                                "tdc_warmup", "attention_int8", "attention_edge_steps"),
                    meta_fields=())
 @dataclasses.dataclass(frozen=True)
 class MethodKnobs:
@@ -31,7 +32,10 @@ class MethodKnobs:
   mode_override int32[]: −1 = predictor; 0/1/2 = every quantized linear in that Mode.
   outlier_threshold f32[]: max|x|/mean|x| above which a linear runs BF16 (+inf disables).
   tdc_threshold f32[] (τ_tdc), tdc_error_bound f32[] (B), tdc_max_skips int32[] (N_max),
-  tdc_warmup int32[] (W)."""
+  tdc_warmup int32[] (W).
+  attention_int8 bool[L]: blocks whose attention may run INT8/FP8 (used only when generate's
+  attention precision is "int8"); attention_edge_steps int32[]: that many first and last steps
+  keep bf16 attention in every block."""
   tau: Any
   alpha: Any
   beta: Any
@@ -41,12 +45,15 @@ class MethodKnobs:
   tdc_error_bound: Any
   tdc_max_skips: Any
   tdc_warmup: Any
+  attention_int8: Any
+  attention_edge_steps: Any
 
 
 def make_knobs(num_layers: int, num_linears: int, *, tau=float("inf"), alpha=None, beta=None,
                mode_override: int = -1, outlier_threshold=float("inf"),
                tdc_threshold=DEFAULT_TDC_THRESHOLD, tdc_error_bound=DEFAULT_TDC_ERROR_BOUND,
-               tdc_max_skips=DEFAULT_TDC_MAX_SKIPS, tdc_warmup=2) -> MethodKnobs:
+               tdc_max_skips=DEFAULT_TDC_MAX_SKIPS, tdc_warmup=2, attention_int8=None,
+               attention_edge_steps=DEFAULT_ATTENTION_EDGE_STEPS) -> MethodKnobs:
   shape = (num_layers, num_linears)
   def coef(a, name):
     a = np.zeros(shape, np.float32) if a is None else np.asarray(a, np.float32)
@@ -58,4 +65,20 @@ def make_knobs(num_layers: int, num_linears: int, *, tau=float("inf"), alpha=Non
   return MethodKnobs(tau=f32(tau), alpha=coef(alpha, "alpha"), beta=coef(beta, "beta"),
                      mode_override=i32(mode_override), outlier_threshold=f32(outlier_threshold),
                      tdc_threshold=f32(tdc_threshold), tdc_error_bound=f32(tdc_error_bound),
-                     tdc_max_skips=i32(tdc_max_skips), tdc_warmup=i32(tdc_warmup))
+                     tdc_max_skips=i32(tdc_max_skips), tdc_warmup=i32(tdc_warmup),
+                     attention_int8=_block_mask(attention_int8, num_layers),
+                     attention_edge_steps=i32(attention_edge_steps))
+
+
+def _block_mask(blocks, num_layers: int) -> jax.Array:
+  """bool[L] from None (every block) or an iterable of block indices."""
+  mask = np.zeros(num_layers, bool)
+  if blocks is None:
+    mask[:] = True
+  else:
+    blocks = [int(b) for b in blocks]
+    bad = [b for b in blocks if not 0 <= b < num_layers]
+    if bad:
+      raise ValueError(f"attention blocks {bad} out of range for {num_layers} blocks")
+    mask[blocks] = True
+  return jnp.asarray(mask)

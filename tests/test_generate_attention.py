@@ -1,0 +1,60 @@
+"""generate(attention_precision="int8"): the INT8/FP8 attention chosen per block and per step
+through lax.switch (issue 10 §2), on the tiny model of tests/test_generate.py, CPU."""
+import numpy as np
+import pytest
+
+from mpqjax import cli
+from mpqjax import generate as G
+from tests.test_generate import CFG, STEPS, _run, model, text  # noqa: F401 (fixtures)
+
+
+def rel(a, b):
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_int8_attention_off_at_edge_steps_and_close_to_bf16(model, text):
+  base = _run(model, text, precision="int8", tdc=False)
+  q = _run(model, text, precision="int8", tdc=False, attention_precision="int8")
+  att = q.stats["attention"]
+  assert att.shape == (STEPS, CFG.num_layers)
+  np.testing.assert_array_equal(att[0], 0)
+  np.testing.assert_array_equal(att[-1], 0)
+  np.testing.assert_array_equal(att[1:-1], 1)
+  np.testing.assert_array_equal(base.stats["attention"], 0)
+  assert q.summary["attention_int8_fraction"] == pytest.approx((STEPS - 2) / STEPS)
+  assert q.summary["attention_precision"] == "int8"
+  err = rel(q.latents, base.latents)
+  assert 0 < err < 0.1, err
+
+
+def test_attention_knobs_do_not_recompile_and_select_blocks(model, text):
+  base = _run(model, text, precision="int8", tdc=False)
+  _run(model, text, precision="int8", tdc=False, attention_precision="int8")
+  traces = G.trace_count()
+  only1 = _run(model, text, precision="int8", tdc=False, attention_precision="int8",
+               attention_blocks=[1], attention_edge_steps=0)
+  none = _run(model, text, precision="int8", tdc=False, attention_precision="int8",
+              attention_blocks=[])
+  assert G.trace_count() == traces
+  np.testing.assert_array_equal(only1.stats["attention"][:, 0], 0)
+  np.testing.assert_array_equal(only1.stats["attention"][:, 1], 1)
+  # with no block selected the switch always takes the bf16 branch: same result as bf16
+  np.testing.assert_array_equal(none.stats["attention"], 0)
+  np.testing.assert_allclose(none.latents, base.latents, rtol=0, atol=1e-6)
+
+
+def test_skipped_blocks_report_no_attention(model, text):
+  r = _run(model, text, precision="int8", tdc=True, tdc_threshold=1e9, tdc_error_bound=1e9,
+           attention_precision="int8")
+  skipped = ~r.stats["computed"].astype(bool)
+  assert skipped.any()
+  np.testing.assert_array_equal(r.stats["attention"][skipped], -1)
+
+
+def test_bad_attention_arguments(model, text, capsys):
+  with pytest.raises(ValueError, match="attention precision"):
+    _run(model, text, attention_precision="fp4")
+  with pytest.raises(ValueError, match="out of range"):
+    _run(model, text, precision="int8", attention_precision="int8", attention_blocks=[5])
+  assert cli.main(["generate", "--prompt-embeds", "x.npy", "--attention-edge-steps", "-1"]) == 2
+  assert "--attention-edge-steps" in capsys.readouterr().err
