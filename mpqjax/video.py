@@ -49,11 +49,18 @@ def write_video(frames: np.ndarray, path: str, fps: int = 8) -> str:
   import imageio.v2 as imageio
   if path.lower().endswith(".mp4"):
     try:
-      def mp4(tmp):
+      def _write_mp4(tmp):
         with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264",
                                 quality=8, macro_block_size=1 if _even(frames) else 16) as w:
           for f in frames:
             w.append_data(f)
+      def mp4(tmp):
+        # ffmpeg runs as a subprocess; JAX's at-fork hook warns about forking a threaded
+        # process, which is harmless here (the child execs ffmpeg at once).
+        with warnings.catch_warnings():
+          warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+          _write_mp4(tmp)
+
       return _atomic_write(path, mp4)
     except Exception as e:  # no ffmpeg binary, codec missing, ...
       warnings.warn(f"MP4 writing failed ({e!r}); writing a GIF instead")
