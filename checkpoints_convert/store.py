@@ -32,6 +32,7 @@ import numpy as np
 
 from mpqjax._version import __version__
 from mpqjax.errors import UserInputError
+from mpqjax.jsonio import read_json_object
 
 FORMAT = "mpqjax-transformer"
 FORMAT_VERSION = 1
@@ -225,14 +226,9 @@ def read_manifest(path: str) -> dict:
       hint = (f" It looks like a diffusers model folder: convert it first with "
               f"`mpqjax convert {path} DST`.")
     raise UserInputError(f"{path} is not an mpqjax converted checkpoint (no {MANIFEST}).{hint}")
-  try:
-    with open(mpath, encoding="utf-8") as f:
-      m = json.load(f)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserInputError(f"{mpath}: not valid JSON ({e})") from None
-  if not isinstance(m, dict) or m.get("format") != FORMAT:
-    raise UserInputError(f"{mpath}: format is {m.get('format') if isinstance(m, dict) else m!r}"
-                         f", expected {FORMAT!r}")
+  m = read_json_object(mpath)
+  if m.get("format") != FORMAT:
+    raise UserInputError(f"{mpath}: format is {m.get('format')!r}, expected {FORMAT!r}")
   if m.get("format_version") != FORMAT_VERSION:
     raise UserInputError(
         f"{mpath}: format version {m.get('format_version')!r} (written by mpqjax "

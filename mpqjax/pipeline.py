@@ -39,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mpqjax.errors import UserInputError
+from mpqjax.jsonio import read_json_object
 from mpqjax.video import to_uint8, write_video  # noqa: F401  (re-exported for the CLI)
 
 PIPELINE_CLASSES = ("CogVideoXPipeline",)
@@ -53,15 +54,7 @@ COMPONENTS = {
 CACHE_VERSION = 1
 
 
-def _read_json(path: str) -> dict:
-  try:
-    with open(path, encoding="utf-8") as f:
-      d = json.load(f)
-  except json.JSONDecodeError as e:
-    raise UserInputError(f"{path}: not valid JSON ({e})") from None
-  if not isinstance(d, dict):
-    raise UserInputError(f"{path}: expected a JSON object")
-  return d
+_read_json = read_json_object
 
 
 @dataclasses.dataclass

@@ -18,11 +18,11 @@ spatial interpolation 1.875, gelu-approximate FFN (4x), biases everywhere, Layer
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
 from mpqjax.errors import UserInputError
+from mpqjax.jsonio import read_json_object
 
 # Fields diffusers writes into config.json that carry no model structure.
 _IGNORED_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
@@ -136,12 +136,7 @@ class CogVideoXConfig:
       path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"config not found: {path}")
-    try:
-      with open(path, encoding="utf-8") as f:
-        d = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise UserInputError(f"{path}: not valid JSON ({e})") from None
-    return cls.from_dict(d, source=path)
+    return cls.from_dict(read_json_object(path), source=path)
 
   def to_dict(self) -> dict[str, Any]:
     """diffusers-style config dict (round-trips through from_dict)."""

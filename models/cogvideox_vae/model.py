@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mpqjax.errors import UserInputError
+from mpqjax.jsonio import read_json_object
 
 CLASS_NAME = "AutoencoderKLCogVideoX"
 
@@ -86,12 +85,7 @@ class VAEConfig:
 
   @classmethod
   def from_file(cls, path: str) -> "VAEConfig":
-    try:
-      with open(path, encoding="utf-8") as f:
-        d = json.load(f)
-    except json.JSONDecodeError as e:
-      raise UserInputError(f"{path}: not valid JSON ({e})") from None
-    return cls.from_dict(d, source=path)
+    return cls.from_dict(read_json_object(path), source=path)
 
 
 def param_shapes(cfg: VAEConfig, encoder: bool = False) -> dict:

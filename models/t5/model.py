@@ -22,15 +22,14 @@ the RMS statistics, attention logits and softmax in fp32 as transformers does.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mpqjax.errors import UserInputError
+from mpqjax.jsonio import read_json_object
 from mpqjax.qlinear import linear
 
 
@@ -71,12 +70,7 @@ class T5Config:
 
   @classmethod
   def from_file(cls, path: str) -> "T5Config":
-    try:
-      with open(path, encoding="utf-8") as f:
-        d = json.load(f)
-    except json.JSONDecodeError as e:
-      raise UserInputError(f"{path}: not valid JSON ({e})") from None
-    return cls.from_dict(d, source=path)
+    return cls.from_dict(read_json_object(path), source=path)
 
 
 def param_shapes(cfg: T5Config) -> dict:

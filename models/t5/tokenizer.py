@@ -8,7 +8,6 @@ filled in up to max_length. Sentinels: <extra_id_k> has id sp_size + extra_ids -
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -16,6 +15,7 @@ import warnings
 import numpy as np
 
 from mpqjax.errors import UserInputError
+from mpqjax.jsonio import read_json_object
 
 MAX_SEQUENCE_LENGTH = 226  # CogVideoX
 
@@ -52,11 +52,7 @@ class T5Tokenizer:
     extra_ids = 100
     cfg_path = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(cfg_path):
-      try:
-        with open(cfg_path, encoding="utf-8") as f:
-          cfg = json.load(f)
-      except json.JSONDecodeError as e:
-        raise UserInputError(f"{cfg_path}: not valid JSON ({e})") from None
+      cfg = read_json_object(cfg_path)
       cls_name = cfg.get("tokenizer_class", "T5Tokenizer")
       if cls_name not in ("T5Tokenizer", "T5TokenizerFast"):
         raise UserInputError(f"{cfg_path}: tokenizer_class {cls_name!r} is not a T5 tokenizer")
