@@ -21,6 +21,8 @@ import traceback
 
 import numpy as np
 
+from mpqjax import testing
+
 SHAPES = {  # name: (B, T, H, D)
     "cogvideox-2b": (2, 17776, 30, 64),   # CFG batch 2, 17550 video + 226 text tokens
     "cogvideox-5b": (2, 17776, 48, 64),
@@ -28,38 +30,9 @@ SHAPES = {  # name: (B, T, H, D)
 }
 
 
-def outlier_inputs(key, shape, n_outliers=4, magnitude=4.0, dtype=None):
-  """q, k, v ~ N(0, 1); q and k get `n_outliers` channels with large offsets and gains (DiT-like)."""
-  import jax
-  import jax.numpy as jnp
-  dtype = dtype or jnp.bfloat16
-  b, t, h, d = shape
-  ks = jax.random.split(key, 6)
-  q, k, v = (jax.random.normal(kk, shape, jnp.float32) for kk in ks[:3])
-  ch = jax.random.choice(ks[3], d, (n_outliers,), replace=False)
-  off = jax.random.normal(ks[4], (n_outliers,)) * magnitude
-  gain = 1 + jnp.abs(jax.random.normal(ks[5], (n_outliers,))) * magnitude / 2
-  q = q.at[..., ch].set(q[..., ch] * gain + off)
-  k = k.at[..., ch].set(k[..., ch] * gain + 0.7 * off)
-  return tuple(x.astype(dtype) for x in (q, k, v))
-
-
-def reference_f64(q, k, v):
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
-  p = np.exp(s - s.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  return np.einsum("bhts,bshd->bthd", p, v)
-
-
-def accuracy(out, ref):
-  """(cosine similarity, relative L1) of out against ref, flattened."""
-  o = np.asarray(out, np.float64).ravel()
-  r = np.asarray(ref, np.float64).ravel()
-  if not np.all(np.isfinite(o)):
-    return float("nan"), float("nan")
-  cos = float(o @ r / (np.linalg.norm(o) * np.linalg.norm(r)))
-  return cos, float(np.abs(o - r).sum() / np.abs(r).sum())
+outlier_inputs = testing.attention_outlier_inputs
+reference_f64 = testing.attention_reference_f64
+accuracy = testing.cosine_and_rel_l1
 
 
 def time_fn(fn, args, reps):

@@ -8,36 +8,24 @@ import numpy as np
 import pytest
 
 from mpqjax import attention as A
+from mpqjax import testing
 from pallas_kernels import attention_mosaic as am
 
 ON_HOPPER = A.mosaic_unavailable_reason(jnp.zeros((1, 1, 1, 64))) is None
 
 
 def _inputs(seed, shape, magnitude=4.0, n_outliers=4, dtype=jnp.bfloat16):
-  """q, k, v ~ N(0, 1) with DiT-like outlier channels (offsets and gains) in q and k."""
-  ks = jax.random.split(jax.random.key(seed), 6)
-  q, k, v = (jax.random.normal(kk, shape, jnp.float32) for kk in ks[:3])
-  d = shape[-1]
-  ch = jax.random.choice(ks[3], d, (n_outliers,), replace=False)
-  off = jax.random.normal(ks[4], (n_outliers,)) * magnitude
-  gain = 1 + jnp.abs(jax.random.normal(ks[5], (n_outliers,))) * magnitude / 2
-  q = q.at[..., ch].set(q[..., ch] * gain + off)
-  k = k.at[..., ch].set(k[..., ch] * gain + 0.7 * off)
-  return tuple(x.astype(dtype) for x in (q, k, v))
+  return testing.attention_outlier_inputs(jax.random.key(seed), shape, n_outliers, magnitude,
+                                          dtype)
 
 
-def _ref64(q, k, v):
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
-  p = np.exp(s - s.max(-1, keepdims=True))
-  return np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), v)
+_ref64 = testing.attention_reference_f64
 
 
 def _metrics(out, ref):
-  o = np.asarray(jnp.asarray(out, jnp.float32), np.float64).ravel()
-  r = np.asarray(ref, np.float64).ravel()
-  assert np.all(np.isfinite(o))
-  return o @ r / np.linalg.norm(o) / np.linalg.norm(r), np.abs(o - r).sum() / np.abs(r).sum()
+  cos, rel_l1 = testing.cosine_and_rel_l1(jnp.asarray(out, jnp.float32), ref)
+  assert np.isfinite(cos), "non-finite attention output"
+  return cos, rel_l1
 
 
 # ---------------------------------------------------------------------------------------- API

@@ -1,0 +1,38 @@
+"""Inputs and references shared by the tests and the benchmarks (one copy of each)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def attention_outlier_inputs(key, shape, n_outliers: int = 4, magnitude: float = 4.0, dtype=None):
+  """q, k, v [B, T, H, D] ~ N(0, 1); q and k get `n_outliers` channels with large offsets and
+  gains, as DiT activations have (k shares q's offsets, scaled by 0.7)."""
+  import jax
+  import jax.numpy as jnp
+  dtype = dtype or jnp.bfloat16
+  ks = jax.random.split(key, 6)
+  q, k, v = (jax.random.normal(kk, shape, jnp.float32) for kk in ks[:3])
+  ch = jax.random.choice(ks[3], shape[-1], (n_outliers,), replace=False)
+  off = jax.random.normal(ks[4], (n_outliers,)) * magnitude
+  gain = 1 + jnp.abs(jax.random.normal(ks[5], (n_outliers,))) * magnitude / 2
+  q = q.at[..., ch].set(q[..., ch] * gain + off)
+  k = k.at[..., ch].set(k[..., ch] * gain + 0.7 * off)
+  return tuple(x.astype(dtype) for x in (q, k, v))
+
+
+def attention_reference_f64(q, k, v) -> np.ndarray:
+  """softmax(q k^T / sqrt(D)) v in float64, [B, T, H, D]."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+  p = np.exp(s - s.max(-1, keepdims=True))
+  return np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), v)
+
+
+def cosine_and_rel_l1(out, ref) -> tuple[float, float]:
+  """(cosine similarity, relative L1) of out against ref, flattened; NaNs if out is not finite."""
+  o = np.asarray(out, np.float64).ravel()
+  r = np.asarray(ref, np.float64).ravel()
+  if not np.all(np.isfinite(o)):
+    return float("nan"), float("nan")
+  cos = float(o @ r / (np.linalg.norm(o) * np.linalg.norm(r)))
+  return cos, float(np.abs(o - r).sum() / np.abs(r).sum())
