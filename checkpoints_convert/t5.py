@@ -57,6 +57,18 @@ def read_finite(ckpt, key: str, dtype: np.dtype) -> np.ndarray:
   return a.astype(dtype)
 
 
+def dtype_and_config(folder: str, dtype, config_cls, layout_hint: str):
+  """(numpy dtype, config_cls.from_file(folder/config.json)); dtype: a numpy dtype or one of
+  DTYPES' names. Errors name the folder and, for a missing config, the expected layout."""
+  np_dtype = DTYPES.get(dtype, None) if isinstance(dtype, str) else np.dtype(dtype)
+  if np_dtype is None:
+    raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}")
+  cfg_path = os.path.join(folder, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f"{folder}: no config.json ({layout_hint})")
+  return np_dtype, config_cls.from_file(cfg_path)
+
+
 def set_path(tree: dict, path: Iterable[str], value) -> None:
   *head, last = list(path)
   for k in head:
@@ -67,14 +79,9 @@ def set_path(tree: dict, path: Iterable[str], value) -> None:
 def convert_t5(folder: str, dtype=np.float32,
                progress: Callable[[str], None] | None = None) -> tuple[T5Config, dict]:
   """(T5Config, params) from a T5EncoderModel folder. dtype: numpy dtype or 'bf16'/'fp32'."""
-  dtype = DTYPES.get(dtype, None) if isinstance(dtype, str) else np.dtype(dtype)
-  if dtype is None:
-    raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}")
-  cfg_path = os.path.join(folder, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"{folder}: no config.json (a transformers T5EncoderModel folder "
-                            "has config.json and model*.safetensors)")
-  cfg = T5Config.from_file(cfg_path)
+  dtype, cfg = dtype_and_config(folder, dtype, T5Config,
+                                "a transformers T5EncoderModel folder has config.json and "
+                                "model*.safetensors")
   expected = param_shapes(cfg)
   params: dict = {}
   with open_checkpoint(folder) as ckpt:

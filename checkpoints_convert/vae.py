@@ -8,14 +8,13 @@ Without encoder=True the encoder's weights are neither checked nor read.
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Callable
 
 import numpy as np
 
-from checkpoints_convert.safetensors_stream import CheckpointError, open_checkpoint
-from checkpoints_convert.t5 import DTYPES, check_keys, read_finite, set_path
+from checkpoints_convert.safetensors_stream import open_checkpoint
+from checkpoints_convert.t5 import check_keys, dtype_and_config, read_finite, set_path
 from models.cogvideox_vae.model import VAEConfig, param_shapes
 
 VAE_IGNORED = (re.compile(r"^quant_conv\."),)
@@ -26,14 +25,9 @@ def convert_vae(folder: str, dtype=np.float32, progress: Callable[[str], None] |
                 encoder: bool = False) -> tuple[VAEConfig, dict]:
   """(VAEConfig, params) from an AutoencoderKLCogVideoX folder. dtype: numpy dtype or
   'bf16'/'fp32'."""
-  dtype = DTYPES.get(dtype, None) if isinstance(dtype, str) else np.dtype(dtype)
-  if dtype is None:
-    raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}")
-  cfg_path = os.path.join(folder, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"{folder}: no config.json (a diffusers AutoencoderKLCogVideoX "
-                            "folder has config.json and diffusion_pytorch_model.safetensors)")
-  cfg = VAEConfig.from_file(cfg_path)
+  dtype, cfg = dtype_and_config(folder, dtype, VAEConfig,
+                                "a diffusers AutoencoderKLCogVideoX folder has config.json and "
+                                "diffusion_pytorch_model.safetensors")
   expected = param_shapes(cfg, encoder=encoder)
   params: dict = {}
   with open_checkpoint(folder) as ckpt:

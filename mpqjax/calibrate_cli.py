@@ -31,8 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  import numpy as np
-
   from mpqjax.calibrate import calibrate, scatter_png
   check_common(args)
   try:

@@ -193,8 +193,6 @@ def atomic_save_npy(path: str, array) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  import numpy as np
-
   from mpqjax.method.calibration import Calibration
   check_common(args)
   for flag in ("tdc_threshold", "tdc_error_bound"):
