@@ -54,6 +54,7 @@ def write_video(frames: np.ndarray, path: str, fps: int = 8) -> str:
                                 quality=8, macro_block_size=1 if _even(frames) else 16) as w:
           for f in frames:
             w.append_data(f)
+
       def mp4(tmp):
         # ffmpeg runs as a subprocess; JAX's at-fork hook warns about forking a threaded
         # process, which is harmless here (the child execs ffmpeg at once).
