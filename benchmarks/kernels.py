@@ -38,6 +38,7 @@ import numpy as np
 
 from mpqjax import formats, qlinear_xla
 from mpqjax.qlinear import quantize_linear
+from mpqjax.testing import rel_err
 from pallas_kernels import int8_quant, int8_quant_mgpu, nvfp4_to_int8, qlinear_mosaic
 from pallas_kernels import w8a8_matmul as w8a8
 
@@ -100,14 +101,6 @@ def time_fn(fn, argsets, iterations=5):
   multi = jax.jit(lambda sets: [fn(*s) for s in sets])
   _, times = profiler.measure(multi, iterations=iterations)(argsets)
   return statistics.median(times) / len(argsets)
-
-
-def rel_err(out, ref) -> float:
-  out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
-  ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-  if not np.isfinite(out).all():
-    return float("inf")
-  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def make_problem(m, k, n, seed):

@@ -4,6 +4,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def rel_err(out, ref) -> float:
+  """||out - ref||_F / ||ref||_F in float64; inf when out is not finite (so a bound fails)."""
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  if not np.isfinite(out).all():
+    return float("inf")
+  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
 def attention_outlier_inputs(key, shape, n_outliers: int = 4, magnitude: float = 4.0, dtype=None):
   """q, k, v [B, T, H, D] ~ N(0, 1); q and k get `n_outliers` channels with large offsets and
   gains, as DiT activations have (k shares q's offsets, scaled by 0.7)."""

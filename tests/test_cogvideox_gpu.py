@@ -8,15 +8,11 @@ import pytest
 
 import mpqjax
 from checkpoints_convert.cli import convert
+from mpqjax.testing import rel_err as _rel
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "cogvideox")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 @pytest.mark.parametrize("case", ["rope_nonsquare_sharded", "sincos_nonsquare"])

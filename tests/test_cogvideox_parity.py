@@ -12,14 +12,10 @@ import pytest
 import mpqjax
 from checkpoints_convert.cli import convert
 from models.cogvideox import embeddings
+from mpqjax.testing import rel_err as _rel
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "cogvideox")
 CASES = sorted(n for n in os.listdir(FIXTURES) if os.path.isdir(os.path.join(FIXTURES, n)))
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def test_fixture_set_is_complete():

@@ -17,15 +17,11 @@ from checkpoints_convert.safetensors_stream import SafetensorsWriter, open_check
 from mpqjax.cli import main
 from mpqjax.errors import UserInputError
 from mpqjax.qlinear import QuantizedLinear
+from mpqjax.testing import rel_err as _rel
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "cogvideox")
 ROPE = os.path.join(FIXTURES, "rope_nonsquare_sharded")   # sharded, f32
 SINCOS = os.path.join(FIXTURES, "sincos_nonsquare")       # single file, f32
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def _rewrite(src, dst, mutate):
@@ -98,7 +94,7 @@ def test_key_problems_listed_together(tmp_path, capsys):
     t["transformer_blocks.0.extra.weight"] = np.ones(3, np.float32)
     t["proj_out.bias"] = np.ones(5, np.float32)
   src = _rewrite(SINCOS, str(tmp_path / "src"), mutate)
-  err = _fails(capsys, [src, tmp_path / "out"], "2 missing", "transformer_blocks.1.attn1.to_k.weight",
+  _fails(capsys, [src, tmp_path / "out"], "2 missing", "transformer_blocks.1.attn1.to_k.weight",
                "norm_final.bias", "1 unexpected", "transformer_blocks.0.extra.weight",
                "1 mis-shaped", "proj_out.bias: checkpoint [5], config expects [16]")
   _no_leftovers(tmp_path, tmp_path / "out")

@@ -50,31 +50,27 @@ def test_nvfp4_every_finite_scale_byte_and_ties(rng):
 
 
 def test_nvfp4_all_codes_ties_and_saturation():
-  # Block scale s*g = 1 exactly: elements sit on every e2m1 value, every tie, and beyond 6.
-  vals = np.array([0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 6], np.float32)
-  x = np.concatenate([vals, -vals, [6.0] + [0.0] * 15]).astype(np.float32)
-  x[-1] = 6.3  # > 6 but rounds to scale 1: saturates to code 7
-  g = np.float32(6.3 / (6 * 448))
-  codes, _ = check_nvfp4_bits(x)
-  # amax 6.3 -> s = e4m3(6.3 / (6 g)) = e4m3(448) = 448 -> s*g = 448*g != 1, so just check
-  # the ties with an explicit reference on a tensor whose global scale makes s*g == 1:
-  y = np.concatenate([vals, -vals, [6 * 448 / 448.0] * 16]).astype(np.float32)
-  t = formats.quantize_nvfp4(jnp.asarray(y), global_scale=jnp.float32(1 / 448))
-  c = np.asarray(formats.unpack_nibbles(t.codes))
-  expect = [0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 6, 6, 6, 7, 7]  # RNE: ties go to the even code
-  np.testing.assert_array_equal(c[:16], expect)
-  np.testing.assert_array_equal(c[16:32], [e | 8 for e in expect])
-  assert int(codes.max()) == 15 or int(codes[-1]) == 7
+  # The tensor amax 2688 = 6 * 448 makes g = 1, and a block with amax 6 gets s = 1, so its
+  # elements encode as themselves: every e2m1 value and every tie, with both signs.
+  vals = np.array([0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 5.5, 6], np.float32)
+  sat = np.full(16, 0.1, np.float32)
+  sat[0] = 6.2  # s = e4m3(6.2 / 6) = 1, so 6.2 itself lies beyond 6 and saturates
+  x = np.concatenate([vals, -vals, sat, np.full(16, 2688, np.float32)])
+  codes, scales = check_nvfp4_bits(x)
+  one = np.float32(1).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+  np.testing.assert_array_equal(scales[:3], [one, one, one])
+  expect = [0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 6, 6, 6, 7, 7]  # RNE: a tie goes to the even code
+  np.testing.assert_array_equal(codes[:16], expect)
+  np.testing.assert_array_equal(codes[16:32], [e | 8 for e in expect])  # -0 keeps its sign
+  assert codes[32] == 7 and not codes[33:48].any()
 
 
-def test_nvfp4_saturation_from_scale_rounding():
-  # amax_block/(6g) = 460.8 clips to 448, so x/(s*g) = 6.17 > 6 and saturates to code 7.
-  g = np.float32(1.0)
-  x = np.zeros(32, np.float32) + 1.0
-  x[0] = 6 * 448 * g  # sets g = 1
-  x[16] = 6 * 460.8 * g / (6 * 448) * 6 * 448 / 6 / 448  # keep inside; replaced below
-  t = formats.quantize_nvfp4(jnp.asarray(np.full(16, 2764.8, np.float32)), global_scale=g)
-  assert np.asarray(t.scales).view(np.uint8)[0] == np.float32(448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+def test_nvfp4_block_scale_clips_at_448():
+  # With a given tensor scale g = 1, amax_block / (6 g) = 460.8 clips to 448, and
+  # x / (s g) = 6.17 saturates to code 7.
+  t = formats.quantize_nvfp4(jnp.full(16, 2764.8, jnp.float32), global_scale=jnp.float32(1))
+  assert np.asarray(t.scales).view(np.uint8)[0] == np.float32(448).astype(
+      ml_dtypes.float8_e4m3fn).view(np.uint8)
   assert set(np.asarray(formats.unpack_nibbles(t.codes)).tolist()) == {7}
 
 

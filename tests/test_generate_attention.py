@@ -6,10 +6,7 @@ import pytest
 from mpqjax import cli
 from mpqjax import generate as G
 from tests.test_generate import CFG, STEPS, _run, model, text  # noqa: F401 (fixtures)
-
-
-def rel(a, b):
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+from mpqjax.testing import rel_err as rel
 
 
 def test_int8_attention_off_at_edge_steps_and_close_to_bf16(model, text):

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 from mpqjax import pipeline as pl
 from mpqjax.errors import UserInputError
 from mpqjax.video import to_uint8, write_video
+from mpqjax.testing import rel_err
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "pipeline")
 FOLDER = os.path.join(FIX, "tiny_cogvideox")
@@ -28,11 +29,6 @@ def ref():
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("cache"))
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def test_encode_prompt_matches_diffusers_and_caches(ref, cache_dir):

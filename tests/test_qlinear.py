@@ -13,14 +13,10 @@ import pytest
 from mpqjax import formats, qlinear_xla
 from mpqjax.qlinear import Mode, QuantizedLinear, linear, qlinear, quantize_linear
 from tests import reference_formats as ref
+from mpqjax.testing import rel_err
 
 M, K, N = 64, 512, 256
 BOUNDS = {Mode.NVFP4: 0.16, Mode.INT8: 0.115, Mode.BF16: 0.11}
-
-
-def rel_err(y, y_ref):
-  y = np.asarray(y, np.float64)
-  return np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref)
 
 
 def make_layer(rng, hadamard=True, weight_format="nvfp4", bias=True):

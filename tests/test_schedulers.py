@@ -54,7 +54,6 @@ def test_trajectory_matches_diffusers(case):
                                         steps, meta["use_dynamic_cfg"])
   table = jnp.asarray(a["table"])
   feedback = meta["feedback"]
-  seen = []
 
   def model_fn(state, x, t, i):
     return table[i] + feedback * x, state, t

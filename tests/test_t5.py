@@ -15,14 +15,10 @@ from checkpoints_convert.t5 import convert_t5
 from models.t5 import T5Config, T5Tokenizer, encode
 from models.t5.model import encode_jit
 from mpqjax.errors import UserInputError
+from mpqjax.testing import rel_err
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 T5_CASES = ("seq226", "masked")
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("case", T5_CASES)

@@ -15,6 +15,7 @@ from checkpoints_convert.safetensors_stream import CheckpointError
 from checkpoints_convert.vae import convert_vae
 from models.cogvideox_vae import Tiling, VAEConfig, decode, encode, frame_batches, latent_mode
 from mpqjax.errors import UserInputError
+from mpqjax.testing import rel_err
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "vae", "tiny")
 with open(os.path.join(FIX, "cases.json")) as _f:
@@ -25,11 +26,6 @@ with open(os.path.join(FIX, "cases.json")) as _f:
 def vae():
   cfg, params = convert_vae(FIX)
   return cfg, jax.tree.map(jnp.asarray, params)
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
