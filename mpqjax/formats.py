@@ -30,8 +30,6 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 INT8_MAX = 127.0
 
-# e2m1 magnitudes by 3-bit code; bit 3 is the sign.
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Rounding boundaries between consecutive magnitudes, and whether a tie rounds up
 # (round-half-even: a tie goes to the even code).
 _E2M1_BOUNDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True),
@@ -83,9 +81,14 @@ def e2m1_encode(y: jax.Array) -> jax.Array:
 
 
 def e2m1_decode(code: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """uint8 e2m1 code (low nibble) -> value."""
-  lut = jnp.asarray(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype)
-  return lut[(code & 0xF).astype(jnp.int32)]
+  """uint8 e2m1 code (low nibble) -> value, built from the code's bits rather than a table
+  (a table lookup is a gather, which XLA does not fuse). For magnitude code c = 2e + m:
+  0.5 m if e == 0, else (1 + m/2) 2^(e-1), i.e. f32 bits ((e + 126) << 23) | (m << 22)."""
+  c = code.astype(jnp.uint32) & 0xF
+  e, m = (c >> 1) & 3, c & 1
+  bits = jnp.where(e > 0, ((e + 126) << 23) | (m << 22), m * jnp.uint32(126 << 23))
+  bits = bits | ((c >> 3) << 31)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
 
 
 def pack_nibbles(codes: jax.Array) -> jax.Array:

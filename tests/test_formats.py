@@ -88,6 +88,12 @@ def test_nvfp4_zero_blocks_and_zero_tensor(rng):
   assert scales[0] == 0 and not codes[:16].any()
 
 
+def test_e2m1_decode_every_code():
+  codes = np.arange(16, dtype=np.uint8)
+  got = np.asarray(formats.e2m1_decode(jnp.asarray(codes)))
+  np.testing.assert_array_equal(got.view(np.uint32), ref.e2m1_value(codes).view(np.uint32))
+
+
 def test_nvfp4_packing_low_nibble_first():
   t = formats.quantize_nvfp4(jnp.asarray([0.5, 6.0] + [0.0] * 14), global_scale=jnp.float32(1 / 448))
   assert int(t.codes[0]) == 1 | (7 << 4)

@@ -149,9 +149,6 @@ def test_nvfp4_to_int8_matches_reference_up_to_exact_ties(rng, hadamard):
   it rewrote the division as a reciprocal multiply."""
   from mpqjax import formats
   from pallas_kernels import nvfp4_to_int8
-  codes = jnp.arange(16, dtype=jnp.uint8)
-  np.testing.assert_array_equal(np.asarray(nvfp4_to_int8.e2m1_decode_bits(codes)),
-                                np.asarray(formats.e2m1_decode(codes)))
   w = rng.standard_normal((64, 256)).astype(np.float32) * rng.uniform(0.01, 3, (64, 1))
   layer = quantize_linear(w, None, hadamard=hadamard)
   got = np.asarray(nvfp4_to_int8.nvfp4_to_int8(layer), np.int32)
