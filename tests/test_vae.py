@@ -28,15 +28,20 @@ def vae():
   return cfg, jax.tree.map(jnp.asarray, params)
 
 
+def _tiling(info: dict):
+  """The Tiling diffusers used for a fixture case (False: untiled)."""
+  if not info["tiled"]:
+    return False
+  return Tiling(info["tile_sample_min_height"], info["tile_sample_min_width"],
+                info["tile_overlap_factor_height"], info["tile_overlap_factor_width"])
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_vae_decode_matches_diffusers(vae, case):
   cfg, params = vae
   info = CASES[case]
   io = load_file(os.path.join(FIX, f"io_{case}.safetensors"))
-  tiling = False
-  if info["tiled"]:
-    tiling = Tiling(info["tile_sample_min_height"], info["tile_sample_min_width"],
-                    info["tile_overlap_factor_height"], info["tile_overlap_factor_width"])
+  tiling = _tiling(info)
   out = decode(params, io["z"], cfg, tiling=tiling,
                frame_batch=info["num_latent_frames_batch_size"])
   assert out.shape[2] == info["num_frames"]
@@ -111,10 +116,7 @@ def test_vae_encode_matches_diffusers(vae_with_encoder, case):
   cfg, params = vae_with_encoder
   info = ENCODE_CASES[case]
   io = load_file(os.path.join(FIX, f"enc_{case}.safetensors"))
-  tiling = False
-  if info["tiled"]:
-    tiling = Tiling(info["tile_sample_min_height"], info["tile_sample_min_width"],
-                    info["tile_overlap_factor_height"], info["tile_overlap_factor_width"])
+  tiling = _tiling(info)
   out = encode(params, io["x"], cfg, tiling=tiling,
                frame_batch=info["num_sample_frames_batch_size"])
   assert out.shape == io["moments"].shape
