@@ -4,7 +4,11 @@
       XLA fusion pallas_kernels.int8_quant for non-bf16 inputs) x the
       weight re-expressed in INT8 per channel, on the W8A8 kernel (pallas_kernels.w8a8_matmul)
       with the scales and bias fused into its epilogue.
-  MOSAIC.w4a4, MOSAIC.w4a16: the xla implementation (no Hopper kernel yet).
+  MOSAIC.w4a16(x2d, layer): bf16 activations (Hadamard-rotated like the xla path) x the NVFP4
+      weight decoded in registers (pallas_kernels.nvfp4_matmul), tensor scale and bias fused.
+  MOSAIC.w4a4(x2d, layer): activations quantized to NVFP4 and handed over as their exact bf16
+      block values (pallas_kernels.nvfp4_quant), then the same kernel with both tensor scales
+      in its epilogue.
 
 The NVFP4 weight is converted to INT8 by one XLA fusion on every call (weight_int8): only
 the NVFP4 copy stays resident (0.5625 B per weight element); pallas_kernels/NOTES.md compares
@@ -17,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from mpqjax import qlinear_xla
-from pallas_kernels import int8_quant, int8_quant_mgpu, nvfp4_to_int8
+from pallas_kernels import int8_quant, int8_quant_mgpu, nvfp4_quant, nvfp4_to_int8
+from pallas_kernels import nvfp4_matmul as nvmm
 from pallas_kernels import w8a8_matmul as w8a8
 
 
@@ -88,11 +93,44 @@ def w4a8(x: jax.Array, layer) -> jax.Array:
                           out_dtype=jnp.bfloat16, interpret=interpret_params())
 
 
+def nvfp4_kernel_fits(m: int, n: int, k: int) -> bool:
+  """Whether the NVFP4 kernel tiles this problem (else the xla path runs)."""
+  return m > 0 and nvmm.supported(m, n, k, nvmm.pick_config(m, n, k))
+
+
+def _nvfp4_ok(x: jax.Array, layer) -> bool:
+  (m, k), n = x.shape, layer.out_features
+  return (layer.weight_format == "nvfp4" and layer.weight.shape == (n, k)
+          and nvfp4_kernel_fits(m, n, k))
+
+
+def _nvfp4_matmul(xv: jax.Array, layer, act_scale) -> jax.Array:
+  w4, ws, gain = nvmm.weight_operands(layer.weight)
+  return nvmm.nvfp4_matmul(xv, w4, ws, act_scale * layer.weight.global_scale * gain, layer.bias,
+                           interpret=interpret_params())
+
+
+def w4a16(x: jax.Array, layer) -> jax.Array:
+  """x[M, K] -> bf16[M, N], matching qlinear_xla.w4a16."""
+  if not _nvfp4_ok(x, layer):
+    return qlinear_xla.w4a16(x, layer)
+  xr = nvfp4_quant.rotate(x, layer.hadamard_block).astype(jnp.bfloat16)
+  return _nvfp4_matmul(xr, layer, jnp.float32(1))
+
+
+def w4a4(x: jax.Array, layer) -> jax.Array:
+  """x[M, K] -> bf16[M, N], matching qlinear_xla.w4a4."""
+  if not _nvfp4_ok(x, layer):
+    return qlinear_xla.w4a4(x, layer)
+  xv, gx = nvfp4_quant.quantize_qdq(x, nvfp4_quant.NVFP4QuantConfig(layer.hadamard_block))
+  return _nvfp4_matmul(xv, layer, gx)
+
+
 class _Mosaic:
   name = "mosaic"
-  w4a4 = staticmethod(qlinear_xla.w4a4)
+  w4a4 = staticmethod(w4a4)
   w4a8 = staticmethod(w4a8)
-  w4a16 = staticmethod(qlinear_xla.w4a16)
+  w4a16 = staticmethod(w4a16)
 
   @staticmethod
   def available() -> bool:

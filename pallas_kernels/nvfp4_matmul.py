@@ -1,0 +1,387 @@
+"""NVFP4 weight x bf16 activation matmul for Hopper (Mosaic GPU), the W4A16 / W4A4 kernel.
+
+  y[m, n] = bf16(f32(sum_k x[m, k] * wv[n, k]) * col_scale[n] + bias[n])
+  wv[n, k] = e2m1(code[n, k]) * f32(s[n, k // 16])      (exact in bf16)
+
+which is mpqjax.qlinear_xla's W4A16 arithmetic (col_scale = the weight's tensor scale) and,
+fed a QDQ activation (pallas_kernels.nvfp4_quant), its W4A4 arithmetic (col_scale = both
+tensor scales): bf16 products, f32 accumulation, f32 epilogue.
+
+Hopper has no FP4 tensor cores, so the weight is decoded in registers: it is the wgmma A
+operand and the kernel computes y^T = W . x^T (the layout of tokamax's sm90 quantized
+ragged_dot). Per pipeline step a consumer warpgroup loads its [tile_n, tile_k] slice of
+codes (int4 view of the packed uint8 codes, moved by TMA at 0.5 B per element), relays it
+out to the wgmma register layout, turns each pair of nibbles into a bf16x2 by bit
+arithmetic and multiplies by the block scale (`decode="bits"`):
+
+  e2m1 bits s e1 e0 m -> bf16 bits s 0000000 0e1e0 m000000 = e2m1 * 2^-126 (exact: a bf16
+  subnormal when e == 0), times the block scale stored as bf16(s * 2^119): e2m1 * s * 2^-7,
+  exact in bf16; the epilogue multiplies the 2^7 back in with the tensor scale.
+
+`decode="int4"` is the same with Mosaic's own int4 -> bf16 conversion followed by bf16
+arithmetic (slower; a fallback). Activations [tile_m, tile_k] bf16 are the B operand,
+transposed in shared memory (bf16 wgmma takes either major-ness). The accumulator is
+[tile_n, tile_m]; the epilogue applies scale and bias per accumulator row and stores the
+tile transposed (a register transpose of 2x2 blocks, then swizzled SMEM, then TMA).
+
+Structure (shared with w8a8_matmul): a persistent grid of one CTA per SM walks the output
+tiles; one TMA producer warpgroup and two consumer warpgroups (each its own tile_n weight
+rows, both the same tile_m activation rows). Split-K (small M): raw f32 partials
+[k_splits, N, M] (stored untransposed), summed and scaled in XLA.
+
+In Mosaic GPU's interpret mode (CPU tests) inline Mosaic code cannot run and wgmma reads A
+from SMEM only, so there the decode is jnp on the same tile and goes through SMEM.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from mpqjax import formats
+from pallas_kernels.w8a8_matmul import Dim, num_sms
+
+# The "bits" decode yields e2m1 * 2^-126; scales carry 2^119 so that s * 2^119 <= 448 * 2^119
+# stays below bf16's max and the product e2m1 * s * 2^-7 is exact; the epilogue has 2^7.
+_BITS_SCALE_EXP = 119
+_BITS_GAIN_EXP = 126 - _BITS_SCALE_EXP
+
+
+@dataclasses.dataclass(frozen=True)
+class NVFP4MatmulConfig:
+  """tile_n: weight rows per consumer warpgroup (wgmma M, multiple of 64); the CTA has two.
+  tile_m: activation rows per CTA (wgmma N, multiple of 8 up to 256). tile_k: multiple of 64.
+  """
+  tile_n: int = 64
+  tile_m: int = 256
+  tile_k: int = 64
+  max_concurrent_steps: int = 4
+  epi_tile_m: int = 64
+  grid_minor_dim: Dim = Dim.N
+  grid_tile_width: int = 8
+  k_splits: int = 1
+  decode: str = "bits"
+
+  @property
+  def cta_tile_n(self) -> int:
+    return 2 * self.tile_n
+
+
+def pick_config(m: int, n: int, k: int, sms: int | None = None) -> NVFP4MatmulConfig:
+  """Heuristic tiles (pallas_kernels/NOTES.md): 128 x 256 CTA tiles when M is large; for
+  small M an activation tile of M rounded up to 32 rows and split-K until the SMs are busy."""
+  sms = sms or num_sms()
+  if m > 128:
+    return NVFP4MatmulConfig()
+  tile_m = max(32, -(-m // 32) * 32)  # split-K partials leave in 32-row chunks
+  cfg = NVFP4MatmulConfig(tile_m=tile_m, tile_k=64, max_concurrent_steps=6,
+                          epi_tile_m=tile_m, grid_minor_dim=Dim.M, grid_tile_width=1)
+  tiles = pl.cdiv(n, cfg.cta_tile_n)
+  k_iters = k // cfg.tile_k
+  # the most splits (a divisor of the K steps, >= 2 steps each) that still fits on the SMs
+  splits = max((s for s in range(1, k_iters + 1)
+                if k_iters % s == 0 and k_iters // s >= 2 and tiles * s <= sms), default=1)
+  return dataclasses.replace(cfg, k_splits=splits)
+
+
+def supported(m: int, n: int, k: int, cfg: NVFP4MatmulConfig) -> bool:
+  return (m > 0 and n % cfg.cta_tile_n == 0 and k % (cfg.tile_k * cfg.k_splits) == 0)
+
+
+def _check(x, w4, cfg: NVFP4MatmulConfig):
+  (m, k), (n, k2) = x.shape, w4.shape
+  if x.dtype != jnp.bfloat16:
+    raise ValueError(f"nvfp4_matmul: activations must be bf16, got {x.dtype}")
+  if w4.dtype != jnp.int4:
+    raise ValueError(f"nvfp4_matmul: weight codes must be the int4 view, got {w4.dtype}")
+  if k != k2:
+    raise ValueError(f"nvfp4_matmul: x is {x.shape} but the weight is {w4.shape}; K must match")
+  if n % cfg.cta_tile_n:
+    raise ValueError(f"nvfp4_matmul: N={n} must be a multiple of the CTA tile {cfg.cta_tile_n}")
+  if k % (cfg.tile_k * cfg.k_splits):
+    raise ValueError(f"nvfp4_matmul: K={k} must be a multiple of tile_k*k_splits="
+                     f"{cfg.tile_k * cfg.k_splits}")
+  if cfg.tile_n % 64 or cfg.tile_k % 64 or cfg.tile_m % 8 or cfg.tile_m % cfg.epi_tile_m:
+    raise ValueError(f"nvfp4_matmul: bad tiles {cfg}")
+  if cfg.k_splits > 1 and cfg.tile_m % 32:
+    raise ValueError(f"nvfp4_matmul: split-K needs tile_m % 32 == 0, got {cfg}")
+  if cfg.decode not in ("bits", "int4"):
+    raise ValueError(f"nvfp4_matmul: decode must be 'bits' or 'int4', got {cfg.decode!r}")
+
+
+def _transforms(minor_bytes: int, bits: int):
+  swizzle = plgpu.find_swizzle(minor_bytes * 8)
+  return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+# ------------------------------------------------------------------------------ operands
+def weight_operands(t: formats.NVFP4Tensor, decode: str = "bits"):
+  """NVFP4Tensor [N, K] -> (codes int4[N, K], block scales bf16[K/16, N], gain f32).
+
+  The int4 view reinterprets the packed bytes (element 2i = low nibble, as in formats); the
+  scales are transposed so that a TMA box of them is >= 16 bytes wide, and pre-multiplied
+  for the "bits" decode; `gain` is what the epilogue multiplies back (2^7 or 1).
+  """
+  n, kh = t.codes.shape
+  w4 = lax.bitcast_convert_type(t.codes, jnp.int4).reshape(n, 2 * kh)
+  exp = _BITS_SCALE_EXP if decode == "bits" else 0
+  ws = (t.scales.astype(jnp.float32) * np.float32(2.0 ** exp)).astype(jnp.bfloat16).T
+  return w4, ws, np.float32(2.0 ** (exp and _BITS_GAIN_EXP))
+
+
+def _decoded_values_jnp(w4, ws, decode: str):
+  """jnp decode of a [rows, K] int4 tile with its [K/16, rows] scales -> bf16 (the kernel's
+  values; used in interpret mode and by `reference`)."""
+  codes = (w4.astype(jnp.int32) & 0xF).astype(jnp.uint8)
+  vals = formats.e2m1_decode(codes)
+  s = ws.astype(jnp.float32).T
+  if decode == "bits":
+    s = s * np.float32(2.0 ** -126)
+  s = jnp.repeat(s, formats.NVFP4_BLOCK, axis=-1)
+  return (vals * s).astype(jnp.bfloat16)
+
+
+# ------------------------------------------------------------------------ register decode
+def _decode_bits(w4_wgmma, ws_ref):
+  """int4 [tile_n, tile_k] in the wgmma layout -> bf16 wgmma A operand, scales from SMEM."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, memref, vector
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+  rows, cols = w4_wgmma.shape
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+      return_type=plgpu.ShapeDtypeStruct((rows, cols), jnp.bfloat16, layout=plgpu.Layout.WGMMA))
+  def decode(_, w, s_ref):
+    i8, i32 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(32)
+    bf16 = ir.BF16Type.get()
+    v2bf16 = ir.VectorType.get((2,), bf16)
+    c = lambda v: arith.constant(i32, v)
+    regs = w.registers
+    # WGMMA layout: register (i, j, 0, 0, h, 0...) holds row 64i + 16 warp + 8h + lane/4,
+    # columns 8j + 2 (lane % 4) + {0, 1}: its block scale is column block j // 2.
+    assert regs.shape[:2] == (rows // 64, cols // 8) and regs.shape[4] == 2, regs.shape
+    assert all(d == 1 for d in regs.shape[2:4] + regs.shape[5:]), regs.shape
+    row_of = {}
+    for mlir_idx, reg_idx in zip(w.layout.thread_idxs(w.shape), np.ndindex(regs.shape)):
+      if reg_idx[1] == 0:
+        row_of[(reg_idx[0], reg_idx[4])] = mlir_idx[0]
+    scale_cache = {}
+    out = np.empty(regs.shape, dtype=object)
+    for reg_idx in np.ndindex(regs.shape):
+      i, j, h = reg_idx[0], reg_idx[1], reg_idx[4]
+      b = arith.extui(i32, mgpu_utils.bitcast(regs[reg_idx], i8))  # n1 n0 in bits 7..0
+      # n0 -> bits 15..12, n1 -> bits 31..28; then sign stays, magnitude moves to bits 8..6.
+      q = arith.ori(arith.shli(b, c(12)), arith.shli(b, c(24)))
+      mag = arith.andi(arith.shrui(q, c(6)), c(0x01C001C0))
+      bits = arith.ori(arith.andi(q, c(0x80008000 - (1 << 32))), mag)
+      val = mgpu_utils.bitcast(bits, v2bf16)
+      key = (i, j // 2, h)
+      if key not in scale_cache:
+        col = arith.constant(ir.IndexType.get(), j // 2)
+        s = memref.load(s_ref, [col, row_of[(i, h)]])
+        scale_cache[key] = vector.broadcast(v2bf16, s)
+      out[reg_idx] = arith.mulf(val, scale_cache[key])
+    return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+  return decode(w4_wgmma, ws_ref)
+
+
+def _decode_int4(w4_wgmma, ws_ref):
+  """Fallback: Mosaic's int4 -> bf16, then e2m1(v) from the integer v = code - 16 sign by
+  bf16 arithmetic, scaled per 16 columns."""
+  v = w4_wgmma.astype(jnp.bfloat16)
+  neg = v < 0
+  mag = jnp.where(neg, v + 8, v)
+  zero = jnp.zeros_like(mag)
+  f = mag * 0.5 + jnp.maximum(mag - 4, zero) * 0.5 + jnp.maximum(mag - 6, zero)
+  f = jnp.where(neg, -f, f)
+  rows, cols = v.shape
+  chunks = []
+  for j in range(cols // 16):
+    s = plgpu.load(ws_ref.at[j], layout=plgpu.Layout.WGMMA.reduce(1))
+    chunks.append(f[:, 16 * j:16 * (j + 1)] * lax.broadcast_in_dim(s, (rows, 16), [0]))
+  return jnp.concatenate(chunks, axis=1)
+
+
+# ---------------------------------------------------------------------------------- kernel
+def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, interpret,
+                 sms: int):
+  """One launch: bf16 [M, N] with the epilogue, or raw f32 partials [k_splits, N, M]."""
+  (m, k), (n, _) = x.shape, w4.shape
+  tile_m, tile_n, tile_k = cfg.tile_m, cfg.tile_n, cfg.tile_k
+  cta_n = cfg.cta_tile_n
+  m_iters, n_iters = pl.cdiv(m, tile_m), n // cta_n
+  splits = cfg.k_splits
+  k_per_split = k // splits
+  k_iters = k_per_split // tile_k
+  epi_m = cfg.epi_tile_m if not raw else 32
+  x_tr = _transforms(tile_k * 2, 16)
+  w_tr = _transforms(tile_k // 2, 4)
+  out_dtype = jnp.float32 if raw else jnp.bfloat16
+  # out tile in SMEM: [epi_m, tile_n] bf16 written transposed, or [tile_n, 32] f32 (raw).
+  out_block = (tile_n, epi_m) if raw else (epi_m, tile_n)
+  out_tr = _transforms(out_block[1] * jnp.dtype(out_dtype).itemsize,
+                       jnp.dtype(out_dtype).itemsize * 8)
+  n_epi = tile_m // epi_m
+  num_slots = min(2, n_epi)
+  interp = interpret is not None
+  n_scale = tile_k // 16
+
+  def kernel(x_g, w_g, ws_g, cs_g, bias_g, out_g):
+    def get_pipeline(body, ctx):
+      return plgpu.emit_pipeline_warp_specialized(
+          body, grid=(k_iters,), memory_registers=40,
+          in_specs=[
+              plgpu.BlockSpec((tile_m, tile_k), lambda kk: (0, kk), transforms=x_tr,
+                              memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=w_tr,
+                              memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((n_scale, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
+          ],
+          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.max_concurrent_steps,
+          compute_context=ctx)
+
+    ignore = lambda *_, **__: None
+    scratch = dict(
+        allocs=get_pipeline(ignore, ignore).get_allocations(x_g, w_g, ws_g),
+        out_smem=plgpu.SMEM((2, num_slots, *out_block), out_dtype, transforms=out_tr),
+        cs_smem=plgpu.SMEM((2, tile_n), jnp.float32),
+        bias_smem=plgpu.SMEM((2, tile_n), jnp.float32),
+        bar=plgpu.Barrier(num_arrivals=2, num_barriers=2),
+    )
+    if interp:  # the interpreter's wgmma reads A from SMEM
+      scratch["wdec_smem"] = plgpu.SMEM((2, tile_n, tile_k), jnp.bfloat16,
+                                        transforms=_transforms(tile_k * 2, 16))
+
+    @functools.partial(pl.run_scoped, collective_axes="wg", **scratch)
+    def _scope(allocs, out_smem, cs_smem, bias_smem, bar, wdec_smem=None):
+      wg = lax.axis_index("wg")
+
+      @plgpu.nd_loop((m_iters * n_iters * splits,), collective_axes="sm")
+      def _tile_loop(info):
+        (lin,) = info.index
+        mn, split = lax.div(lin, splits), lax.rem(lin, splits)
+        mi, ni = plgpu.planar_snake(mn, (m_iters, n_iters), int(cfg.grid_minor_dim),
+                                    cfg.grid_tile_width)
+        m0 = mi * tile_m
+        n0 = ni * cta_n + wg * tile_n
+        k_slice = pl.ds(split * k_per_split, k_per_split)
+
+        def ctx(eval_pipeline):
+          if not raw:  # fetch this tile's scale and bias while the K loop runs
+            plgpu.copy_gmem_to_smem(cs_g.at[pl.ds(n0, tile_n)], cs_smem.at[wg], bar.at[wg])
+            plgpu.copy_gmem_to_smem(bias_g.at[pl.ds(n0, tile_n)], bias_smem.at[wg], bar.at[wg])
+
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_n, tile_m), jnp.float32))
+          def _acc(acc_ref):
+            eval_pipeline(acc_ref)
+            acc = acc_ref[...]
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            if raw:
+              for e in range(n_epi):
+                slot = e % num_slots
+                plgpu.wait_smem_to_gmem(num_slots - 1, wait_read_only=True)
+                out_smem[wg, slot] = acc[:, e * epi_m:(e + 1) * epi_m]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    out_smem.at[wg, slot],
+                    out_g.at[split, pl.ds(n0, tile_n), pl.ds(m0 + e * epi_m, epi_m)])
+              return
+            plgpu.barrier_wait(bar.at[wg])
+            if interp:
+              cs, bb = cs_smem[wg], bias_smem[wg]
+            else:
+              row = plgpu.Layout.WGMMA.reduce(1)
+              cs = plgpu.load(cs_smem.at[wg], layout=row)
+              bb = plgpu.load(bias_smem.at[wg], layout=row)
+            shape = (tile_n, epi_m)
+            cs_b = lax.broadcast_in_dim(cs, shape, [0])
+            bb_b = lax.broadcast_in_dim(bb, shape, [0])
+            for e in range(n_epi):
+              part = acc[:, e * epi_m:(e + 1) * epi_m] * cs_b + bb_b
+              part = part.astype(jnp.bfloat16)
+              if not interp:
+                part = plgpu.layout_cast(part, plgpu.Layout.WGMMA_TRANSPOSED)
+              slot = e % num_slots
+              plgpu.wait_smem_to_gmem(num_slots - 1, wait_read_only=True)
+              out_smem.at[wg, slot].T[...] = part
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(
+                  out_smem.at[wg, slot],
+                  out_g.at[pl.ds(m0 + e * epi_m, epi_m), pl.ds(n0, tile_n)])
+
+        def mma(_, x_s, w_s, ws_s, acc_ref):
+          ns = pl.ds(wg * tile_n, tile_n)
+          if interp:
+            wdec_smem[wg] = _decoded_values_jnp(w_s[ns], ws_s[:, ns], cfg.decode)
+            plgpu.commit_smem()
+            plgpu.wgmma(acc_ref, wdec_smem.at[wg], x_s.T)
+          else:
+            w4 = plgpu.load(w_s.at[ns], layout=plgpu.Layout.WGMMA_UPCAST_4X)
+            w4 = plgpu.layout_cast(w4, plgpu.Layout.WGMMA)
+            decode = _decode_bits if cfg.decode == "bits" else _decode_int4
+            plgpu.wgmma(acc_ref, decode(w4, ws_s.at[:, ns]), x_s.T)
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        get_pipeline(mma, ctx)(
+            x_g.at[pl.ds(m0, tile_m), k_slice],
+            w_g.at[pl.ds(ni * cta_n, cta_n), k_slice],
+            ws_g.at[pl.ds(split * (k_per_split // 16), k_per_split // 16), pl.ds(ni * cta_n, cta_n)],
+            allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  out_shape = (splits, n, m) if raw else (m, n)
+  total = m_iters * n_iters * splits
+  f = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+      grid=(min(sms, total),), grid_names=("sm",), num_threads=3, thread_name="wg",
+      interpret=interpret)
+  return f(x, w4, ws, col_scale, bias)
+
+
+def nvfp4_matmul(x: jax.Array, w4: jax.Array, ws: jax.Array, col_scale: jax.Array,
+                 bias: jax.Array | None = None, *, config: NVFP4MatmulConfig | None = None,
+                 interpret=None, sms: int | None = None) -> jax.Array:
+  """x bf16[M, K], (w4 int4[N, K], ws bf16[K/16, N]) from `weight_operands` (with the same
+  `decode`), col_scale f32[N] (tensor scales x the operands' gain), bias f32[N] | None.
+
+  Returns bf16[M, N] = (x @ wv.T) * col_scale + bias. interpret: plgpu.InterpretGPUParams.
+  """
+  m, k = x.shape
+  n = w4.shape[0]
+  cfg = config or pick_config(m, n, k, sms)
+  _check(x, w4, cfg)
+  sms = sms or num_sms()
+  col_scale = jnp.broadcast_to(jnp.asarray(col_scale, jnp.float32).reshape(-1), (n,))
+  bias = jnp.zeros((n,), jnp.float32) if bias is None else bias.reshape(n).astype(jnp.float32)
+  if m % 8:  # TMA stores of the swizzled output tiles need M % 8 == 0: pad, then slice
+    xp = jnp.pad(x, ((0, 8 - m % 8), (0, 0)))
+    return nvfp4_matmul(xp, w4, ws, col_scale, bias, config=cfg, interpret=interpret,
+                        sms=sms)[:m]
+  if cfg.k_splits > 1:
+    parts = _kernel_call(x, w4, ws, col_scale, bias, cfg, True, interpret, sms)
+    acc = parts.sum(axis=0).T
+    return (acc * col_scale + bias).astype(jnp.bfloat16)
+  return _kernel_call(x, w4, ws, col_scale, bias, cfg, False, interpret, sms)
+
+
+def reference(x, w4, ws, col_scale, bias=None, decode: str = "bits"):
+  """The same function in plain jnp (XLA's bf16 dot with f32 accumulation)."""
+  wv = _decoded_values_jnp(w4, ws, decode)
+  acc = lax.dot_general(x.astype(jnp.bfloat16), wv, (((1,), (1,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+  y = acc * jnp.asarray(col_scale, jnp.float32).reshape(1, -1)
+  if bias is not None:
+    y = y + bias.reshape(1, -1)
+  return y.astype(jnp.bfloat16)

@@ -1,0 +1,168 @@
+"""NVFP4 Mosaic GPU kernel (W4A16 / W4A4), its QDQ activation quantizer and MOSAIC.w4a4/w4a16
+against the jnp reference, float64 and the xla implementation computed on the host CPU.
+
+On CPU the kernel runs in Mosaic GPU's interpret mode (small shapes; the register decode is
+replaced by the same jnp decode there); the real-hardware checks are marked gpu.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mpqjax import formats, qlinear_xla
+from mpqjax.qlinear import Mode, qlinear, quantize_linear
+from pallas_kernels import nvfp4_quant, qlinear_mosaic
+from pallas_kernels import nvfp4_matmul as nm
+
+ON_GPU = jax.default_backend() == "gpu"
+ON_HOPPER = qlinear_mosaic.MOSAIC.available()
+needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (H100/H200)")
+
+SMALL = nm.NVFP4MatmulConfig(tile_m=64, tile_k=64, max_concurrent_steps=2, epi_tile_m=32)
+
+
+def interp():
+  return None if ON_GPU else qlinear_mosaic.interpret_params()
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def problem(rng, m, n, k, decode="bits"):
+  w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.1, 3, (n, 1))
+  t = formats.quantize_nvfp4(jnp.asarray(w))
+  x = jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.5, 2, (m, 1)), jnp.bfloat16)
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  w4, ws, gain = nm.weight_operands(t, decode)
+  return x, t, w4, ws, t.global_scale * gain, bias
+
+
+def float64_product(x, t, bias):
+  wv = np.asarray(formats.dequantize_nvfp4(t), np.float64)
+  return np.asarray(x, np.float64) @ wv.T + np.asarray(bias, np.float64)
+
+
+@pytest.mark.parametrize("decode", ["bits", "int4"])
+def test_weight_operands_decode_to_block_values(rng, decode):
+  _, t, w4, ws, gain, _ = problem(rng, 8, 32, 64, decode)
+  got = np.asarray(nm._decoded_values_jnp(w4, ws, decode), np.float64) * float(gain / t.global_scale)
+  want = np.asarray(formats.nvfp4_block_values(t), np.float64)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_bit_decode_formula_matches_e2m1():
+  """The kernel's register decode, replayed in numpy on every byte: nibble pair -> bf16x2."""
+  import ml_dtypes
+  b = np.arange(256, dtype=np.uint32)
+  q = (b << 12) | (b << 24)
+  bits = (q & 0x80008000) | ((q >> 6) & 0x01C001C0)
+  half = lambda v: v.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64) * 2.0 ** 126
+  table = np.asarray(formats.e2m1_decode(jnp.arange(16, dtype=jnp.uint8)), np.float64)
+  np.testing.assert_array_equal(half(bits & 0xFFFF), table[b & 15])
+  np.testing.assert_array_equal(half(bits >> 16), table[b >> 4])
+
+
+@pytest.mark.parametrize("cfg,shape", [
+    (SMALL, (96, 128, 128)),                                        # ragged M tile
+    (dataclasses.replace(SMALL, k_splits=2), (40, 128, 256)),       # split-K, M % 8 != 0
+    (dataclasses.replace(SMALL, decode="int4"), (64, 256, 128)),
+], ids=["raggedM", "splitK", "int4decode"])
+def test_kernel_matches_reference_and_float64(rng, cfg, shape):
+  m, n, k = shape
+  x, t, w4, ws, cs, bias = problem(rng, m, n, k, cfg.decode)
+  got = nm.nvfp4_matmul(x, w4, ws, cs, bias, config=cfg, interpret=interp())
+  assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+  want = nm.reference(x, w4, ws, cs, bias, decode=cfg.decode)
+  assert rel(got, want) <= 1e-3
+  # vs float64: only f32 summation order and the final bf16 rounding (2^-9 relative)
+  np.testing.assert_allclose(np.asarray(got, np.float64), float64_product(x, t, bias),
+                             rtol=2 ** -8, atol=1e-2 * float(jnp.abs(want).max()) * 2 ** -8)
+
+
+def test_bad_inputs_are_rejected(rng):
+  x, _, w4, ws, cs, _ = problem(rng, 64, 128, 128)
+  with pytest.raises(ValueError, match="K must match"):
+    nm.nvfp4_matmul(x[:, :64], w4, ws, cs, config=SMALL)
+  with pytest.raises(ValueError, match="multiple of the CTA tile"):
+    nm.nvfp4_matmul(x, w4[:64], ws[:, :64], cs, config=SMALL)
+  with pytest.raises(ValueError, match="bf16"):
+    nm.nvfp4_matmul(x.astype(jnp.float32), w4, ws, cs, config=SMALL)
+
+
+@pytest.mark.parametrize("block", [0, 128])
+def test_qdq_equals_decoded_packed_codes(rng, block):
+  """QDQ is exact: the bf16 block values equal decoding the packed codes of the same
+  quantization bit for bit, and the tensor scale is the same."""
+  x = jnp.asarray(rng.standard_normal((48, 256)) * rng.uniform(0.1, 10, (48, 1)), jnp.bfloat16)
+  v, g = nvfp4_quant.quantize_qdq(x, nvfp4_quant.NVFP4QuantConfig(block))
+  t = formats.quantize_nvfp4(nvfp4_quant.rotate(x, block))
+  assert v.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(v, np.float32), np.asarray(formats.nvfp4_block_values(t)))
+  assert float(g) == float(t.global_scale)
+  # and against the xla path's own quantizer (f32 HIGHEST rotation): codes may differ only
+  # where rotate()'s f32 summation order moves a value across a rounding boundary
+  ref = nvfp4_quant.reference(x, nvfp4_quant.NVFP4QuantConfig(block))
+  diff = np.asarray(v, np.float32) != np.asarray(formats.nvfp4_block_values(ref))
+  assert diff.mean() < 1e-3
+
+
+@pytest.mark.parametrize("mode", [Mode.NVFP4, Mode.BF16])
+@pytest.mark.parametrize("hadamard", [True, False])
+def test_mosaic_qlinear_matches_xla_on_cpu(rng, mode, hadamard):
+  """MOSAIC.w4a4 / w4a16 (QDQ + kernel) against qlinear_xla computed on the host CPU."""
+  m, k, n = 72, 256, 128
+  w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
+  b = rng.standard_normal(n).astype(np.float32) * 0.1
+  layer = quantize_linear(w, b, hadamard=hadamard)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  fn = {Mode.NVFP4: "w4a4", Mode.BF16: "w4a16"}[mode]
+  assert qlinear_mosaic.nvfp4_kernel_fits(m, n, k)
+  got = getattr(qlinear_mosaic, fn)(x, layer)
+  with jax.default_device(jax.devices("cpu")[0]):
+    want = getattr(qlinear_xla, fn)(x, layer)
+  assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+  assert rel(got, want) <= 2e-3
+
+
+def test_unsupported_shape_falls_back_to_xla(rng):
+  w = rng.standard_normal((96, 256)).astype(np.float32)  # N=96: no CTA tile fits
+  layer = quantize_linear(w, None, hadamard=False)
+  x = jnp.asarray(rng.standard_normal((8, 256)), jnp.float32)
+  assert not qlinear_mosaic.nvfp4_kernel_fits(8, 96, 256)
+  np.testing.assert_array_equal(np.asarray(qlinear_mosaic.w4a16(x, layer)),
+                                np.asarray(qlinear_xla.w4a16(x, layer)))
+
+
+# ------------------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("decode", ["bits", "int4"])
+@pytest.mark.parametrize("m,k,n", [(2048, 1920, 1920), (35552 // 8, 3072, 1536), (64, 1920, 7680),
+                                   (16, 3072, 3072)])
+def test_gpu_kernel_real_shapes(rng, decode, m, k, n):
+  x, t, w4, ws, cs, bias = problem(rng, m, n, k, decode)
+  cfg = dataclasses.replace(nm.pick_config(m, n, k), decode=decode)
+  got = nm.nvfp4_matmul(x, w4, ws, cs, bias, config=cfg)
+  want = nm.reference(x, w4, ws, cs, bias, decode=decode)
+  assert rel(got, want) <= 2e-3
+  assert rel(got, float64_product(x, t, bias)) <= 4e-3
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("mode", [Mode.NVFP4, Mode.BF16])
+def test_gpu_qlinear_mosaic_vs_cpu_xla(rng, mode):
+  k, n = 1920, 7680
+  w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
+  b = rng.standard_normal(n).astype(np.float32) * 0.1
+  layer = quantize_linear(w, b)
+  x = jnp.asarray(rng.standard_normal((2, 1111, k)), jnp.bfloat16)
+  got = qlinear(x, layer, mode, implementation="mosaic")
+  cpu = jax.devices("cpu")[0]
+  with jax.default_device(cpu):
+    want = qlinear(jax.device_put(x, cpu), jax.device_put(layer, cpu), mode, implementation="xla")
+  assert rel(got, want) <= 2e-3
