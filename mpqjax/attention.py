@@ -10,14 +10,21 @@ precision:
   "bf16": plain attention (bf16 operands, f32 softmax).
   "int8": SageAttention-style quantized attention. K is smoothed by subtracting its per-head mean
     over tokens (softmax is invariant to adding q.c to every score of a row, so this changes
-    nothing mathematically and removes K's channel outliers); Q and K are quantized to INT8 with
-    one scale per block of tokens (BLOCK_Q = 64 query rows, BLOCK_KV = 256 keys) per head;
-    S = QK^T is exact in int32; the softmax is f32; P is rounded to FP8 e4m3 (scaled by 448) and
-    V to FP8 e4m3 with one scale per channel; PV accumulates in fp32 and the softmax denominator
-    is the sum of the rounded P (so the output is an exact convex combination of the FP8 V).
+    nothing mathematically and removes K's channel offsets); Q and K are rotated along D by the
+    same block Hadamard matrix (QH (KH)^T = QK^T: it spreads the outlier channels over all
+    channels, "incoherent processing" as in FlashAttention-3's FP8 path) and quantized to INT8
+    with one scale per block of tokens (BLOCK_Q = 64 query rows, BLOCK_KV = 256 keys) per head;
+    S = QK^T is exact in int32; the softmax is f32 with the kernel's running row max per KV
+    block; P is rounded to FP8 e4m3 (scaled by 448 against the running max) and V to FP8 e4m3
+    with one scale per channel; PV accumulates in fp32 and the softmax denominator is the sum of
+    the rounded P (so the output is an exact convex combination of the FP8 V).
 implementation:
-  "xla": pure jnp (runs everywhere, materializes [B, H, T, S]); for "int8" it computes the
-    quantized algorithm exactly (the CPU reference of the kernel's numerics).
+  "xla": pure jnp (runs everywhere, materializes [B, H, T, S]); for "int8" it emulates the
+    Mosaic kernel's numerics (same operands, same e4m3 P against the same running max per
+    block of BLOCK_KV keys, bf16 rounding of the normalized output before the V scale); what
+    it does not emulate: f32 rounding order (the kernel fuses multiply-adds and rescales its
+    accumulator block by block), the kernel's approximate exp2 (ex2.approx, rel. error ~2^-22)
+    and the tensor cores' reduced-precision FP8 accumulation within one KV block.
   "cudnn": jax.nn.dot_product_attention's cuDNN flash attention (bf16 only).
   "mosaic": the Pallas Mosaic GPU kernel in pallas_kernels/attention_mosaic.py (Hopper only).
   None: "mosaic" on Hopper at D in (64, 128) for int8 and for 16-bit float inputs (measured
@@ -34,7 +41,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from mpqjax import formats
 
 PRECISIONS = ("bf16", "int8")  # attention_switch's precision_index indexes this tuple.
 IMPLEMENTATIONS = ("xla", "cudnn", "mosaic")
@@ -48,6 +58,7 @@ def _bf16_block_kv(head_dim: int) -> int:
   return 256 if head_dim == 64 else 128
 _LOG2E = math.log2(math.e)
 _E4M3_MAX = 448.0
+_LOG2_P_SCALE = math.log2(_E4M3_MAX)  # P in [0, 1] is stored as P * 448 in e4m3
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -65,9 +76,10 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 class Int8Operands(NamedTuple):
   """Quantized attention operands, sequence axes zero-padded to SEQ_MULTIPLE.
 
-  q8: s8 [B, Tp, H, D]; q_scale: f32 [B, H, Tp/BLOCK_Q], includes 1/sqrt(D) * log2(e), so
-    q8 . k8 * q_scale * k_scale is the score in base-2 logits.
-  k8: s8 [B, Sp, H, D] of the mean-smoothed K; k_scale: f32 [B, H, Sp/BLOCK_KV].
+  q8: s8 [B, Tp, H, D] of the rotated Q (Q H, H the +-1 block Hadamard matrix of
+    `rotation_block(D)`); q_scale: f32 [B, H, Tp/BLOCK_Q], includes 1/b (H H^T = b I),
+    1/sqrt(D) and log2(e), so q8 . k8 * q_scale * k_scale is the score in base-2 logits.
+  k8: s8 [B, Sp, H, D] of the mean-smoothed, rotated K; k_scale: f32 [B, H, Sp/block_kv].
   v8: f8e4m3 [B, Sp, H, D]; v_scale: f32 [B, H, D] (V ~= v8 * v_scale).
   """
   q8: jax.Array
@@ -86,6 +98,30 @@ def _pad_seq(x: jax.Array, length: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
+def rotation_block(head_dim: int) -> int:
+  """Size of the Hadamard blocks that rotate Q and K: the largest power of two dividing D
+  (D itself for 32, 64, 128; 1 = no rotation for odd D)."""
+  return head_dim & -head_dim
+
+
+def _rotate(x: jax.Array) -> jax.Array:
+  """x [..., D] -> f32 x H with H = blockdiag(+-1 Sylvester matrices of rotation_block(D)).
+
+  +-1 is exact in every float dtype, so 16-bit inputs multiply exactly in their own dtype
+  (f32 accumulation); the 1/sqrt(b) normalization is left to the quantization scale.
+  """
+  d = x.shape[-1]
+  b = rotation_block(d)
+  if b == 1:
+    return x.astype(jnp.float32)
+  dt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+  h = jnp.asarray(np.sign(formats.hadamard_matrix(b)), dt)
+  xb = x.astype(dt).reshape(*x.shape[:-1], d // b, b)
+  y = jnp.einsum("...nb,bc->...nc", xb, h, preferred_element_type=jnp.float32,
+                 precision=lax.Precision.HIGHEST)
+  return y.reshape(x.shape)
+
+
 def _quantize_int8_blocks(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
   """x f32 [B, Tp, H, D] -> (s8 [B, Tp, H, D], scale f32 [B, H, Tp/block]), symmetric per block."""
   b, t, h, d = x.shape
@@ -98,43 +134,67 @@ def _quantize_int8_blocks(x: jax.Array, block: int) -> tuple[jax.Array, jax.Arra
 
 def quantize_operands(q: jax.Array, k: jax.Array, v: jax.Array, *, block_kv: int = BLOCK_KV
                       ) -> Int8Operands:
-  """Smooths K, quantizes Q, K to INT8 per block and V to FP8 per channel (see Int8Operands).
+  """Smooths K, rotates Q and K, quantizes them to INT8 per block and V to FP8 per channel
+  (see Int8Operands).
 
   block_kv: keys per K scale (the kernel's block_kv); both sequence axes are padded to
   max(SEQ_MULTIPLE, block_kv).
   """
   with jax.named_scope("attention_quantize"):
     f32 = jnp.float32
+    d = q.shape[-1]
     mult = max(SEQ_MULTIPLE, block_kv)
     t_p = _round_up(q.shape[1], mult)
     s_p = _round_up(k.shape[1], mult)
-    kf = k.astype(f32)
-    # Smoothing: the per-(batch, head) token mean of K; padding is added after, so it stays 0.
-    kf = kf - jnp.mean(kf, axis=1, keepdims=True)
-    q8, q_scale = _quantize_int8_blocks(_pad_seq(q.astype(f32), t_p), BLOCK_Q)
-    k8, k_scale = _quantize_int8_blocks(_pad_seq(kf, s_p), block_kv)
-    q_scale = q_scale * (q.shape[-1] ** -0.5 * _LOG2E)
+    # Smoothing: the per-(batch, head) token mean of K (rotation is linear, so smoothing the
+    # rotated K is rotating the smoothed K); padding is added after, so it stays 0.
+    kr = _rotate(k)
+    kr = kr - jnp.mean(kr, axis=1, keepdims=True)
+    q8, q_scale = _quantize_int8_blocks(_pad_seq(_rotate(q), t_p), BLOCK_Q)
+    k8, k_scale = _quantize_int8_blocks(_pad_seq(kr, s_p), block_kv)
+    # 1/b undoes the unnormalized rotation (exact: b is a power of two).
+    q_scale = q_scale * (d ** -0.5 * _LOG2E / rotation_block(d))
     vf = v.astype(f32)
     v_scale = jnp.maximum(jnp.max(jnp.abs(vf), axis=1), 1e-30) / _E4M3_MAX  # [B, H, D]
     v8 = _pad_seq((vf / v_scale[:, None]).astype(jnp.float8_e4m3fn), s_p)
     return Int8Operands(q8, q_scale, k8, k_scale, v8, v_scale)
 
 
+def int8_probabilities(q8: jax.Array, k8: jax.Array, q_scale: jax.Array, k_scale: jax.Array, *,
+                       kv_len: int, block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV
+                       ) -> jax.Array:
+  """The int8 kernel's unnormalized FP8 probabilities, f32 [B, H, Tp, Sp] (the one jnp copy of
+  its softmax numerics, shared by the xla path and the kernel's reference).
+
+  Scores x = (q8 . k8) * (q_scale * k_scale) in base-2 logits (keys >= kv_len masked); the
+  kernel walks the keys in blocks of block_kv with a running row max m_j (max over blocks
+  <= j), rounds P8_j = e4m3(exp2(x - m_j + log2(448))) and rescales its accumulator by
+  exp2(m_j - m_final) as the max grows. Returns alpha_j * P8_j with alpha_j = exp2(m_j -
+  m_final): sum(out, -1) is the kernel's softmax denominator and out @ V8 its numerator.
+  """
+  f32 = jnp.float32
+  s = jnp.einsum("bthd,bshd->bhts", q8.astype(f32), k8.astype(f32),
+                 precision=lax.Precision.HIGHEST)  # exact: |s| < 2^24
+  c = (jnp.repeat(q_scale, block_q, axis=2)[..., :, None]
+       * jnp.repeat(k_scale, block_kv, axis=2)[..., None, :])  # the kernel's c = c_q * k_scale
+  x = jnp.where(jnp.arange(s.shape[-1]) < kv_len, s * c, -jnp.inf)
+  xb = x.reshape(*x.shape[:-1], -1, block_kv)  # [B, H, Tp, nkv, block_kv]
+  m_run = lax.cummax(xb.max(axis=-1), axis=x.ndim - 1)  # [B, H, Tp, nkv]
+  p8 = jnp.exp2(xb - (m_run - _LOG2_P_SCALE)[..., None]).astype(jnp.float8_e4m3fn)
+  alpha = jnp.exp2(m_run - m_run[..., -1:])
+  return (p8.astype(f32) * alpha[..., None]).reshape(x.shape)
+
+
 def _int8_xla(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """The quantized algorithm in jnp: exact int products, f32 softmax, e4m3 P, f32 PV."""
+  """The int8 kernel's algorithm in jnp (see the module docstring for what is emulated)."""
   t, s_len = q.shape[1], k.shape[1]
   ops = quantize_operands(q, k, v)
-  f32, hi = jnp.float32, lax.Precision.HIGHEST
-  s = jnp.einsum("bthd,bshd->bhts", ops.q8.astype(f32), ops.k8.astype(f32), precision=hi)
-  s = (s * jnp.repeat(ops.q_scale, BLOCK_Q, axis=2)[..., :, None]
-       * jnp.repeat(ops.k_scale, BLOCK_KV, axis=2)[..., None, :])
-  s = jnp.where(jnp.arange(s.shape[-1]) < s_len, s, -jnp.inf)
-  p = jnp.exp2(s - s.max(axis=-1, keepdims=True))
-  p8 = (p * _E4M3_MAX).astype(jnp.float8_e4m3fn).astype(f32)
+  p8 = int8_probabilities(ops.q8, ops.k8, ops.q_scale, ops.k_scale, kv_len=s_len)
   l = p8.sum(axis=-1)  # [B, H, Tp]; the kernel gets it from V^T's row of ones
-  o = jnp.einsum("bhts,bshd->bthd", p8, ops.v8.astype(f32), precision=hi)
-  o = o / jnp.moveaxis(l, 1, 2)[..., None] * ops.v_scale[:, None]
-  return o[:, :t].astype(q.dtype)
+  o = jnp.einsum("bhts,bshd->bthd", p8, ops.v8.astype(jnp.float32),
+                 precision=lax.Precision.HIGHEST)
+  o = (o / jnp.moveaxis(l, 1, 2)[..., None]).astype(jnp.bfloat16)  # the kernel's bf16 output
+  return (o[:, :t].astype(jnp.float32) * ops.v_scale[:, None]).astype(q.dtype)
 
 
 def _int8_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False,

@@ -110,6 +110,13 @@ def exact_div(a: jax.Array, b: jax.Array) -> jax.Array:
   return a / b
 
 
+def narrowed(x: jax.Array, dtype) -> jax.Array:
+  """x.astype(dtype) for a narrower float dtype, kept from XLA:GPU's excess-precision
+  simplification: with xla_allow_excess_precision (on by default) it deletes a convert pair
+  f32 -> narrow -> f32, so a later widening would silently skip the rounding."""
+  return jax.lax.optimization_barrier(x.astype(dtype))
+
+
 def nvfp4_global_scale(x: jax.Array) -> jax.Array:
   """float32[] tensor scale; NaN if x holds a NaN or Inf."""
   amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
@@ -129,7 +136,7 @@ def quantize_nvfp4(x: jax.Array, global_scale: jax.Array | None = None) -> NVFP4
   blocks = x.reshape(*x.shape[:-1], -1, NVFP4_BLOCK)
   amax_block = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
   s = jnp.minimum(exact_div(amax_block, jnp.float32(E2M1_MAX) * g), jnp.float32(E4M3_MAX))
-  s8 = s.astype(jnp.float8_e4m3fn)
+  s8 = narrowed(s, jnp.float8_e4m3fn)
   s32 = s8.astype(jnp.float32)
   codes = e2m1_encode(exact_div(blocks, s32 * g))
   codes = jnp.where(s32 == 0, jnp.uint8(0), codes).reshape(x.shape)

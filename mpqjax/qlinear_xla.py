@@ -31,6 +31,15 @@ def _dot_bf16(a: jax.Array, b: jax.Array) -> jax.Array:
                              (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def dot_int8(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a s8[M, K] . b s8[N, K] -> s32[M, N]. The barrier keeps the producers' f32 -> s8 converts
+  out of the dot's fusion: XLA:GPU's Triton gemm with such a fused convert returned wrong
+  sums on an H200 (JAX 0.11.2, K=16, M=40, N=16: off by up to 7e4; exact with plain s8
+  operands, at N=64, or with Triton gemms off)."""
+  a, b = jax.lax.optimization_barrier((a, b))
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+
+
 def weight_as_int8(layer) -> jax.Array:
   """s8[N, K]: the stored weight re-expressed per output channel with layer.w_int8_scale."""
   if layer.weight_format == "int8":
@@ -49,8 +58,7 @@ def w4a4(x: jax.Array, layer) -> jax.Array:
 def w4a8(x: jax.Array, layer) -> jax.Array:
   """Per-token INT8 activations x per-channel INT8 weight, int32 accumulation."""
   xq = formats.quantize_int8(_rotate(x, layer), axis=-1)
-  acc = jax.lax.dot_general(xq.values, weight_as_int8(layer), (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.int32)
+  acc = dot_int8(xq.values, weight_as_int8(layer))
   return _epilogue(acc, xq.scales * layer.w_int8_scale[:, 0], layer)
 
 

@@ -30,6 +30,8 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from mpqjax import qlinear_xla
+
 
 class Dim(enum.IntEnum):
   M = 0
@@ -260,7 +262,7 @@ def w8a8_matmul(a: jax.Array, b: jax.Array, row_scale: jax.Array, col_scale: jax
 
 def reference(a, b, row_scale, col_scale, bias=None, out_dtype=jnp.bfloat16):
   """The same function in plain jnp (XLA's int dot)."""
-  acc = lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+  acc = qlinear_xla.dot_int8(a, b)
   if out_dtype == jnp.int32:
     return acc
   y = acc.astype(jnp.float32) * row_scale.reshape(-1, 1) * col_scale.reshape(1, -1)
