@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "convert": ("checkpoints_convert.cli", "convert a diffusers CogVideoX transformer (safetensors) for mpqjax"),
     "generate": ("mpqjax.generate_cli", "generate with DMPQ mixed precision + Temporal Delta Cache"),
     "calibrate": ("mpqjax.calibrate_cli", "fit the DMPQ predictor (Gamma vs E_rel) and pick tau"),
+    "profile": ("mpqjax.profile_cli", "trace a few denoising steps and break their time down by category"),
 }
 
 
