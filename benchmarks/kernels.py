@@ -15,7 +15,12 @@ input sets rotated so that the weights do not sit in L2):
   mosaic_w4a8       MOSAIC.w4a8: quantizer (Hadamard) + NVFP4->INT8 conversion + kernel
   mosaic_w4a8_fastconv  the same with the gather-free conversion (nvfp4_to_int8)
   conv_ref / conv_fast  the NVFP4 -> INT8 weight conversion alone
+  nvfp4_kernel[cfg] the NVFP4 (W4A16) kernel alone, weight operands prepared (issue 7)
+  nvfp4_weight_operands / rotate_bf16 / quant_nvfp4_qdq_had  its per-call pre-passes
+  mosaic_w4a16 / mosaic_w4a4   MOSAIC.w4a16 / w4a4 end to end (rotation / QDQ quantizer)
+  xla_w4a16 / xla_w4a4         the xla implementation of the same
 and checks every kernel output against its XLA reference (exact int32 for the raw kernel).
+--only nvfp4 times XLA bf16, scaled_matmul and the NVFP4 rows alone.
 Writes benchmarks/results/kernels-<device>.json (or --out DIR) with device, JAX version,
 date and command; prints a table last.
 """
@@ -39,14 +44,15 @@ import numpy as np
 from mpqjax import formats, qlinear_xla
 from mpqjax.qlinear import quantize_linear
 from mpqjax.testing import rel_err
-from pallas_kernels import int8_quant, int8_quant_mgpu, nvfp4_to_int8, qlinear_mosaic
+from pallas_kernels import int8_quant, int8_quant_mgpu, nvfp4_quant, nvfp4_to_int8, qlinear_mosaic
+from pallas_kernels import nvfp4_matmul as nvmm
 from pallas_kernels import w8a8_matmul as w8a8
 
 L2_BYTES = 50 << 20
 M_2B, M_5B = 2 * 17776, 2 * 17776
 
 
-def shapes(quick: bool):
+def shapes(quick: bool, small_ms=(64, 256)):
   """(name, M, K, N)."""
   out = [("8192^3", 8192, 8192, 8192)]
   small = []
@@ -54,7 +60,7 @@ def shapes(quick: bool):
     d, f = dims
     for k, n in ((d, d), (d, f), (f, d)):
       out.append((f"{tag} K{k} N{n}", m, k, n))
-      for sm in (64, 256):
+      for sm in small_ms:
         small.append((f"{tag} K{k} N{n}", sm, k, n))
   out += small
   if quick:
@@ -121,6 +127,76 @@ def make_problem(m, k, n, seed):
               nv_x=xe2m1[None], nv_xs=xnv.scales[None])
 
 
+def nv_cfg_name(c: nvmm.NVFP4MatmulConfig) -> str:
+  return (f"n{c.tile_n}m{c.tile_m}k{c.tile_k}s{c.max_concurrent_steps}"
+          f"g{c.grid_minor_dim.name}{c.grid_tile_width}e{c.epi_tile_m}ks{c.k_splits}{c.decode}")
+
+
+def nvfp4_configs(m: int, n: int, k: int, tune: bool):
+  """The NVFP4 kernel's heuristic config, plus variants with --tune."""
+  base = nvmm.pick_config(m, n, k)
+  if not tune:
+    return [base]
+  rep = lambda **kw: dataclasses.replace(base, **kw)
+  if m > 128:
+    c = [base, rep(tile_k=128, max_concurrent_steps=3), rep(grid_minor_dim=w8a8.Dim.M),
+         rep(max_concurrent_steps=6), rep(tile_m=128, epi_tile_m=64), rep(decode="int4")]
+  else:
+    c = [base, rep(k_splits=1), rep(k_splits=max(1, base.k_splits // 2)), rep(decode="int4")]
+  out = []
+  for x in c:
+    if x not in out and nvmm.supported(m, n, k, x):
+      out.append(x)
+  return out
+
+
+NV_TUNE_SHAPES = {("8192^3", 8192), ("2B K1920 N7680", 64)}
+
+
+def nvfp4_rows(args, name, m, k, n, probs, p0, row, bench):
+  """W4A16 / W4A4 (issue 7): the NVFP4 kernel alone (weight operands prepared), then
+  MOSAIC.w4a16 / w4a4 end to end (Hadamard rotation or QDQ quantizer included)."""
+  for p in probs:
+    for dec in ("bits", "int4"):  # the int4 decode takes unscaled block scales
+      w4, ws, gain = nvmm.weight_operands(p["layer"].weight, dec)
+      p["nv_w4"], p[f"nv_ws_{dec}"] = w4, ws
+      p[f"nv_cs_{dec}"] = p["layer"].weight.global_scale * gain
+  pick = lambda p, dec="bits": (p["x"], p["nv_w4"], p[f"nv_ws_{dec}"], p[f"nv_cs_{dec}"], p["bias"])
+  ref_k = jax.jit(nvmm.reference)(*pick(p0))
+  tune = args.tune and (args.tune_all or (name, m) in NV_TUNE_SHAPES)
+  for c in nvfp4_configs(m, n, k, tune):
+    fn = lambda x, w4, ws, cs, b, c=c: nvmm.nvfp4_matmul(x, w4, ws, cs, b, config=c)
+    bench(f"nvfp4_kernel[{nv_cfg_name(c)}]", fn, lambda p, d=c.decode: pick(p, d), ref=ref_k)
+  bench("nvfp4_weight_operands", lambda t: nvmm.weight_operands(t)[:2],
+        lambda p: (p["layer"].weight,))
+  had = p0["layer"].hadamard_block
+  qc = nvfp4_quant.NVFP4QuantConfig(had)
+  bench("rotate_bf16", lambda x: nvfp4_quant.rotate(x, had).astype(jnp.bfloat16),
+        lambda p: (p["x"],))
+  bench("quant_nvfp4_qdq_had", lambda x: nvfp4_quant.quantize_qdq(x, qc), lambda p: (p["x"],))
+  lay = p0["layer"]
+  w4, ws, cs = p0["nv_w4"], p0["nv_ws_bits"], p0["nv_cs_bits"]
+  def ref_w4a16(x):
+    return nvmm.reference(nvfp4_quant.rotate(x, had).astype(jnp.bfloat16), w4, ws, cs, lay.bias)
+  def ref_w4a4(x):
+    v, g = nvfp4_quant.quantize_qdq(x, qc)
+    return nvmm.reference(v, w4, ws, cs * g, lay.bias)
+  bench("mosaic_w4a16", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]),
+        ref=jax.jit(ref_w4a16)(p0["x"]))
+  bench("mosaic_w4a4", qlinear_mosaic.w4a4, lambda p: (p["x"], p["layer"]),
+        ref=jax.jit(ref_w4a4)(p0["x"]))
+  if m <= 128:  # the xla path for comparison (slow at large M)
+    bench("xla_w4a16", qlinear_xla.w4a16, lambda p: (p["x"], p["layer"]))
+    bench("xla_w4a4", qlinear_xla.w4a4, lambda p: (p["x"], p["layer"]))
+  try:  # for the record: the GPU's own xla path (see the CPU comparison in the tests)
+    row["check"]["mosaic_w4a16_vs_gpu_xla"] = rel_err(
+        jax.jit(qlinear_mosaic.w4a16)(p0["x"], lay), jax.jit(qlinear_xla.w4a16)(p0["x"], lay))
+    row["check"]["mosaic_w4a4_vs_gpu_xla"] = rel_err(
+        jax.jit(qlinear_mosaic.w4a4)(p0["x"], lay), jax.jit(qlinear_xla.w4a4)(p0["x"], lay))
+  except Exception as e:
+    row["errors"]["nvfp4_vs_gpu_xla"] = f"{type(e).__name__}: {str(e)[:400]}"
+
+
 def bf16_dot(x, w):
   return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
 
@@ -147,7 +223,8 @@ def run(args, out_dir=None) -> dict:
              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              command=" ".join([os.path.basename(sys.executable)] + sys.argv), results=results,
              suffix=getattr(args, "suffix", ""))
-  for (name, m, k, n) in select(shapes(args.quick), getattr(args, "max_m", None),
+  small_ms = tuple(int(v) for v in getattr(args, "small_ms", "64,256").split(",") if v)
+  for (name, m, k, n) in select(shapes(args.quick, small_ms), getattr(args, "max_m", None),
                                 getattr(args, "min_m", None)):
     flops = 2.0 * m * n * k
     wbytes = n * k * 2
@@ -182,78 +259,82 @@ def run(args, out_dir=None) -> dict:
 
     ref_bf16 = jax.jit(bf16_dot)(p0["x"], p0["w_bf16"])
     bench("xla_bf16", bf16_dot, lambda p: (p["x"], p["w_bf16"]))
-    ref_s8 = jax.jit(w8a8.reference)(p0["xq"], p0["w8"], p0["xs"], p0["ws"], p0["bias"])
-    bench("xla_s8_scaled", w8a8.reference, lambda p: (p["xq"], p["w8"], p["xs"], p["ws"], p["bias"]))
+    if args.only != "nvfp4":
+      ref_s8 = jax.jit(w8a8.reference)(p0["xq"], p0["w8"], p0["xs"], p0["ws"], p0["bias"])
+      bench("xla_s8_scaled", w8a8.reference, lambda p: (p["xq"], p["w8"], p["xs"], p["ws"], p["bias"]))
     bench("xla_nvfp4_sm",
           lambda a, b, sa, sb: jax.nn.scaled_matmul(a, b, sa, sb, preferred_element_type=jnp.bfloat16),
           lambda p: (p["nv_x"], p["nv_w"], p["nv_xs"], p["nv_ws"]))
-    ref_w4a8 = jax.jit(qlinear_xla.w4a8)(p0["x"], p0["layer"])
-    for had in (0, 128):
-      qc = int8_quant.QuantConfig(had)
-      want = jax.jit(lambda x, qc=qc: int8_quant.reference(x, qc)[0])(p0["x"])
-      for key, fn in (("quant_xla", lambda x, qc=qc: int8_quant.quantize_rows(x, qc)),
-                      ("quant_mgpu", lambda x, had=had: int8_quant_mgpu.quantize_rows_mgpu(
-                          x, int8_quant_mgpu.QuantMgpuConfig(had)))):
-        key = key + ("_had" if had else "")
-        bench(key, fn, lambda p: (p["x"],))
-        try:  # fraction of int8 values that differ from the f32-HIGHEST reference quantizer
-          got = jax.jit(lambda x, fn=fn: fn(x)[0])(p0["x"])
-          row["check"][key + "_mismatch_frac"] = float(jnp.mean(got != want))
-        except Exception as e:
-          row["errors"][key + "_check"] = f"{type(e).__name__}: {str(e)[:400]}"
-      del want
-    # kernel alone, per config
-    tune = args.tune and (args.tune_all or (name, m) in TUNE_SHAPES)
-    cfgs = tune_configs(m, n, k) if tune else [w8a8.pick_config(m, n, k, sms)]
-    for c in cfgs:
-      fn = lambda a, b, sa, sb, bb, c=c: w8a8.w8a8_matmul(a, b, sa, sb, bb, config=c)
-      bench(f"mosaic_w8a8[{cfg_name(c)}]", fn,
-            lambda p: (p["xq"], p["w8"], p["xs"], p["ws"], p["bias"]), ref=ref_s8)
-    # the int32 path, bit for bit, at the heuristic config
-    c0 = w8a8.pick_config(m, n, k, sms)
-    try:
-      got = jax.jit(lambda a, b: w8a8.w8a8_matmul(a, b, jnp.ones((m,)), jnp.ones((n,)),
-                                                  config=c0, out_dtype=jnp.int32))(p0["xq"], p0["w8"])
-      want = jax.jit(lambda a, b: w8a8.reference(a, b, None, None, out_dtype=jnp.int32))(p0["xq"], p0["w8"])
-      row["check"]["int32_exact"] = bool(np.array_equal(np.asarray(got), np.asarray(want)))
-      print(f"  int32 exact: {row['check']['int32_exact']}", flush=True)
-    except Exception as e:
-      row["errors"]["int32_exact"] = f"{type(e).__name__}: {str(e)[:400]}"
-    # end to end
-    for had, use in ((0, None), (128, None), (128, True), (128, False)):
-      qc = int8_quant.QuantConfig(had)
-      default_mgpu = m >= qlinear_mosaic.MGPU_QUANT_MIN_ROWS
-      if use is not None and (use == default_mgpu or
-                              ("quant_mgpu_had" if use else "quant_xla_had") in row["errors"]):
-        continue
-      def e2e(x, w8, ws, bias, had=had, use=use):
-        xq, xs = qlinear_mosaic.quantize_activations(x, had, use_mgpu=use)
-        return w8a8.w8a8_matmul(xq, w8, xs[:, 0], ws, bias)
-      def e2e_ref(x, w8, ws, bias, qc=qc):
-        xq, xs = int8_quant.reference(x, qc)
-        return w8a8.reference(xq, w8, xs[:, 0], ws, bias)
-      pick = lambda p: (p["x"], p["w8"], p["ws"], p["bias"])
-      key = "mosaic_w8a8_e2e" + ("_had" if had else "")
-      key += {None: "", True: "[mgpuq]", False: "[xlaq]"}[use]
-      bench(key, e2e, pick, ref=jax.jit(e2e_ref)(*pick(p0)))
-      if had and use is None:
-        bench("xla_w8a8_e2e_had", e2e_ref, pick)
-    bench("mosaic_w4a8", qlinear_mosaic.w4a8, lambda p: (p["x"], p["layer"]), ref=ref_w4a8)
-    # W4A8 weight options: reference conversion per call (default), gather-free conversion
-    # per call; resident bytes per weight element: NVFP4 0.5625, NVFP4 + cached INT8 1.5625.
-    bench("conv_ref", qlinear_xla.weight_as_int8, lambda p: (p["layer"],))
-    bench("conv_fast", nvfp4_to_int8.nvfp4_to_int8, lambda p: (p["layer"],))
-    try:
-      fast = jax.jit(nvfp4_to_int8.nvfp4_to_int8)(p0["layer"])
-      row["check"]["conv_fast_mismatch_frac"] = float(jnp.mean(fast != p0["w8"]))
-    except Exception as e:
-      row["errors"]["conv_fast_check"] = f"{type(e).__name__}: {str(e)[:400]}"
-    def w4a8_fast(x, layer):
-      xq, xs = qlinear_mosaic.quantize_activations(x, layer.hadamard_block)
-      return w8a8.w8a8_matmul(xq, nvfp4_to_int8.nvfp4_to_int8(layer), xs[:, 0],
-                              layer.w_int8_scale[:, 0], layer.bias)
-    bench("mosaic_w4a8_fastconv", w4a8_fast, lambda p: (p["x"], p["layer"]), ref=ref_w4a8)
-    row["check"]["w4a8_vs_bf16_relerr"] = rel_err(ref_w4a8, ref_bf16)
+    if args.only != "nvfp4":
+      ref_w4a8 = jax.jit(qlinear_xla.w4a8)(p0["x"], p0["layer"])
+      for had in (0, 128):
+        qc = int8_quant.QuantConfig(had)
+        want = jax.jit(lambda x, qc=qc: int8_quant.reference(x, qc)[0])(p0["x"])
+        for key, fn in (("quant_xla", lambda x, qc=qc: int8_quant.quantize_rows(x, qc)),
+                        ("quant_mgpu", lambda x, had=had: int8_quant_mgpu.quantize_rows_mgpu(
+                            x, int8_quant_mgpu.QuantMgpuConfig(had)))):
+          key = key + ("_had" if had else "")
+          bench(key, fn, lambda p: (p["x"],))
+          try:  # fraction of int8 values that differ from the f32-HIGHEST reference quantizer
+            got = jax.jit(lambda x, fn=fn: fn(x)[0])(p0["x"])
+            row["check"][key + "_mismatch_frac"] = float(jnp.mean(got != want))
+          except Exception as e:
+            row["errors"][key + "_check"] = f"{type(e).__name__}: {str(e)[:400]}"
+        del want
+      # kernel alone, per config
+      tune = args.tune and (args.tune_all or (name, m) in TUNE_SHAPES)
+      cfgs = tune_configs(m, n, k) if tune else [w8a8.pick_config(m, n, k, sms)]
+      for c in cfgs:
+        fn = lambda a, b, sa, sb, bb, c=c: w8a8.w8a8_matmul(a, b, sa, sb, bb, config=c)
+        bench(f"mosaic_w8a8[{cfg_name(c)}]", fn,
+              lambda p: (p["xq"], p["w8"], p["xs"], p["ws"], p["bias"]), ref=ref_s8)
+      # the int32 path, bit for bit, at the heuristic config
+      c0 = w8a8.pick_config(m, n, k, sms)
+      try:
+        got = jax.jit(lambda a, b: w8a8.w8a8_matmul(a, b, jnp.ones((m,)), jnp.ones((n,)),
+                                                    config=c0, out_dtype=jnp.int32))(p0["xq"], p0["w8"])
+        want = jax.jit(lambda a, b: w8a8.reference(a, b, None, None, out_dtype=jnp.int32))(p0["xq"], p0["w8"])
+        row["check"]["int32_exact"] = bool(np.array_equal(np.asarray(got), np.asarray(want)))
+        print(f"  int32 exact: {row['check']['int32_exact']}", flush=True)
+      except Exception as e:
+        row["errors"]["int32_exact"] = f"{type(e).__name__}: {str(e)[:400]}"
+      # end to end
+      for had, use in ((0, None), (128, None), (128, True), (128, False)):
+        qc = int8_quant.QuantConfig(had)
+        default_mgpu = m >= qlinear_mosaic.MGPU_QUANT_MIN_ROWS
+        if use is not None and (use == default_mgpu or
+                                ("quant_mgpu_had" if use else "quant_xla_had") in row["errors"]):
+          continue
+        def e2e(x, w8, ws, bias, had=had, use=use):
+          xq, xs = qlinear_mosaic.quantize_activations(x, had, use_mgpu=use)
+          return w8a8.w8a8_matmul(xq, w8, xs[:, 0], ws, bias)
+        def e2e_ref(x, w8, ws, bias, qc=qc):
+          xq, xs = int8_quant.reference(x, qc)
+          return w8a8.reference(xq, w8, xs[:, 0], ws, bias)
+        pick = lambda p: (p["x"], p["w8"], p["ws"], p["bias"])
+        key = "mosaic_w8a8_e2e" + ("_had" if had else "")
+        key += {None: "", True: "[mgpuq]", False: "[xlaq]"}[use]
+        bench(key, e2e, pick, ref=jax.jit(e2e_ref)(*pick(p0)))
+        if had and use is None:
+          bench("xla_w8a8_e2e_had", e2e_ref, pick)
+      bench("mosaic_w4a8", qlinear_mosaic.w4a8, lambda p: (p["x"], p["layer"]), ref=ref_w4a8)
+      # W4A8 weight options: reference conversion per call (default), gather-free conversion
+      # per call; resident bytes per weight element: NVFP4 0.5625, NVFP4 + cached INT8 1.5625.
+      bench("conv_ref", qlinear_xla.weight_as_int8, lambda p: (p["layer"],))
+      bench("conv_fast", nvfp4_to_int8.nvfp4_to_int8, lambda p: (p["layer"],))
+      try:
+        fast = jax.jit(nvfp4_to_int8.nvfp4_to_int8)(p0["layer"])
+        row["check"]["conv_fast_mismatch_frac"] = float(jnp.mean(fast != p0["w8"]))
+      except Exception as e:
+        row["errors"]["conv_fast_check"] = f"{type(e).__name__}: {str(e)[:400]}"
+      def w4a8_fast(x, layer):
+        xq, xs = qlinear_mosaic.quantize_activations(x, layer.hadamard_block)
+        return w8a8.w8a8_matmul(xq, nvfp4_to_int8.nvfp4_to_int8(layer), xs[:, 0],
+                                layer.w_int8_scale[:, 0], layer.bias)
+      bench("mosaic_w4a8_fastconv", w4a8_fast, lambda p: (p["x"], p["layer"]), ref=ref_w4a8)
+      row["check"]["w4a8_vs_bf16_relerr"] = rel_err(ref_w4a8, ref_bf16)
+    if args.only != "int8":
+      nvfp4_rows(args, name, m, k, n, probs, p0, row, bench)
     t = row["times_ms"]
     if "xla_bf16" in t:
       row["tflops"] = {key: flops / v / 1e9 for key, v in t.items()}
@@ -289,6 +370,26 @@ def summary(res: dict) -> str:
   return "\n".join(lines)
 
 
+def summary_nvfp4(res: dict) -> str:
+  nan = float("nan")
+  lines = ["NVFP4 (issue 7), us | x XLA bf16 | W4A4 / scaled_matmul",
+           f"{'shape':17s} {'M':>5s} {'bf16':>7s} {'nvsm':>7s} {'kern':>7s} {'TF/s':>5s} {'w4a16':>7s} "
+           f"{'qdqH':>6s} {'w4a4':>7s} | {'kern':>5s} {'w4a16':>5s} {'w4a4':>5s} | {'w4a4/sm':>7s}"]
+  for r in res["results"]:
+    t = r["times_ms"]
+    kern = min((v for key, v in t.items() if key.startswith("nvfp4_kernel[")), default=nan)
+    us = lambda v: v * 1e3
+    b = t.get("xla_bf16", nan)
+    g = lambda key: t.get(key, nan)
+    lines.append(
+        f"{r['shape']:17s} {r['M']:5d} {us(b):7.1f} {us(g('xla_nvfp4_sm')):7.1f} {us(kern):7.1f} "
+        f"{r['flops'] / kern / 1e9:5.0f} {us(g('mosaic_w4a16')):7.1f} "
+        f"{us(g('quant_nvfp4_qdq_had')):6.1f} {us(g('mosaic_w4a4')):7.1f} | {b / kern:5.2f} "
+        f"{b / g('mosaic_w4a16'):5.2f} {b / g('mosaic_w4a4'):5.2f} | "
+        f"{g('xla_nvfp4_sm') / g('mosaic_w4a4'):7.2f}")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="two shapes only")
@@ -297,6 +398,9 @@ def main(argv=None) -> int:
   ap.add_argument("--min-m", type=int, default=None, help="only shapes with M >= this")
   ap.add_argument("--suffix", default="", help="appended to the JSON name, e.g. .smallm")
   ap.add_argument("--tune-all", action="store_true", help="--tune at every shape")
+  ap.add_argument("--only", choices=("all", "int8", "nvfp4"), default="all",
+                  help="kernel family to time (nvfp4: issue 7's W4A16/W4A4 rows)")
+  ap.add_argument("--small-ms", default="64,256", help="comma-separated small M values")
   ap.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
   args = ap.parse_args(argv)
   if jax.default_backend() != "gpu":
@@ -305,7 +409,10 @@ def main(argv=None) -> int:
   out_dir = args.out or os.path.join(os.path.dirname(__file__), "results")
   res = run(args, out_dir)
   path = write_json(res, out_dir)
-  print(summary(res))
+  if args.only != "nvfp4":
+    print(summary(res))
+  if args.only != "int8":
+    print(summary_nvfp4(res))
   print(f"wrote {path}")
   return 0
 
