@@ -289,7 +289,7 @@ def worker(args) -> int:
   shape = tuple(int(v) for v in args.latent_shape.split(","))
   sched = load_demo_schedule(args.demo_schedule, args.steps)
   t0 = time.perf_counter()
-  params = build_params(cfg, quantized=args.group == "quant")
+  params = build_params(cfg, quantized=args.group != "bf16")
   jax.block_until_ready(params)
   setup_s = time.perf_counter() - t0
   clock.take()
@@ -326,12 +326,27 @@ def worker(args) -> int:
           f"peak {(row['memory']['peak_bytes_in_use'] or 0) / 2**30:.2f} GiB", flush=True)
     _write_json(args.json, out)
 
+  def profile(name, steps, **kw):
+    """A jax.profiler trace of `steps` steps (after a warm-up call) and its breakdown."""
+    from mpqjax import profiling
+    t = time.perf_counter()
+    trace_dir = os.path.join(args.trace_dir, f"{args.preset}-{args.group}-{name}")
+    rep = profiling.profile_generate(model, text, trace_dir, steps=steps, latent_shape=shape,
+                                     seed=0, implementation=args.implementation, **kw)
+    rep["compile_seconds"] = clock.take()
+    rep["wall_seconds"] = time.perf_counter() - t
+    out.setdefault("profiles", {})[name] = rep
+    print(f"[{args.preset}] profile {name}:\n{profiling.format_report(rep)}", flush=True)
+    _write_json(args.json, out)
+
   if args.group == "bf16":
     if args.short_steps:
       r, wall, c = call(args.short_steps, precision="bf16", tdc=False)
       out["short_compile_seconds"] = c
       r, wall, c2 = call(args.short_steps, precision="bf16", tdc=False)
       record("bf16@short", args.short_steps, r, wall, c2, False)
+      if args.profile:
+        profile("bf16", args.short_steps, precision="bf16", tdc=False)
     r, wall, c = call(args.steps, precision="bf16", tdc=False)
     record("bf16", args.steps, r, wall, c, True)
     return 0
@@ -340,12 +355,22 @@ def worker(args) -> int:
   short = [("nvfp4", dict(precision="nvfp4")), ("int8", dict(precision="int8")),
            ("mixed", dict(precision="mixed", calibration=calib)),
            ("w4a16", dict(precision="bf16"))]
+  if args.group == "flags":
+    short = [short[2]]
   if args.short_steps:
     r, wall, c = call(args.short_steps, tdc=False, **short[0][1])  # compile + first run
     out["short_compile_seconds"] = c
     for name, kw in short:
       r, wall, c = call(args.short_steps, tdc=False, **kw)
       record(name, args.short_steps, r, wall, c, False, {"shares_compiled_program": True})
+    if args.profile:
+      profile("mixed", args.short_steps, precision="mixed", calibration=calib, tdc=False)
+  if args.group == "flags":  # only the mixed program under this process's XLA_FLAGS
+    return 0
+  if args.profile_tdc and args.short_steps:  # every block skips once (step 2)
+    profile("mixed+tdc", args.short_steps, precision="mixed", calibration=calib,
+            **{k: v for k, v in tdc_schedule(1 / args.short_steps, args.short_steps).items()
+               if k != "skips_per_block"})
   first = True
   for name, (ratio, kw) in sched["tdc"].items():
     if name != "mixed+tdc" and not args.all_tdc:
@@ -367,6 +392,8 @@ def diffusers_worker(args) -> int:
   """diffusers' CogVideoXTransformer3DModel in bf16 (random init on the GPU), one forward with
   the CFG batch of 2 per denoising step: median of CUDA-event timings after warm-up."""
   import dataclasses
+  # benchmarks/kernels.py would shadow the `kernels` package diffusers probes for
+  sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 
   import diffusers
   import numpy as np
@@ -376,7 +403,8 @@ def diffusers_worker(args) -> int:
   from models.cogvideox import embeddings
   cfg = model_config(args.preset, args.layers, args.heads, args.text_tokens)
   f, h, w = (int(v) for v in args.latent_shape.split(","))
-  dev = torch.device("cuda")
+  cuda = torch.cuda.is_available()
+  dev = torch.device("cuda" if cuda else "cpu")  # the CPU only for checks of this harness
   torch.manual_seed(0)
   torch.set_default_dtype(torch.bfloat16)  # parameters are created in bf16, on the GPU
   t0 = time.perf_counter()
@@ -384,7 +412,8 @@ def diffusers_worker(args) -> int:
     model = CogVideoXTransformer3DModel(**{x.name: getattr(cfg, x.name)
                                            for x in dataclasses.fields(cfg)}).eval()
   torch.set_default_dtype(torch.float32)
-  torch.cuda.synchronize()
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
+  sync()
   setup_s = time.perf_counter() - t0
   weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
   g = torch.Generator(device=dev).manual_seed(1)
@@ -396,8 +425,9 @@ def diffusers_worker(args) -> int:
   if cfg.use_rotary_positional_embeddings:
     cos, sin = embeddings.rotary_3d(cfg, f, h, w)
     rope = (torch.from_numpy(cos).to(dev), torch.from_numpy(sin).to(dev))
-  torch.cuda.reset_peak_memory_stats()
-  resident = torch.cuda.memory_allocated()
+  if cuda:
+    torch.cuda.reset_peak_memory_stats()
+  resident = torch.cuda.memory_allocated() if cuda else None
 
   def step():
     return model(hidden_states=x, encoder_hidden_states=txt, timestep=t, image_rotary_emb=rope,
@@ -408,22 +438,28 @@ def diffusers_worker(args) -> int:
     for _ in range(args.warmup):
       y = step()
     for _ in range(args.reps):
-      a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-      a.record()
-      y = step()
-      b.record()
-      torch.cuda.synchronize()
-      times.append(a.elapsed_time(b) / 1e3)
+      if cuda:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        y = step()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+      else:
+        t1 = time.perf_counter()
+        y = step()
+        times.append(time.perf_counter() - t1)
   out = {"diffusers_version": diffusers.__version__, "torch_version": torch.__version__,
-         "device": torch.cuda.get_device_name(), "setup_seconds": setup_s,
+         "device": torch.cuda.get_device_name() if cuda else "cpu", "setup_seconds": setup_s,
          "seconds_per_step_median": float(np.median(times)), "seconds_per_step_all": times,
          "warmup": args.warmup, "reps": args.reps, "weight_bytes": weight_bytes,
          "memory_allocated_after_setup": resident,
-         "max_memory_allocated": torch.cuda.max_memory_allocated(),
-         "max_memory_reserved": torch.cuda.max_memory_reserved(),
+         "max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else None,
+         "max_memory_reserved": torch.cuda.max_memory_reserved() if cuda else None,
          "finite": bool(torch.isfinite(y).all()), "output_shape": list(y.shape)}
   print(f"[{args.preset}] diffusers bf16 {out['seconds_per_step_median'] * 1e3:9.1f} ms/step "
-        f"(median of {args.reps}), peak {out['max_memory_allocated'] / 2**30:.2f} GiB", flush=True)
+        f"(median of {args.reps}), peak {(out['max_memory_allocated'] or 0) / 2**30:.2f} GiB",
+        flush=True)
   _write_json(args.json, out)
   return 0
 
@@ -432,11 +468,14 @@ def diffusers_worker(args) -> int:
 # 4. The driver
 # ---------------------------------------------------------------------------------------------
 
-def _spawn(argv: list[str], json_path: str, timeout: float) -> tuple[dict | None, str]:
+def _spawn(argv: list[str], json_path: str, timeout: float,
+           xla_flags: str | None = None) -> tuple[dict | None, str]:
   """Run this script with argv in a fresh process; (its JSON or None, status)."""
   if timeout < 10:
     return None, "skipped: out of time"
   env = dict(os.environ, PYTHONUNBUFFERED="1")
+  if xla_flags is not None:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
   try:
     rc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env,
                         timeout=timeout).returncode
@@ -507,27 +546,34 @@ def run(args) -> int:
     if args.diffusers:
       jobs.append(("diffusers", ["_diffusers", "--preset", preset, "--warmup", str(args.warmup),
                                  "--reps", str(args.reps)]))
-    jobs.append(("bf16", ["_worker", "--group", "bf16", "--preset", preset]))
-    jobs.append(("quant", ["_worker", "--group", "quant", "--preset", preset]
-                 + (["--all-tdc"] if args.all_tdc else [])))
-    for name, argv in jobs:
+    prof = ["--profile"] if args.profile else []
+    jobs.append(("bf16", ["_worker", "--group", "bf16", "--preset", preset, *prof], None))
+    jobs.append(("quant", ["_worker", "--group", "quant", "--preset", preset, *prof]
+                 + (["--all-tdc"] if args.all_tdc else [])
+                 + (["--profile-tdc"] if args.profile_tdc and preset == presets[0] else []), None))
+    if preset == presets[0]:
+      for i, flags in enumerate(args.flag_variant or []):
+        jobs.append((f"flags{i}", ["_worker", "--group", "flags", "--preset", preset, *prof],
+                     flags))
+    for name, argv, flags in jobs:
       path = os.path.join(work, f"{preset}-{name}.json")
       if os.path.exists(path):
         os.remove(path)
       left = args.deadline - (time.perf_counter() - start)
-      data, st = _spawn(argv + common + ["--json", path], path, left)
+      data, st = _spawn(argv + common + ["--json", path], path, left, flags)
       results[preset][name] = data
       status[f"{preset}/{name}"] = st
       doc["summary"] = _summary(results)
       _write_json(out_path, doc)
   # device and version facts from the workers (the driver never touches the GPU)
-  for preset in results.values():
-    for part in preset.values():
+  for parts in results.values():
+    for part in parts.values():
       if part and "env" in part:
         doc.setdefault("device", part["env"]["device"])
         doc.setdefault("jax_version", part["env"]["jax_version"])
         doc.setdefault("backend", part["env"]["backend"])
   doc["wall_seconds"] = time.perf_counter() - start
+  doc["summary"] = _summary(results)
   _write_json(out_path, doc)
   print(json.dumps(doc["summary"], indent=1))
   print(f"wrote {out_path}")
@@ -550,6 +596,13 @@ def main(argv=None) -> int:
   r.add_argument("--reps", type=int, default=5, help="diffusers timed steps")
   r.add_argument("--all-tdc", action="store_true",
                  help="also the looser τ_tdc = 0.1 schedule (one more run at --steps)")
+  r.add_argument("--profile", action="store_true",
+                 help="trace bf16 and mixed at --short-steps (mpqjax.profiling) and report them")
+  r.add_argument("--profile-tdc", action="store_true",
+                 help="also trace mixed+TDC at --short-steps (one more compile; first preset)")
+  r.add_argument("--flag-variant", action="append", metavar="XLA_FLAGS",
+                 help="re-run the mixed program of the first preset (timed and traced) in a "
+                      "process with these extra XLA flags; repeatable")
   r.add_argument("--out", default=os.path.join(HERE, "results"))
   for p in (r, sub.add_parser("_worker"), sub.add_parser("_diffusers")):
     p.add_argument("--preset", default="cogvideox-2b")
@@ -565,7 +618,10 @@ def main(argv=None) -> int:
     p.add_argument("--implementation", default=None, help="qlinear implementation")
     if p is not r:
       p.add_argument("--json", required=True)
-      p.add_argument("--group", choices=("bf16", "quant"), default="bf16")
+      p.add_argument("--group", choices=("bf16", "quant", "flags"), default="bf16")
+      p.add_argument("--profile", action="store_true")
+      p.add_argument("--profile-tdc", action="store_true")
+      p.add_argument("--trace-dir", default="/tmp/e2e-traces")
       p.add_argument("--all-tdc", action="store_true")
       p.add_argument("--warmup", type=int, default=2)
       p.add_argument("--reps", type=int, default=5)
