@@ -47,6 +47,7 @@ LOG2E = math.log2(math.e)
 P_SCALE = 448.0  # P in [0, 1] is stored as P * 448 in e4m3 (max finite 448).
 _LOG2_P_SCALE = math.log2(P_SCALE)
 PRECISIONS = ("bf16", "int8")
+PV_DTYPES = ("float8_e4m3fn", "bfloat16")  # int8: the P and V^T operands of the PV product
 _MAGIC = 12582912.0  # 1.5 * 2^23: float(bits(_MAGIC) + i) == _MAGIC + i for |i| < 2^22
 _MAGIC_BITS = 0x4B400000
 V_EXTRA_ROWS = 8  # int8: V^T carries a row of ones (then zeros) so PV also sums P8.
@@ -56,7 +57,10 @@ V_EXTRA_ROWS = 8  # int8: V^T carries a row of ones (then zeros) so PV also sums
 class AttentionConfig:
   """Static kernel configuration.
 
-  precision: "bf16" or "int8" (INT8 QK^T, FP8 PV).
+  precision: "bf16" or "int8" (INT8 QK^T, then PV in pv_dtype).
+  pv_dtype (int8 only): "float8_e4m3fn" (P x 448 and per-channel-scaled V in e4m3, fp8 wgmma,
+    promoted to fp32 per block) or "bfloat16" (P and V in bf16, the accumulator stays in the
+    wgmma: full fp32 accumulation, no promotion needed; 2x the PV tensor-core time of fp8).
   block_q: query rows per compute warpgroup (a CTA handles 2 * block_q rows); multiple of 64.
   block_kv: keys per pipeline step; multiple of 64 (of 128 for int8: one fp8 wgmma K group).
   max_concurrent_steps: depth of the K/V SMEM ring (>= 2).
@@ -73,6 +77,7 @@ class AttentionConfig:
   max_concurrent_steps: int = 2
   int8_convert: str = "magic"
   interpret: bool = False
+  pv_dtype: str = "float8_e4m3fn"
 
   def __post_init__(self):
     if self.precision not in PRECISIONS:
@@ -85,6 +90,8 @@ class AttentionConfig:
     if self.int8_convert not in ("cvt", "magic", "magic_init"):
       raise ValueError(f"int8_convert must be 'cvt', 'magic' or 'magic_init', "
                        f"got {self.int8_convert!r}")
+    if self.pv_dtype not in PV_DTYPES:
+      raise ValueError(f"pv_dtype must be one of {PV_DTYPES}, got {self.pv_dtype!r}")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
 
@@ -108,13 +115,15 @@ def permute_kv_tokens(x: jax.Array, axis: int) -> jax.Array:
 
 
 def prepare_vt(v8: jax.Array) -> jax.Array:
-  """FP8 V [B, S, H, D] -> the int8 kernel's V^T operand [B, H, D + 8, S]: transposed (8-bit wgmma
-  needs B K-major), one extra row of ones and 7 of zeros (PV then also yields sum(P8), the
-  softmax denominator), tokens permuted by `permute_kv_tokens`. S must be a multiple of 16."""
+  """V [B, S, H, D] in the PV dtype (FP8 e4m3 or bf16) -> the int8 kernel's V^T operand
+  [B, H, D + 8, S]: transposed (8-bit wgmma needs B K-major), one extra row of ones and 7 of
+  zeros (PV then also yields sum(P), the softmax denominator); for FP8 the tokens are permuted
+  by `permute_kv_tokens` (bf16 P is already a wgmma operand). S must be a multiple of 16."""
   b, s, h, _ = v8.shape
   vt = jnp.transpose(v8, (0, 2, 3, 1))
   extra = jnp.zeros((b, h, V_EXTRA_ROWS, s), v8.dtype).at[:, :, 0].set(1)
-  return permute_kv_tokens(jnp.concatenate([vt, extra], axis=2), axis=-1)
+  vt = jnp.concatenate([vt, extra], axis=2)
+  return permute_kv_tokens(vt, axis=-1) if jnp.dtype(v8.dtype).itemsize == 1 else vt
 
 
 def _p_as_wgmma_operand(p8: jax.Array, interpret: bool) -> jax.Array:
@@ -169,9 +178,9 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
     q, k, vt, q_scale, k_scale = operands
     batch_size, q_len_p, num_heads, head_dim = q.shape
     kv_len_p = k.shape[1]
-    if (q.dtype, k.dtype, vt.dtype) != (jnp.int8, jnp.int8, jnp.float8_e4m3fn):
-      raise ValueError(f"int8 attention wants s8 q, k and f8e4m3 v^T, got {q.dtype}, {k.dtype}, "
-                       f"{vt.dtype}")
+    if (q.dtype, k.dtype, vt.dtype) != (jnp.int8, jnp.int8, jnp.dtype(cfg.pv_dtype)):
+      raise ValueError(f"int8 attention wants s8 q, k and {cfg.pv_dtype} v^T, got {q.dtype}, "
+                       f"{k.dtype}, {vt.dtype}")
     want = (batch_size, num_heads, head_dim + V_EXTRA_ROWS, kv_len_p)
     if vt.shape != want:
       raise ValueError(f"v^T shape {vt.shape} != {want} (see prepare_vt)")
@@ -211,6 +220,8 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
   dv = head_dim + V_EXTRA_ROWS if quant else head_dim
   magic = quant and cfg.int8_convert in ("magic", "magic_init")
   magic_init = quant and cfg.int8_convert == "magic_init" and not cfg.interpret
+  pv_dtype = jnp.dtype(cfg.pv_dtype) if quant else in_dtype
+  fp8_pv = quant and pv_dtype.itemsize == 1
 
   def kernel(*refs):
     if quant:
@@ -306,8 +317,11 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
         alpha = jnp.exp2(m_i - m_ij)
         m_i = m_ij
         p = jnp.exp2(s * c - lax.broadcast_in_dim(bias, s.shape, [0]))
-        if quant:
+        if fp8_pv:
           p_op = _p_as_wgmma_operand(p.astype(jnp.float8_e4m3fn), cfg.interpret)
+        elif quant:  # 16-bit P is a wgmma register operand as it is; acc stays in the wgmma.
+          acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+          p_op = p.astype(pv_dtype)
         else:
           acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
           l_i = l_i * alpha + p.sum(axis=1)
@@ -330,10 +344,10 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
             plgpu.barrier_wait(k_barriers.at[wait_slot])
 
         if quant:
-          v_op = v_smem.at[slot].transpose((1, 0))  # V^T in SMEM is K-major, as 8-bit needs.
+          v_op = v_smem.at[slot].transpose((1, 0))  # V^T in SMEM is K-major (8-bit needs it).
         else:
           v_op = v_smem.at[slot]
-        if quant or cfg.interpret:
+        if fp8_pv or cfg.interpret:
           # Fresh accumulator per block: for fp8 this is the fp32 promotion (the tensor cores
           # only ever sum one block); interpret mode cannot run pl.run_state.
           if cfg.interpret:
@@ -346,7 +360,7 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
             wait_next_k()
             return acc_ref[...]
           pv = pl.run_scoped(compute_pv, plgpu.ACC((block_q, dv), jnp.float32))
-          if quant:
+          if fp8_pv:
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
           acc = acc + pv
         else:
@@ -366,7 +380,7 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
       acc, m_i, l_i = carry[:3]
       pl.when(wg_idx == 0)(perform_schedule_barrier)
 
-      if quant:  # Column head_dim holds sum(P8) (448x the f32 sum), the rest of the extra 0.
+      if quant:  # Column head_dim holds sum(P) (448x the f32 sum), the rest of the extra 0.
         l_i = acc[:, head_dim:].sum(axis=1)
         acc = acc[:, :head_dim]
       acc /= lax.broadcast_in_dim(l_i, (block_q, head_dim), [0])
@@ -406,8 +420,8 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
   q_scratch = plgpu.SMEM((2, block_q, head_dim), in_dtype, transforms=qk_t)
   k_scratch = plgpu.SMEM((steps, block_kv, head_dim), in_dtype, transforms=qk_t)
   if quant:
-    v_scratch = plgpu.SMEM((steps, dv, block_kv), jnp.float8_e4m3fn,
-                           transforms=_smem_transforms(block_kv, 1))
+    v_scratch = plgpu.SMEM((steps, dv, block_kv), pv_dtype,
+                           transforms=_smem_transforms(block_kv, pv_dtype.itemsize))
     o_scratch = plgpu.SMEM((2, block_q, head_dim), out_dtype,
                            transforms=_smem_transforms(head_dim, 2))
   else:
@@ -416,7 +430,7 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
 
   p_scratch = None
   if cfg.interpret:
-    p_dtype = jnp.float8_e4m3fn if quant else in_dtype
+    p_dtype = pv_dtype
     p_scratch = plgpu.SMEM((2, block_q, block_kv), p_dtype,
                            transforms=_smem_transforms(block_kv, jnp.dtype(p_dtype).itemsize))
 
@@ -450,31 +464,28 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
 def reference(*operands, kv_len: int, config: AttentionConfig) -> jax.Array:
   """jnp reference taking the kernel's exact (padded) inputs; f32 math with a materialized S.
 
-  For int8 the products of the quantized values are exact in f32 and P is rounded to e4m3 with
-  the final (not the running) row max, so it agrees with the kernel up to e4m3 rounding noise.
+  int8: the kernel's softmax numerics (e4m3 P against the running max of each block of
+  config.block_kv keys) come from mpqjax.attention.int8_probabilities, the one copy shared with
+  the xla path; the products of the quantized values are exact in f32.
   """
   hi = lax.Precision.HIGHEST
   f32 = jnp.float32
   if config.precision == "int8":
+    from mpqjax.attention import int8_probabilities
     q8, k8, vt8, qs, ks = operands
-    s = jnp.einsum("bthd,bshd->bhts", q8.astype(f32), k8.astype(f32), precision=hi)
-    s = (s * jnp.repeat(qs, config.block_q, axis=2)[..., :, None]
-         * jnp.repeat(ks, config.block_kv, axis=2)[..., None, :])
-  else:
-    q, k, v = operands
-    s = jnp.einsum("bthd,bshd->bhts", q.astype(f32), k.astype(f32), precision=hi)
-    s = s * (q.shape[-1] ** -0.5 * LOG2E)
-  valid = jnp.arange(s.shape[-1]) < kv_len
-  s = jnp.where(valid, s, -jnp.inf)
-  p = jnp.exp2(s - s.max(axis=-1, keepdims=True))
-  l = p.sum(axis=-1)  # [B, H, Tq]
-  if config.precision == "int8":  # V^T's row of ones makes the denominator sum(P8).
-    p8 = (p * P_SCALE).astype(jnp.float8_e4m3fn).astype(f32)
-    o = jnp.einsum("bhts,bhds->bthd", permute_kv_tokens(p8, axis=-1), vt8.astype(f32),
-                   precision=hi)
+    p8 = int8_probabilities(q8, k8, qs, ks, kv_len=kv_len, block_q=config.block_q,
+                            block_kv=config.block_kv, p_dtype=config.pv_dtype)
+    if jnp.dtype(config.pv_dtype).itemsize == 1:  # V^T's tokens are permuted (prepare_vt)
+      p8 = permute_kv_tokens(p8, axis=-1)
+    # V^T's row of ones makes the denominator sum(P8) (column d of the product).
+    o = jnp.einsum("bhts,bhds->bthd", p8, vt8.astype(f32), precision=hi)
     d = o.shape[-1] - V_EXTRA_ROWS
-    o = o[..., :d] / o[..., d:d + 1]
-  else:
-    o = jnp.einsum("bhts,bshd->bthd", p, v.astype(f32), precision=hi)
-    o = o / jnp.moveaxis(l, 1, 2)[..., None]
-  return o.astype(jnp.bfloat16 if config.precision == "int8" else operands[0].dtype)
+    return (o[..., :d] / o[..., d:d + 1]).astype(jnp.bfloat16)
+  q, k, v = operands
+  s = jnp.einsum("bthd,bshd->bhts", q.astype(f32), k.astype(f32), precision=hi)
+  s = s * (q.shape[-1] ** -0.5 * LOG2E)
+  s = jnp.where(jnp.arange(s.shape[-1]) < kv_len, s, -jnp.inf)
+  p = jnp.exp2(s - s.max(axis=-1, keepdims=True))
+  o = jnp.einsum("bhts,bshd->bthd", p, v.astype(f32), precision=hi)
+  o = o / jnp.moveaxis(p.sum(axis=-1), 1, 2)[..., None]
+  return o.astype(q.dtype)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mpqjax import attention as A
-from mpqjax import testing
+from mpqjax import formats, testing
 from pallas_kernels import attention_mosaic as am
 
 ON_HOPPER = A.mosaic_unavailable_reason(jnp.zeros((1, 1, 1, 64))) is None
@@ -39,6 +39,8 @@ def test_bad_arguments_are_named():
     A.attention(q, q, q, precision="fp4")
   with pytest.raises(ValueError, match="implementation"):
     A.attention(q, q, q, implementation="triton")
+  with pytest.raises(ValueError, match="int8_pv"):
+    A.attention(q, q, q, precision="int8", int8_pv="fp4")
   with pytest.raises(ValueError, match="cudnn"):
     A.attention(q, q, q, precision="int8", implementation="cudnn")
   if not ON_HOPPER:
@@ -54,17 +56,29 @@ def test_xla_bf16_matches_float64(t, s):
   assert cos > 0.99999 and rel_l1 < 0.005
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_xla_int8_close_to_float64(d):
-  # The quantized algorithm on outlier inputs; the benchmark reports the issue's bars
-  # (cos >= 0.999, rel L1 <= 0.03) at more shapes: e4m3 V alone costs ~2.3% rel L1 on N(0,1) V.
-  q, k, v = _inputs(3 + d, (1, 300, 2, d))
+# The issue's bars on DiT-like outlier inputs (the benchmark's accuracy settings, fresh seeds).
+BAR_COS, BAR_REL_L1 = 0.999, 0.03
+
+
+ACCURACY_SETTINGS = [(64, 1000, 4.0), (64, 333, 8.0), (128, 1000, 4.0), (128, 333, 8.0)]
+# FP8 P and V: e4m3 rounding of P and V alone costs ~0.027 rel. L1 on N(0, 1) V (ablation in
+# pallas_kernels/NOTES.md), so the int8 path with fp8 PV lands at 0.027-0.035 rel. L1 here:
+# what it reliably meets is the cosine bar and this bound; bf16 PV meets both bars.
+FP8_PV_REL_L1 = 0.04
+
+
+@pytest.mark.parametrize("pv", A.INT8_PVS)
+@pytest.mark.parametrize("d,t,magnitude", ACCURACY_SETTINGS)
+def test_xla_int8_accuracy_on_outlier_inputs(d, t, magnitude, pv):
+  q, k, v = _inputs(20 + d + t, (1, t, 2, d), magnitude=magnitude)
   ref = _ref64(q, k, v)
-  cos, rel_l1 = _metrics(A.attention(q, k, v, precision="int8", implementation="xla"), ref)
-  assert cos > 0.998 and rel_l1 < 0.06
+  cos, rel_l1 = _metrics(A.attention(q, k, v, precision="int8", implementation="xla",
+                                     int8_pv=pv), ref)
   # ... and it is really quantized: measurably worse than bf16.
   _, rel_bf16 = _metrics(A.attention(q, k, v, implementation="xla"), ref)
   assert rel_l1 > 2 * rel_bf16
+  assert cos >= BAR_COS and rel_l1 <= (BAR_REL_L1 if pv == "bf16" else FP8_PV_REL_L1), (
+      cos, rel_l1)
 
 
 def test_quantize_operands():
@@ -76,18 +90,23 @@ def test_quantize_operands():
   assert ops.v8.dtype == jnp.float8_e4m3fn
   # Padding stays zero.
   assert not np.any(np.asarray(ops.q8[:, 150:])) and not np.any(np.asarray(ops.k8[:, 150:]))
-  # Dequantized K is the mean-smoothed K (so its token mean is ~0 even in outlier channels).
+  # Dequantized K is the mean-smoothed K rotated by the +-1 Hadamard matrix H (so its token
+  # mean is ~0 even in outlier channels), and Q H * q_scale carries 1/D (H H^T = D I),
+  # 1/sqrt(D) and log2(e): q_scale * k_scale * q8 . k8 = log2(e) q . k / sqrt(D).
+  h = np.sign(np.asarray(formats.hadamard_matrix(64), np.float64))
   kd = (np.asarray(ops.k8, np.float64)
         * np.repeat(np.asarray(ops.k_scale), A.BLOCK_KV, axis=2).transpose(0, 2, 1)[..., None])
   kf = np.asarray(k, np.float64)
-  ks = kf - kf.mean(axis=1, keepdims=True)
+  ks = (kf - kf.mean(axis=1, keepdims=True)) @ h
   np.testing.assert_allclose(kd[:, :150], ks, atol=np.abs(ks).max() / 127)
   assert np.abs(kd[:, :150].mean(axis=1)).max() < 0.05 * np.abs(kf.mean(axis=1)).max()
-  # q_scale folds 1/sqrt(D) * log2(e) into the INT8 scale.
   qd = (np.asarray(ops.q8, np.float64)
         * np.repeat(np.asarray(ops.q_scale), A.BLOCK_Q, axis=2).transpose(0, 2, 1)[..., None])
-  qf = np.asarray(q, np.float64) * (64 ** -0.5 * np.log2(np.e))
+  qf = np.asarray(q, np.float64) @ h * (64 ** -1.5 * np.log2(np.e))
   np.testing.assert_allclose(qd[:, :150], qf, atol=np.abs(qf).max() / 127)
+  # The rotation spreads the outlier channels: the INT8 step shrinks against Q's size.
+  qx = np.asarray(q, np.float64)
+  assert np.abs(qf).max() / np.abs(qf).std() < 0.7 * np.abs(qx).max() / np.abs(qx).std()
   vd = np.asarray(ops.v8[:, :150], np.float64) * np.asarray(ops.v_scale)[:, None]
   # e4m3: 3 mantissa bits (relative 2^-4), subnormal spacing 2^-9 in units of v_scale.
   np.testing.assert_allclose(vd, np.asarray(v, np.float64), rtol=2.0 ** -4,
@@ -120,31 +139,38 @@ def test_kernel_config_validation():
     am.AttentionConfig(precision="int8", block_kv=64)
   with pytest.raises(ValueError, match="precision"):
     am.AttentionConfig(precision="fp8")
+  with pytest.raises(ValueError, match="pv_dtype"):
+    am.AttentionConfig(precision="int8", pv_dtype="float16")
 
 
 # ------------------------------------------------------------- kernel, Mosaic GPU interpret mode
 
 
-@pytest.mark.parametrize("precision,d,convert,block_kv", [
-    ("bf16", 64, "magic", 128), ("int8", 64, "magic", 128), ("int8", 64, "cvt", 128),
-    ("bf16", 128, "magic", 128), ("int8", 128, "magic", 128), ("int8", 64, "magic", 256),
-    ("bf16", 64, "magic", 256)])
-def test_kernel_interpret_matches_reference(precision, d, convert, block_kv):
+@pytest.mark.parametrize("precision,d,convert,block_kv,pv", [
+    ("bf16", 64, "magic", 128, None), ("int8", 64, "magic", 128, "fp8"),
+    ("int8", 64, "cvt", 128, "fp8"), ("bf16", 128, "magic", 128, None),
+    ("int8", 128, "magic", 128, "fp8"), ("int8", 64, "magic", 256, "fp8"),
+    ("bf16", 64, "magic", 256, None), ("int8", 64, "magic", 256, "bf16"),
+    ("int8", 128, "magic", 128, "bf16")])
+def test_kernel_interpret_matches_reference(precision, d, convert, block_kv, pv):
   """The kernel body (barriers, TMA ring, online softmax, tail mask, int8 scales) run by the
   interpreter on CPU against its jnp reference, at a length that needs padding and masking."""
   t, kv_len = (256, 200) if block_kv == 128 else (512, 400)  # a full block and a masked tail
   cfg = am.AttentionConfig(precision=precision, interpret=True, int8_convert=convert,
-                           block_kv=block_kv)
+                           block_kv=block_kv,
+                           pv_dtype="bfloat16" if pv == "bf16" else "float8_e4m3fn")
   ks = jax.random.split(jax.random.key(7 + d), 5)
   if precision == "bf16":
     ops = [jax.random.normal(kk, (1, t, 1, d)).astype(jnp.bfloat16) for kk in ks[:3]]
     tol = 0.01
   else:
     q, k, v = _inputs(8 + d, (1, kv_len, 1, d))
-    qo = A.quantize_operands(q, k, v, block_kv=block_kv)
+    qo = A.quantize_operands(q, k, v, block_kv=block_kv, pv=pv)
     vt8 = am.prepare_vt(qo.v8)
     ops = [qo.q8, qo.k8, vt8, qo.q_scale, qo.k_scale]
-    tol = 0.04  # e4m3 P rounded against the running max (kernel) vs the final max (reference)
+    # Same rounded P against the same running max: only f32 rounding order differs ("magic"
+    # turns a few P values into the neighbouring e4m3 value; "cvt" is bit-equal on CPU).
+    tol = 0.003
   out = am.flash_attention(*ops, kv_len=kv_len, config=cfg)
   ref = am.reference(*ops, kv_len=kv_len, config=cfg)
   o, r = np.asarray(out, np.float32), np.asarray(ref, np.float32)
@@ -152,15 +178,17 @@ def test_kernel_interpret_matches_reference(precision, d, convert, block_kv):
   assert np.linalg.norm(o - r) / np.linalg.norm(r) < tol
 
 
-def test_int8_mosaic_interpret_matches_xla():
-  """The whole int8 pipeline (quantize, transpose + permute V, kernel, V scale) vs the xla path."""
+@pytest.mark.parametrize("pv", A.INT8_PVS)
+def test_int8_mosaic_interpret_matches_xla(pv):
+  """The whole int8 pipeline (quantize, transpose + permute V, kernel, V scale) vs the xla path,
+  which emulates the kernel's numerics (see mpqjax.attention's docstring)."""
   q, k, v = _inputs(9, (1, 190, 1, 64), magnitude=6.0)
-  out = A._int8_mosaic(q, k, v, interpret=True)
-  xla = A.attention(q, k, v, precision="int8", implementation="xla")
-  cos, rel_l1 = _metrics(out, np.asarray(xla, np.float64))
-  assert cos > 0.9995 and rel_l1 < 0.03
+  out = A._int8_mosaic(q, k, v, interpret=True, pv=pv)
+  xla = A.attention(q, k, v, precision="int8", implementation="xla", int8_pv=pv)
+  cos, rel_l1 = _metrics(out, np.asarray(jnp.asarray(xla, jnp.float32), np.float64))
+  assert cos > 0.99999 and rel_l1 < 0.003
   cos, rel_l1 = _metrics(out, _ref64(q, k, v))
-  assert cos > 0.998 and rel_l1 < 0.06
+  assert cos >= BAR_COS and rel_l1 <= BAR_REL_L1
 
 
 def test_bf16_mosaic_interpret_matches_float64():
@@ -176,14 +204,28 @@ gpu = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU for the Mosai
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("precision", A.PRECISIONS)
+@pytest.mark.parametrize("precision,pv", [("bf16", None), ("int8", "fp8"), ("int8", "bf16")])
 @pytest.mark.parametrize("d,t", [(64, 1000), (128, 333)])
-def test_mosaic_gpu_matches_xla(precision, d, t):
+def test_mosaic_gpu_matches_xla(precision, pv, d, t):
   q, k, v = _inputs(11 + d, (2, t, 3, d))
-  out = A.attention(q, k, v, precision=precision, implementation="mosaic")
-  xla = A.attention(q, k, v, precision=precision, implementation="xla")
+  out = A.attention(q, k, v, precision=precision, implementation="mosaic", int8_pv=pv)
+  xla = A.attention(q, k, v, precision=precision, implementation="xla", int8_pv=pv)
   cos, rel_l1 = _metrics(out, np.asarray(jnp.asarray(xla, jnp.float32), np.float64))
-  assert cos > 0.9995 and rel_l1 < (0.03 if precision == "int8" else 0.01)
+  # int8: the xla path emulates the kernel's numerics up to f32 rounding order, ex2.approx and
+  # the tensor cores' FP8 accumulation.
+  assert cos > (0.9999 if precision == "int8" else 0.9995) and rel_l1 < 0.01
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("pv", A.INT8_PVS)
+@pytest.mark.parametrize("d,t,magnitude", ACCURACY_SETTINGS)
+def test_mosaic_gpu_int8_accuracy_on_outlier_inputs(d, t, magnitude, pv):
+  q, k, v = _inputs(20 + d + t, (1, t, 2, d), magnitude=magnitude)
+  cos, rel_l1 = _metrics(A.attention(q, k, v, precision="int8", implementation="mosaic",
+                                     int8_pv=pv), _ref64(q, k, v))
+  assert cos >= BAR_COS and rel_l1 <= (BAR_REL_L1 if pv == "bf16" else FP8_PV_REL_L1), (
+      cos, rel_l1)
 
 
 def test_package_exports_a_callable_attention():
