@@ -3,6 +3,8 @@ bf16, nvfp4 (W4A4), int8 (W4A8), mixed (DMPQ, calibrated for ~6 bits) and mixed+
 
   python benchmarks/quality.py                      # writes benchmarks/results/quality.json
   python benchmarks/quality.py --prompts 8 --steps 20 --out /tmp/q.json   # quick
+  python benchmarks/quality.py --modes "bf16,bf16 + int8 attention" --merge   # some modes only,
+      # merged into the existing JSON (rows of this run replace those of the same name)
 
 Per mode: PSNR and SSIM of the frames against the bf16 video of the same prompt and seed, prompt
 adherence (the share of videos whose analyzed dominant moving color and motion direction match
@@ -23,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 
@@ -41,7 +44,13 @@ MODES = (  # name, precision, tdc, extra generate kwargs
     ("mixed+TDC", "mixed", True, {}),  # the defaults of `mpqjax generate`
     # not a default: a looser TDC threshold, to show what skipping costs on this model
     ("mixed+TDC(tau_tdc=0.1)", "mixed", True, {"tdc_threshold": 0.1}),
+    # issue 10: INT8/FP8 attention (mpqjax.attention precision "int8", its xla path on CPU) in
+    # every block except at the first and last step, alone and on top of the method
+    ("bf16 + int8 attention", "bf16", False, {"attention_precision": "int8"}),
+    ("mixed+TDC + int8 attention", "mixed", True, {"attention_precision": "int8"}),
 )
+# mode -> the same mode with bf16 attention (for "PSNR against bf16 attention")
+ATTENTION_BASE = {"bf16 + int8 attention": "bf16", "mixed+TDC + int8 attention": "mixed+TDC"}
 
 
 def _gauss_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
@@ -105,7 +114,14 @@ def main(argv=None) -> int:
                        "calibration.json) instead of fitting one; Pearson r is read from it")
   ap.add_argument("--out", default="benchmarks/results/quality.json")
   ap.add_argument("--markdown", default=None, help="also write the table section here")
+  ap.add_argument("--modes", default=None,
+                  help="comma-separated MODES names to run (default all; bf16, the reference, "
+                       "and the bf16-attention base of an int8-attention mode always run)")
+  ap.add_argument("--merge", action="store_true",
+                  help="update --out in place: this run's rows replace those of the same name, "
+                       "the other rows (and their run's command/date, kept per row) stay")
   args = ap.parse_args(argv)
+  modes = select_modes(args.modes)
 
   import jax
 
@@ -142,7 +158,7 @@ def main(argv=None) -> int:
   # --- generation
   videos: dict[str, list[np.ndarray]] = {}
   rows = {}
-  for name, precision, tdc, extra in MODES:
+  for name, precision, tdc, extra in modes:
     model = m_bf if precision == "bf16" else m_q
     kw = dict(steps=args.steps, guidance=args.guidance, scheduler=sched, precision=precision,
               tdc=tdc, calibration=calib if precision == "mixed" else None, **extra)
@@ -164,7 +180,8 @@ def main(argv=None) -> int:
     bits = [s["avg_activation_bits"] for s in summaries]
     rows[name] = {
         "precision": precision, "tdc": tdc,
-        **{k: (v if np.isfinite(v) else str(v)) for k, v in extra.items()},
+        **{k: (v if isinstance(v, str) or np.isfinite(v) else str(v))
+           for k, v in extra.items()},
         "adherence": float(np.mean(hits)),
         "skip_ratio": float(np.mean([s["skip_ratio"] for s in summaries])),
         "avg_activation_bits": None if bits[0] is None else float(np.mean(bits)),
@@ -181,27 +198,36 @@ def main(argv=None) -> int:
     ss = [ssim(a, b) for a, b in zip(videos[name], videos["bf16"])]
     rows[name].update(psnr_vs_bf16=float(np.mean(ps)), ssim_vs_bf16=float(np.mean(ss)),
                       psnr_vs_bf16_min=float(np.min(ps)))
+    if name in ATTENTION_BASE:  # against the same linears with bf16 attention
+      base = ATTENTION_BASE[name]
+      pa = [psnr(a, b) for a, b in zip(videos[name], videos[base])]
+      rows[name].update(attention_base=base, psnr_vs_bf16_attention=float(np.mean(pa)),
+                        psnr_vs_bf16_attention_min=float(np.min(pa)),
+                        ssim_vs_bf16_attention=float(np.mean(
+                            [ssim(a, b) for a, b in zip(videos[name], videos[base])])))
 
-  claims = {
-      "mixed_closer_to_bf16_than_nvfp4_by_psnr": {
-          name: {"mixed_psnr": rows[name]["psnr_vs_bf16"],
-                 "nvfp4_psnr": rows["nvfp4"]["psnr_vs_bf16"],
-                 "mixed_avg_bits": rows[name]["avg_activation_bits"],
-                 "holds": rows[name]["psnr_vs_bf16"] > rows["nvfp4"]["psnr_vs_bf16"]}
-          for name in ("mixed", "mixed, outlier rule off")},
-      "mixed_tdc_adherence_within_2_points_of_bf16": {
-          "bf16": rows["bf16"]["adherence"], "mixed+TDC": rows["mixed+TDC"]["adherence"],
-          "drop_points": 100 * (rows["bf16"]["adherence"] - rows["mixed+TDC"]["adherence"]),
-          "resolution_points": 100 / len(pairs),
-          "holds": 100 * (rows["bf16"]["adherence"] - rows["mixed+TDC"]["adherence"]) <= 2.0},
-  }
   dev = jax.devices()[0]
+  run = {"command": "python " + shlex.join(
+             [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+         "jax": jax.__version__, "device": getattr(dev, "device_kind", str(dev))}
+  for row in rows.values():
+    row["run"] = run
+  if args.merge:
+    with open(args.out) as f:
+      old = json.load(f)
+    if old["settings"]["prompts"] != len(pairs) or old["settings"]["steps"] != args.steps:
+      raise SystemExit(f"--merge: {args.out} has {old['settings']['prompts']} prompts x "
+                       f"{old['settings']['steps']} steps, this run {len(pairs)} x {args.steps}")
+    for row in old["modes"].values():
+      row.setdefault("run", {k: old.get(k) for k in ("command", "date", "jax", "device")})
+    rows = {**old["modes"], **rows}
+    rows = {name: rows[name] for name, *_ in MODES if name in rows}  # the MODES order
+  claims = claims_of(rows, len(pairs))
   result = {
-      "benchmark": "quality", "command": "python " + " ".join(
-          [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "device": getattr(dev, "device_kind", str(dev)), "backend": jax.default_backend(),
-      "cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
+      "benchmark": "quality", **run,
+      "backend": jax.default_backend(),
+      "cpu_count": os.cpu_count(), "platform": platform.platform(),
       "model": {"weights": weights.weights_path()[0], "config": m_q.meta["transformer"],
                 "training": m_q.meta.get("training")},
       "settings": {"prompts": len(pairs), "steps": args.steps, "guidance": args.guidance,
@@ -210,6 +236,8 @@ def main(argv=None) -> int:
       "calibration": calib_info, "modes": rows, "claims": claims,
       "analyzer_on_dataset": None, "total_wall_s": time.perf_counter() - t_all,
   }
+  if args.merge:
+    result["runs"] = old.get("runs", [{k: old.get(k) for k in ("command", "date")}]) + [run]
   # the analyzer's own accuracy on real dataset clips (its reference point)
   from mpqjax.toyvideo import data
   v, caps, _ = data.sample(4242, 200)
@@ -229,46 +257,88 @@ def main(argv=None) -> int:
   return 0
 
 
+def select_modes(spec: str | None) -> tuple:
+  """MODES filtered by a comma-separated list of names (None: all), plus bf16 and the
+  bf16-attention base of every int8-attention mode."""
+  if spec is None:
+    return MODES
+  names = {n.strip() for n in spec.split(",") if n.strip()}
+  known = {m[0] for m in MODES}
+  if names - known:
+    raise SystemExit(f"--modes: unknown {sorted(names - known)}; known: {sorted(known)}")
+  names |= {"bf16"} | {ATTENTION_BASE[n] for n in names if n in ATTENTION_BASE}
+  return tuple(m for m in MODES if m[0] in names)
+
+
+def claims_of(rows: dict, n_prompts: int) -> dict:
+  """The issue-5 claims (and issue 10's attention rows) from the mode rows present."""
+  claims = {}
+  if "nvfp4" in rows:
+    claims["mixed_closer_to_bf16_than_nvfp4_by_psnr"] = {
+          name: {"mixed_psnr": rows[name]["psnr_vs_bf16"],
+                 "nvfp4_psnr": rows["nvfp4"]["psnr_vs_bf16"],
+                 "mixed_avg_bits": rows[name]["avg_activation_bits"],
+                 "holds": rows[name]["psnr_vs_bf16"] > rows["nvfp4"]["psnr_vs_bf16"]}
+          for name in ("mixed", "mixed, outlier rule off") if name in rows}
+  if "mixed+TDC" in rows:
+    claims["mixed_tdc_adherence_within_2_points_of_bf16"] = {
+        "bf16": rows["bf16"]["adherence"], "mixed+TDC": rows["mixed+TDC"]["adherence"],
+        "drop_points": 100 * (rows["bf16"]["adherence"] - rows["mixed+TDC"]["adherence"]),
+        "resolution_points": 100 / n_prompts,
+        "holds": 100 * (rows["bf16"]["adherence"] - rows["mixed+TDC"]["adherence"]) <= 2.0}
+  return claims
+
+
 def markdown(r: dict) -> str:
   s = r["settings"]
+  runs = r.get("runs") or [{"command": r["command"], "date": r["date"]}]
+  cmd = "; ".join(f"`{x['command']}` ({x['date']})" for x in runs)
   lines = [
       "## Quality on the shipped toy model (`benchmarks/quality.py`)", "",
-      f"Command: `{r['command']}` ({r['device']}, {r['cpu_count']} CPUs, JAX {r['jax']}, "
-      f"{r['date']}). {s['prompts']} prompts x 1 seed, {s['steps']} DDIM steps, CFG "
+      f"Command{'s (merged; each row says which run made it in the JSON)' if len(runs) > 1 else ''}"
+      f": {cmd} ({r['device']}, {r['cpu_count']} CPUs, JAX {r['jax']}). {s['prompts']} prompts "
+      f"x 1 seed, {s['steps']} DDIM steps, CFG "
       f"{s['guidance']}. PSNR/SSIM against the bf16 video of the same prompt and seed; adherence "
       f"= share of videos whose analyzed color and direction match the prompt (the analyzer "
       f"scores {100 * r['analyzer_on_dataset']:.0f}% on dataset clips); wall time per video after "
       "compilation (on a CPU shared with other jobs these times are noisy, and XLA emulates "
       "NVFP4/INT8 there, so quantized modes are slower than bf16: speed belongs to the GPU "
-      "benchmarks).", "",
-      "| mode | PSNR vs bf16 (dB) | SSIM vs bf16 | adherence | skip ratio | avg act. bits | "
-      "s / video |",
-      "|---|---|---|---|---|---|---|",
+      "benchmarks). \"+ int8 attention\": mpqjax.attention precision \"int8\" (its xla path, "
+      "which emulates the Mosaic kernel's numerics; fp8 PV) in every block, bf16 attention at "
+      "the first and last step; \"PSNR vs bf16 attn.\" compares it with the same mode run "
+      "with bf16 attention.", "",
+      "| mode | PSNR vs bf16 (dB) | SSIM vs bf16 | PSNR vs bf16 attn. (dB) | adherence | "
+      "skip ratio | avg act. bits | s / video |",
+      "|---|---|---|---|---|---|---|---|",
   ]
   for name, m in r["modes"].items():
     bits = "-" if m["avg_activation_bits"] is None or name == "bf16" else \
         f"{m['avg_activation_bits']:.2f}"
     ps = "ref" if name == "bf16" else f"{m['psnr_vs_bf16']:.2f}"
     ss = "ref" if name == "bf16" else f"{m['ssim_vs_bf16']:.4f}"
-    lines.append(f"| {name} | {ps} | {ss} | {100 * m['adherence']:.1f}% | "
+    pa = (f"{m['psnr_vs_bf16_attention']:.2f} (min {m['psnr_vs_bf16_attention_min']:.1f})"
+          if "psnr_vs_bf16_attention" in m else "-")
+    lines.append(f"| {name} | {ps} | {ss} | {pa} | {100 * m['adherence']:.1f}% | "
                  f"{m['skip_ratio']:.3f} | {bits} | {m['wall_s_per_video']:.2f} |")
   c = r["calibration"]
   cl = r["claims"]
-  b = cl["mixed_tdc_adherence_within_2_points_of_bf16"]
   lines += [
       "", f"Calibration: Pearson r of Γ_b(t−1) vs E_rel(l,t) = {c['pearson_r_overall']:.3f} "
       f"overall, {c['pearson_r_mean_per_linear']:.3f} mean per linear; τ = {c['tau']:.4g} for "
-      f"{c['target_bits']} target bits.", "",
-      "Claims (issue 5 §6):"]
-  for name, a in cl["mixed_closer_to_bf16_than_nvfp4_by_psnr"].items():
+      f"{c['target_bits']} target bits.", ""]
+  if cl:
+    lines.append("Claims (issue 5 §6):")
+  for name, a in cl.get("mixed_closer_to_bf16_than_nvfp4_by_psnr", {}).items():
     lines.append(
       f"- {name} at {a['mixed_avg_bits']:.2f} avg bits closer to bf16 than all-NVFP4 by PSNR: "
       f"{a['mixed_psnr']:.2f} vs {a['nvfp4_psnr']:.2f} dB -> "
       f"{'holds' if a['holds'] else 'does NOT hold'}.")
-  lines += [
+  if (b := cl.get("mixed_tdc_adherence_within_2_points_of_bf16")) is not None:
+    lines.append(
       f"- mixed+TDC loses <= 2 adherence points vs bf16: {100 * b['bf16']:.1f}% -> "
       f"{100 * b['mixed+TDC']:.1f}% ({b['drop_points']:+.1f} points lost; one video = "
-      f"{b['resolution_points']:.1f} points) -> {'holds' if b['holds'] else 'does NOT hold'}.", ""]
+      f"{b['resolution_points']:.1f} points) -> {'holds' if b['holds'] else 'does NOT hold'}.")
+  lines.append("")
   return "\n".join(lines)
 
 
