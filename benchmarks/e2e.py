@@ -301,14 +301,26 @@ def worker(args) -> int:
   out = {"group": args.group, "env": _env(), "setup_seconds": setup_s,
          "memory_after_setup": mem_setup, "modes": {}}
 
-  def call(steps, **kw):
-    t = time.perf_counter()
-    r = G.generate(model, text, latent_shape=shape, steps=steps, seed=0,
-                   implementation=args.implementation, **kw)
-    wall = time.perf_counter() - t
-    return r, wall, clock.take()
+  programs = {}
 
-  def record(name, steps, r, wall, compile_s, first_call, extra=None):
+  def call(steps, **kw):
+    from mpqjax.profiling import capture_call
+    t = time.perf_counter()
+    with capture_call() as seen:
+      r = G.generate(model, text, latent_shape=shape, steps=steps, seed=0,
+                     implementation=args.implementation, **kw)
+    wall = time.perf_counter() - t
+    compile_s = clock.take()
+    key = (steps, bool(kw.get("tdc")))
+    if key not in programs:  # the compiled program's own buffers, independent of run order
+      ma = G.generate_latents.lower(*seen["args"], **seen["kwargs"]).compile().memory_analysis()
+      programs[key] = {f: getattr(ma, f, None) for f in (
+          "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+          "alias_size_in_bytes", "generated_code_size_in_bytes")} if ma is not None else None
+      clock.take()
+    return r, wall, compile_s, programs[key]
+
+  def record(name, steps, r, wall, compile_s, program, first_call, extra=None):
     s = r.summary
     latency = wall - compile_s if first_call else wall
     row = {"steps": steps, "seconds": latency, "seconds_per_step": latency / steps,
@@ -319,7 +331,8 @@ def worker(args) -> int:
            "state_bytes": s["state_bytes"], "weight_bytes": s["weight_bytes"],
            "weight_bytes_bf16": s["weight_bytes_bf16"],
            "block_linear_weight_bits": s["block_linear_weight_bits"],
-           "memory": _memory(), "finite": bool(np.isfinite(r.latents).all()), **(extra or {})}
+           "memory": _memory(), "program_memory": program,
+           "finite": bool(np.isfinite(r.latents).all()), **(extra or {})}
     out["modes"][name] = row
     print(f"[{args.preset}] {name:24s} {row['seconds_per_step'] * 1e3:9.1f} ms/step over {steps} "
           f"steps ({row['timing']}), compile {compile_s:6.1f} s, skip {s['skip_ratio']:.3f}, "
@@ -340,47 +353,53 @@ def worker(args) -> int:
     _write_json(args.json, out)
 
   if args.group == "bf16":
+    r, wall, c, prog = call(args.steps, precision="bf16", tdc=False)
+    record("bf16", args.steps, r, wall, c, prog, True)
     if args.short_steps:
-      r, wall, c = call(args.short_steps, precision="bf16", tdc=False)
+      r, wall, c, prog = call(args.short_steps, precision="bf16", tdc=False)
       out["short_compile_seconds"] = c
-      r, wall, c2 = call(args.short_steps, precision="bf16", tdc=False)
-      record("bf16@short", args.short_steps, r, wall, c2, False)
+      r, wall, c2, prog = call(args.short_steps, precision="bf16", tdc=False)
+      record("bf16@short", args.short_steps, r, wall, c2, prog, False)
       if args.profile:
         profile("bf16", args.short_steps, precision="bf16", tdc=False)
-    r, wall, c = call(args.steps, precision="bf16", tdc=False)
-    record("bf16", args.steps, r, wall, c, True)
     return 0
 
-  # quantized: the no-TDC modes are one compiled program (precision is a knob array)
+  # quantized. Order: the demo-schedule mixed+TDC run first (a first call, like bf16's),
+  # then the no-TDC modes, which are ONE compiled program (precision is a knob array), then
+  # the extras. Each program's own memory comes from its compiled memory analysis.
+  def tdc_run(name, first):
+    ratio, kw = sched["tdc"][name]
+    kw = dict(kw)
+    k = kw.pop("skips_per_block")
+    r, wall, c, prog = call(args.steps, precision="mixed", calibration=calib, **kw)
+    record(name, args.steps, r, wall, c, prog, first,
+           {"demo_skip_ratio": ratio, "schedule": {**kw, "skips_per_block": k}})
+
+  if args.group == "quant":
+    tdc_run("mixed+tdc", True)
   short = [("nvfp4", dict(precision="nvfp4")), ("int8", dict(precision="int8")),
            ("mixed", dict(precision="mixed", calibration=calib)),
            ("w4a16", dict(precision="bf16"))]
   if args.group == "flags":
     short = [short[2]]
   if args.short_steps:
-    r, wall, c = call(args.short_steps, tdc=False, **short[0][1])  # compile + first run
+    r, wall, c, prog = call(args.short_steps, tdc=False, **short[0][1])  # compile + first run
     out["short_compile_seconds"] = c
     for name, kw in short:
-      r, wall, c = call(args.short_steps, tdc=False, **kw)
-      record(name, args.short_steps, r, wall, c, False, {"shares_compiled_program": True})
+      r, wall, c, prog = call(args.short_steps, tdc=False, **kw)
+      record(name, args.short_steps, r, wall, c, prog, False, {"shares_compiled_program": True})
     if args.profile:
       profile("mixed", args.short_steps, precision="mixed", calibration=calib, tdc=False)
   if args.group == "flags":  # only the mixed program under this process's XLA_FLAGS
     return 0
-  if args.profile_tdc and args.short_steps:  # every block skips once (step 2)
+  if args.all_tdc:
+    for name in sched["tdc"]:
+      if name != "mixed+tdc":
+        tdc_run(name, False)
+  if args.profile_tdc and args.short_steps:  # every block skips once
     profile("mixed+tdc", args.short_steps, precision="mixed", calibration=calib,
             **{k: v for k, v in tdc_schedule(1 / args.short_steps, args.short_steps).items()
                if k != "skips_per_block"})
-  first = True
-  for name, (ratio, kw) in sched["tdc"].items():
-    if name != "mixed+tdc" and not args.all_tdc:
-      continue
-    kw = dict(kw)
-    k = kw.pop("skips_per_block")
-    r, wall, c = call(args.steps, precision="mixed", calibration=calib, **kw)
-    record(name, args.steps, r, wall, c, first,
-           {"demo_skip_ratio": ratio, "schedule": {**kw, "skips_per_block": k}})
-    first = False
   return 0
 
 
@@ -580,6 +599,63 @@ def run(args) -> int:
   return 0
 
 
+def markdown(doc: dict) -> str:
+  """The RESULTS.md tables of one e2e JSON."""
+  gb = lambda b: "–" if b is None else f"{b / 1e9:.2f}"
+  lines = []
+  for preset, parts in doc["results"].items():
+    modes = {**((parts.get("bf16") or {}).get("modes") or {}),
+             **((parts.get("quant") or {}).get("modes") or {})}
+    bf = modes.get("bf16")
+    lines += [f"**{preset}**", "",
+              "| mode | steps | ms / step | vs bf16 | compile s | latency s | skip ratio | "
+              "avg act. bits | DiT weights GB | peak device GiB | TDC cache GB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    d = parts.get("diffusers")
+    if d:
+      ratio = (bf["seconds_per_step"] / d["seconds_per_step_median"]) if bf else None
+      lines.append(f"| diffusers bf16 (PyTorch {d['torch_version'].split('+')[0]}) | "
+                   f"{d['reps']} timed | {d['seconds_per_step_median'] * 1e3:.0f} | "
+                   f"{'–' if ratio is None else f'{ratio:.2f}×'} | – | – | – | 16 | "
+                   f"{gb(d['weight_bytes'])} | {(d['max_memory_allocated'] or 0) / 2**30:.1f} | – |")
+    for name, m in modes.items():
+      base = bf if bf and m["steps"] == bf["steps"] else modes.get("bf16@short")
+      ratio = base["seconds_per_step"] / m["seconds_per_step"] if base else None
+      mem = (m.get("memory") or {}).get("peak_bytes_in_use")
+      bits = m.get("avg_activation_bits")
+      lines.append(
+          f"| {name} | {m['steps']} | {m['seconds_per_step'] * 1e3:.0f} | "
+          f"{'–' if ratio is None else f'{ratio:.2f}×'} | "
+          f"{'–' if m.get('compile_seconds') is None else f'{m['compile_seconds']:.0f}'} | "
+          f"{m['seconds']:.1f} | {m['skip_ratio']:.3f} | "
+          f"{'–' if bits is None else f'{bits:.2f}'} | {gb(m['weight_bytes'])} | "
+          f"{'–' if mem is None else f'{mem / 2**30:.1f}'} | {gb(m['tdc_cache_bytes'])} |")
+    lines.append("")
+    profs = {**((parts.get("bf16") or {}).get("profiles") or {}),
+             **((parts.get("quant") or {}).get("profiles") or {})}
+    for i in range(8):
+      f = parts.get(f"flags{i}")
+      if f and f.get("profiles"):
+        profs[f"mixed, XLA_FLAGS={f['env']['xla_flags']}"] = f["profiles"]["mixed"]
+    if profs:
+      from mpqjax.profiling import CATEGORIES
+      names = list(profs)
+      lines += [f"Where a step's device time goes ({preset}, ms per step from the trace, "
+                f"{next(iter(profs.values()))['steps']} steps traced):", "",
+                "| category | " + " | ".join(names) + " |",
+                "|---|" + "---|" * len(names)]
+      for c in CATEGORIES:
+        lines.append(f"| {c} | " + " | ".join(
+            f"{profs[n]['categories_ms_per_step'][c]:.1f}" for n in names) + " |")
+      for key, label in (("busy_ms_per_step", "busy (union of ops)"),
+                         ("idle_ms_per_step", "idle between ops"),
+                         ("gaps_over_threshold_per_step", "gaps > 5 µs per step"),
+                         ("ops_per_step", "ops per step")):
+        lines.append(f"| {label} | " + " | ".join(f"{profs[n][key]:.1f}" for n in names) + " |")
+      lines.append("")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   sub = ap.add_subparsers(dest="cmd", required=True)
@@ -625,7 +701,13 @@ def main(argv=None) -> int:
       p.add_argument("--all-tdc", action="store_true")
       p.add_argument("--warmup", type=int, default=2)
       p.add_argument("--reps", type=int, default=5)
+  mk = sub.add_parser("markdown", help="print the RESULTS.md tables of an e2e JSON")
+  mk.add_argument("json")
   args = ap.parse_args(argv)
+  if args.cmd == "markdown":
+    with open(args.json) as f:
+      print(markdown(json.load(f)))
+    return 0
   args.argv = list(sys.argv[1:] if argv is None else argv)
   if args.cmd == "demo-schedule":
     return demo_schedule(args)

@@ -230,7 +230,7 @@ def _short_scope(op_name: str) -> str:
 # ------------------------------------------------------------------ capture
 
 @contextlib.contextmanager
-def _capture_call():
+def capture_call():
   """Records the arguments of mpqjax.generate.generate_latents while active (to fetch the
   compiled program's HLO for exactly that call)."""
   from mpqjax import generate as G
@@ -259,7 +259,7 @@ def profile_generate(model, text_emb, trace_dir: str, *, steps: int = 3,
   from mpqjax import generate as G
   os.makedirs(trace_dir, exist_ok=True)
   G.generate(model, text_emb, steps=steps, **kwargs)  # compile + warm up
-  with _capture_call() as seen:
+  with capture_call() as seen:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       t0 = time.perf_counter()
       result = G.generate(model, text_emb, steps=steps, **kwargs)
