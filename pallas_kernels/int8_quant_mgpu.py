@@ -75,14 +75,22 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
       y = pl.run_scoped(mm, plgpu.ACC((ROWS, COLS), jnp.float32))
       return y * post if post is not None else y
 
-    def pass1(_, x_s, amax):
-      return jnp.maximum(amax, jnp.abs(rotate(x_s)).max(axis=1))
+    def pass1(_, x_s, carry):
+      amax, bad = carry
+      y = jnp.abs(rotate(x_s))
+      # Non-finite rows get a NaN scale, as formats.quantize_int8 gives them. The flag does not
+      # rely on max propagating NaN (max.NaN on the GPU, but XLA:CPU's row max, which runs the
+      # interpreter, drops it): |y| < inf is false for NaN and +-inf alike.
+      nonfinite = jnp.where(y < jnp.float32(jnp.inf), jnp.float32(0.0), jnp.float32(1.0))
+      return jnp.maximum(amax, y.max(axis=1)), jnp.maximum(bad, nonfinite.max(axis=1))
 
-    amax0 = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    zeros = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     spec = plgpu.BlockSpec((ROWS, COLS), lambda kk: (0, kk), transforms=bf16_tr)
-    amax = plgpu.emit_pipeline(pass1, grid=(nk,), in_specs=[spec], max_concurrent_steps=steps,
-                               init_carry=amax0)(x_g.at[pl.ds(row0, ROWS)])
+    amax, bad = plgpu.emit_pipeline(pass1, grid=(nk,), in_specs=[spec],
+                                    max_concurrent_steps=steps,
+                                    init_carry=(zeros, zeros))(x_g.at[pl.ds(row0, ROWS)])
     scale = jnp.where(amax == 0, jnp.float32(1.0), amax / jnp.float32(127.0))
+    scale = jnp.where(bad == 0, scale, jnp.float32(jnp.nan))
     s_s[...] = scale
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(s_s, s_g.at[pl.ds(row0, ROWS)])
@@ -90,7 +98,10 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
     def pass2(idx, x_s):
       (kb,) = idx
       y = rotate(x_s) / lax.broadcast_in_dim(scale, (ROWS, COLS), [0])
-      q = jnp.clip(jnp.round(y), -127.0, 127.0).astype(jnp.int8)
+      q = jnp.clip(jnp.round(y), -127.0, 127.0)
+      # A NaN scale makes the whole row 0, as in formats.quantize_int8 (the scale carries the
+      # poison); not left to the float -> int8 conversion, whose NaN result is backend-defined.
+      q = jnp.where(q == q, q, jnp.float32(0.0)).astype(jnp.int8)
       slot = lax.rem(kb, 2)
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that used this slot
       q_s[slot] = q
