@@ -4,7 +4,8 @@
 
 First checks correctness at small odd lengths (every implementation against a float64 reference
 on inputs with outlier channels in Q and K; Mosaic kernels also against the xla path of the same
-precision), then times each implementation at full size. FLOPs = 4 * B * H * T * T * D (T the
+precision, which emulates their numerics), then times each implementation at full size. INT8
+attention runs with both PV formats (int8_pv "fp8": e4m3 P and V, the default; "bf16"). FLOPs = 4 * B * H * T * T * D (T the
 unpadded length). Writes attention-<device>.json (device, JAX version, date, command, all numbers).
 """
 from __future__ import annotations
@@ -52,6 +53,9 @@ def main(argv=None) -> int:
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated SHAPES keys")
   ap.add_argument("--skip-check", action="store_true")
+  ap.add_argument("--variants", default="",
+                  help="comma-separated substrings: time only the variants whose name contains "
+                       "one (cudnn_bf16, the baseline, always runs); default all")
   args = ap.parse_args(argv)
 
   import jax
@@ -72,11 +76,18 @@ def main(argv=None) -> int:
   print(f"device {device_kind}, jax {jax.__version__}", flush=True)
 
   impls = [("bf16", "xla"), ("bf16", "cudnn"), ("bf16", "mosaic"), ("int8", "xla"),
-           ("int8", "mosaic"), ("int8", "mosaic_magic_init")]
+           ("int8", "mosaic"), ("int8", "mosaic_magic_init"), ("int8", "xla_pv_bf16"),
+           ("int8", "mosaic_pv_bf16")]
   impl_fns = {
       "mosaic_magic_init": lambda q, k, v, prec: A._int8_mosaic(q, k, v,
                                                                 int8_convert="magic_init"),
+      "xla_pv_bf16": lambda q, k, v, prec: A.attention(q, k, v, precision=prec,
+                                                       implementation="xla", int8_pv="bf16"),
+      "mosaic_pv_bf16": lambda q, k, v, prec: A.attention(q, k, v, precision=prec,
+                                                          implementation="mosaic",
+                                                          int8_pv="bf16"),
   }
+  xla_of = {"mosaic_pv_bf16": "xla_pv_bf16"}  # the xla path with the same numerics
   if not args.skip_check:
     for d in (64, 128):
       for t, mag in ((1000, 4.0), (333, 8.0)):
@@ -94,7 +105,7 @@ def main(argv=None) -> int:
             row = {"shape": shape, "outlier_magnitude": mag, "precision": prec,
                    "implementation": impl, "cos": cos, "rel_l1": rl1}
             if impl.startswith("mosaic"):
-              cos_x, rl1_x = accuracy(outs[(prec, impl)], outs[(prec, "xla")])
+              cos_x, rl1_x = accuracy(outs[(prec, impl)], outs[(prec, xla_of.get(impl, "xla"))])
               row.update(cos_vs_xla=cos_x, rel_l1_vs_xla=rl1_x)
             result["accuracy"].append(row)
             print(f"acc {shape} mag={mag} {prec:5s} {impl:7s} cos={cos:.6f} relL1={rl1:.4f}"
@@ -106,7 +117,7 @@ def main(argv=None) -> int:
             print(msg[:4000], flush=True)
             traceback.print_exc()
 
-  for name in args.shapes.split(","):
+  for name in filter(None, args.shapes.split(",")):  # --shapes "": the accuracy check only
     b, t, h, d = SHAPES[name]
     flops = 4 * b * h * t * t * d
     q, k, v = outlier_inputs(jax.random.key(0), (b, t, h, d))
@@ -116,6 +127,8 @@ def main(argv=None) -> int:
         "mosaic_bf16": (lambda q, k, v: A.attention(q, k, v, implementation="mosaic"), (q, k, v)),
         "mosaic_int8": (lambda q, k, v: A.attention(q, k, v, precision="int8",
                                                     implementation="mosaic"), (q, k, v)),
+        "mosaic_int8_pv_bf16": (lambda q, k, v: A.attention(
+            q, k, v, precision="int8", implementation="mosaic", int8_pv="bf16"), (q, k, v)),
     }
     # Kernel alone on pre-padded / pre-quantized operands, per block_kv (256 x 128 bf16 K+V
     # tiles do not fit SMEM at D = 128).
@@ -134,7 +147,21 @@ def main(argv=None) -> int:
         variants[f"mosaic_int8_kernel_only_bkv{bkv}_{conv}"] = (
             lambda *o, cfg_i=cfg_i: am.flash_attention(*o, kv_len=t, config=cfg_i),
             (ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale))
+      if d == 64 or bkv == 128:  # 256-key bf16 V^T tiles do not fit SMEM at D = 128
+        ops = A.quantize_operands(q, k, v, block_kv=bkv, pv="bf16")
+        vt16 = am.prepare_vt(ops.v8)
+        for conv in ("magic", "magic_init"):
+          cfg_i = am.AttentionConfig(precision="int8", block_kv=bkv, int8_convert=conv,
+                                     pv_dtype="bfloat16")
+          variants[f"mosaic_int8_pv_bf16_kernel_only_bkv{bkv}_{conv}"] = (
+              lambda *o, cfg_i=cfg_i: am.flash_attention(*o, kv_len=t, config=cfg_i),
+              (ops.q8, ops.k8, vt16, ops.q_scale, ops.k_scale))
+        del vt16
       del ops, vt8
+    wanted = [w for w in args.variants.split(",") if w]
+    if wanted:
+      variants = {n: f for n, f in variants.items()
+                  if n == "cudnn_bf16" or any(w in n for w in wanted)}
     row = {"shape_name": name, "B": b, "T": t, "H": h, "D": d, "flops": flops}
     for vname, (fn, fargs) in variants.items():
       try:
@@ -156,12 +183,12 @@ def main(argv=None) -> int:
     result["timing"].append(row)
     del q, k, v, variants
 
-  print("\n%-14s %-24s %9s %8s %8s" % ("shape", "variant", "ms", "TF/s", "x cuDNN"))
+  print("\n%-14s %-44s %9s %8s %8s" % ("shape", "variant", "ms", "TF/s", "x cuDNN"))
   for row in result["timing"]:
     for vname in row:
       if isinstance(row[vname], dict):
         r = row[vname]
-        print("%-14s %-24s %9.3f %8.1f %8.3f" % (row["shape_name"], vname, r["ms"], r["tflops"],
+        print("%-14s %-44s %9.3f %8.1f %8.3f" % (row["shape_name"], vname, r["ms"], r["tflops"],
                                                  r.get("speedup_vs_cudnn", 1.0)))
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"attention-{short}.json")
