@@ -339,13 +339,14 @@ def worker(args) -> int:
           f"peak {(row['memory']['peak_bytes_in_use'] or 0) / 2**30:.2f} GiB", flush=True)
     _write_json(args.json, out)
 
-  def profile(name, steps, **kw):
+  def profile(name, steps, warmup=False, **kw):
     """A jax.profiler trace of `steps` steps (after a warm-up call) and its breakdown."""
     from mpqjax import profiling
     t = time.perf_counter()
     trace_dir = os.path.join(args.trace_dir, f"{args.preset}-{args.group}-{name}")
     rep = profiling.profile_generate(model, text, trace_dir, steps=steps, latent_shape=shape,
-                                     seed=0, implementation=args.implementation, **kw)
+                                     seed=0, implementation=args.implementation,
+                                     warmup=warmup, **kw)
     rep["compile_seconds"] = clock.take()
     rep["wall_seconds"] = time.perf_counter() - t
     out.setdefault("profiles", {})[name] = rep
@@ -397,7 +398,7 @@ def worker(args) -> int:
       if name != "mixed+tdc":
         tdc_run(name, False)
   if args.profile_tdc and args.short_steps:  # every block skips once
-    profile("mixed+tdc", args.short_steps, precision="mixed", calibration=calib,
+    profile("mixed+tdc", args.short_steps, warmup=True, precision="mixed", calibration=calib,
             **{k: v for k, v in tdc_schedule(1 / args.short_steps, args.short_steps).items()
                if k != "skips_per_block"})
   return 0

@@ -248,17 +248,19 @@ def capture_call():
 
 
 def profile_generate(model, text_emb, trace_dir: str, *, steps: int = 3,
-                     gap_threshold_us: float = 5.0, **kwargs) -> dict:
-  """Compile and run generate once, then run it again inside jax.profiler.trace(trace_dir) and
-  analyze the trace. kwargs go to mpqjax.generate.generate. Returns the report (analyze's plus
-  wall time, the trace path, the generate summary)."""
+                     gap_threshold_us: float = 5.0, warmup: bool = True, **kwargs) -> dict:
+  """Compile and run generate once (unless warmup=False: the caller already ran this exact
+  program), then run it inside jax.profiler.trace(trace_dir) and analyze the trace. kwargs go
+  to mpqjax.generate.generate. Returns the report (analyze's plus wall time, the trace path,
+  the generate summary)."""
   import time
 
   import jax
 
   from mpqjax import generate as G
   os.makedirs(trace_dir, exist_ok=True)
-  G.generate(model, text_emb, steps=steps, **kwargs)  # compile + warm up
+  if warmup:
+    G.generate(model, text_emb, steps=steps, **kwargs)  # compile + warm up
   with capture_call() as seen:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       t0 = time.perf_counter()
