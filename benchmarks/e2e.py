@@ -344,9 +344,16 @@ def worker(args) -> int:
     from mpqjax import profiling
     t = time.perf_counter()
     trace_dir = os.path.join(args.trace_dir, f"{args.preset}-{args.group}-{name}")
-    rep = profiling.profile_generate(model, text, trace_dir, steps=steps, latent_shape=shape,
-                                     seed=0, implementation=args.implementation,
-                                     warmup=warmup, **kw)
+    try:
+      rep = profiling.profile_generate(model, text, trace_dir, steps=steps, latent_shape=shape,
+                                       seed=0, implementation=args.implementation,
+                                       warmup=warmup, **kw)
+    except Exception as e:  # a profiling failure must not cost the timings that follow
+      import traceback
+      traceback.print_exc()
+      out.setdefault("profiles", {})[name] = {"error": repr(e)}
+      _write_json(args.json, out)
+      return
     rep["compile_seconds"] = clock.take()
     rep["wall_seconds"] = time.perf_counter() - t
     out.setdefault("profiles", {})[name] = rep
