@@ -93,6 +93,9 @@ def main(argv=None) -> int:
                                                           int8_pv="bf16"),
   }
   xla_of = {"mosaic_pv_bf16": "xla_pv_bf16"}  # the xla path with the same numerics
+  if jax.default_backend() != "gpu":  # cuDNN and Mosaic GPU need the GPU
+    impls = [(p, i) for p, i in impls if i.startswith("xla")]
+    result["note"] = f"backend {jax.default_backend()}: xla implementations only"
   # (shape, outlier magnitude, query rows kept): small odd lengths, then each timed shape's
   # key length with 2 heads and its first LONG_QUERIES queries (the float64 reference of the
   # full problem does not fit a quick check; the softmax statistics depend on the key count)
