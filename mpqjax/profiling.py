@@ -31,7 +31,10 @@ from typing import Any
 
 CATEGORIES = ("attention", "linear W4A4 (nvfp4)", "linear W4A8 (int8)", "linear W4A16",
               "linear bf16", "quantize/dequant/Hadamard", "norms+modulation",
-              "TDC/DMPQ bookkeeping", "other")
+              "TDC/DMPQ bookkeeping", "control flow", "other", "unattributed")
+# Kernels XLA:GPU adds inside command buffers (CUDA graphs) to run lax.cond / lax.switch /
+# while loops on the device: the branch index and loop predicate never reach the host.
+_CONTROL_KERNEL = re.compile(r"^(set_\w*condition\w*|memcpy\d*(_post)?|memset\d*)$")
 # lax.switch branch index in qlinear -> category (qlinear's branches: W4A4, W4A8, W4A16)
 _MODE_CATEGORY = {0: CATEGORIES[1], 1: CATEGORIES[2], 2: CATEGORIES[3]}
 _CONTROL_OPCODES = frozenset({"while", "conditional", "call", "tuple", "get-tuple-element",
@@ -45,6 +48,12 @@ MODULE = "jit_generate_latents"
 
 
 # ------------------------------------------------------------------ HLO: instruction -> scope
+
+def kernel_name(instruction: str) -> str:
+  """The GPU kernel name XLA gives an instruction's kernel ("loop_add_fusion.3" ->
+  "loop_add_fusion_3"): how kernels inside command buffers are matched to instructions."""
+  return re.sub(r"[^\w]", "_", instruction)
+
 
 def parse_hlo(text: str) -> dict[str, tuple[str, str]]:
   """{instruction name: (opcode, metadata op_name or "")} from an HLO module's text."""
@@ -177,16 +186,25 @@ def analyze(events, procs, hlo: dict[str, tuple[str, str]], *, steps: int,
   by_cat = {c: 0.0 for c in CATEGORIES}
   by_scope: dict[str, float] = {}
   unknown, leaves = 0, []
+  by_kernel = {kernel_name(k): v for k, v in hlo.items()}
   for e in ops:
     name = e["args"].get("hlo_op") or e.get("name", "")
-    opcode, op_name = hlo.get(name, ("", ""))
-    if not opcode:
+    opcode, op_name = hlo.get(name) or by_kernel.get(name) or ("", "")
+    cat = None
+    if name.startswith("command_buffer"):
+      # a kernel inside a CUDA graph: only its kernel name identifies it
+      kname = e.get("name", "")
+      opcode, op_name = by_kernel.get(kname, ("", ""))
+      if not opcode:
+        cat = "control flow" if _CONTROL_KERNEL.match(kname) else "unattributed"
+        opcode = "kernel"
+    elif not opcode:
       unknown += 1
     if opcode in _CONTROL_OPCODES:
       continue
     dur = float(e.get("dur", 0.0))
     leaves.append((float(e["ts"]), float(e["ts"]) + dur))
-    cat = categorize(op_name) if op_name else "other"
+    cat = cat or (categorize(op_name) if op_name else "other")
     by_cat[cat] += dur
     scope = _short_scope(op_name)
     by_scope[scope] = by_scope.get(scope, 0.0) + dur
@@ -237,7 +255,7 @@ def capture_call():
   orig, seen = G.generate_latents, {}
 
   def spy(*args, **kwargs):
-    seen["args"], seen["kwargs"] = args, kwargs
+    seen["args"], seen["kwargs"], seen["jitted"] = args, kwargs, orig
     return orig(*args, **kwargs)
 
   G.generate_latents = spy
@@ -247,33 +265,74 @@ def capture_call():
     G.generate_latents = orig
 
 
-def profile_generate(model, text_emb, trace_dir: str, *, steps: int = 3,
-                     gap_threshold_us: float = 5.0, warmup: bool = True, **kwargs) -> dict:
-  """Compile and run generate once (unless warmup=False: the caller already ran this exact
-  program), then run it inside jax.profiler.trace(trace_dir) and analyze the trace. kwargs go
-  to mpqjax.generate.generate. Returns the report (analyze's plus wall time, the trace path,
-  the generate summary)."""
+def _trace_once(trace_dir: str, steps: int, gap_threshold_us: float, call) -> tuple[dict, Any]:
+  """Run call() inside a trace; analyze it against the program call() ran."""
   import time
 
   import jax
 
   from mpqjax import generate as G
   os.makedirs(trace_dir, exist_ok=True)
-  if warmup:
-    G.generate(model, text_emb, steps=steps, **kwargs)  # compile + warm up
   with capture_call() as seen:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       t0 = time.perf_counter()
-      result = G.generate(model, text_emb, steps=steps, **kwargs)
+      result = call()
       wall = time.perf_counter() - t0
-  hlo_text = G.generate_latents.lower(*seen["args"], **seen["kwargs"]).compile().as_text()
+    jitted = seen.get("jitted", G.generate_latents)
+    hlo_text = jitted.lower(*seen["args"], **seen["kwargs"]).compile().as_text()
   path = find_trace(trace_dir)
   events, procs, _ = load_events(path)
-  report = analyze(events, procs, parse_hlo(hlo_text), steps=steps,
-                   gap_threshold_us=gap_threshold_us)
-  report.update(wall_ms_per_step_traced=wall * 1e3 / steps, trace=path,
-                xplane=glob.glob(os.path.join(os.path.dirname(path), "*.xplane.pb")),
-                skip_ratio=result.summary["skip_ratio"],
+  rep = analyze(events, procs, parse_hlo(hlo_text), steps=steps,
+                gap_threshold_us=gap_threshold_us)
+  rep.update(wall_ms_per_step_traced=wall * 1e3 / steps, trace=path,
+             xplane=glob.glob(os.path.join(os.path.dirname(path), "*.xplane.pb")))
+  return rep, result
+
+
+@contextlib.contextmanager
+def _without_command_buffers():
+  """generate's program compiled with XLA:GPU command buffers off (each kernel its own thunk,
+  named by its HLO instruction in the trace), for as long as the context is active."""
+  import jax
+
+  from mpqjax import generate as G
+  orig = G.generate_latents
+  G.generate_latents = jax.jit(orig.__wrapped__, static_argnames=("static",),
+                               compiler_options={"xla_gpu_enable_command_buffer": ""})
+  try:
+    yield
+  finally:
+    G.generate_latents = orig
+
+
+def profile_generate(model, text_emb, trace_dir: str, *, steps: int = 3,
+                     gap_threshold_us: float = 5.0, warmup: bool = True,
+                     exact_attribution: bool = True, **kwargs) -> dict:
+  """Compile and run generate once (unless warmup=False: the caller already ran this exact
+  program), then run it inside jax.profiler.trace(trace_dir) and analyze the trace. kwargs go
+  to mpqjax.generate.generate.
+
+  On a GPU, XLA runs most of the program as command buffers (CUDA graphs), whose kernels the
+  trace names only by kernel name: library kernels (cuBLAS, Mosaic, cuDNN) then cannot be
+  attributed. With exact_attribution, a second capture runs the same program compiled with
+  command buffers off, where every kernel carries its HLO instruction; its categories are the
+  report's, and the idle time of both captures is reported (the first is what generate runs).
+  Returns the report (analyze's, plus "graphs" / "no_command_buffers" on a GPU)."""
+  import jax
+
+  from mpqjax import generate as G
+  run = lambda: G.generate(model, text_emb, steps=steps, **kwargs)
+  if warmup:
+    run()  # compile + warm up
+  report, result = _trace_once(os.path.join(trace_dir, "default"), steps, gap_threshold_us, run)
+  if jax.default_backend() == "gpu" and exact_attribution:
+    with _without_command_buffers():
+      run()  # compile + warm up
+      exact, _ = _trace_once(os.path.join(trace_dir, "no_command_buffers"), steps,
+                             gap_threshold_us, run)
+    report = {**exact, "categories_from": "capture without command buffers",
+              "graphs": report, "no_command_buffers": exact}
+  report.update(skip_ratio=result.summary["skip_ratio"],
                 linear_mode_counts=result.summary["linear_mode_counts"],
                 backend=jax.default_backend(), device=jax.devices()[0].device_kind)
   return report
@@ -290,6 +349,15 @@ def format_report(r: dict) -> str:
                f" ms ({100 * r['idle_fraction']:.1f}% of the {r['span_ms_per_step']:.3f} ms span); "
                f"{r['gaps_over_threshold_per_step']:.0f} gaps > {r['gap_threshold_us']:g} us per "
                f"step, {r['gap_ms_per_step_over_threshold']:.3f} ms")
+  for key, label in (("graphs", "as generate runs it (command buffers)"),
+                     ("no_command_buffers", "command buffers off")):
+    g = r.get(key)
+    if g:
+      lines.append(f"{label}: span {g['span_ms_per_step']:.3f} ms/step, idle "
+                   f"{g['idle_ms_per_step']:.3f} ms ({100 * g['idle_fraction']:.1f}%), "
+                   f"{g['gaps_over_threshold_per_step']:.0f} gaps > {g['gap_threshold_us']:g} us, "
+                   f"control flow {g['categories_ms_per_step']['control flow']:.3f} ms, "
+                   f"unattributed {g['categories_ms_per_step']['unattributed']:.3f} ms")
   if r.get("other_device_events_per_step"):
     lines.append("other device events per step: " + ", ".join(
         f"{k} {v:.0f}" for k, v in r["other_device_events_per_step"].items()))

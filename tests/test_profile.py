@@ -110,3 +110,32 @@ def test_gaps_and_union_of_overlapping_intervals():
   iv = [(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (6.5, 7.0)]
   assert profiling._union_length(iv) == pytest.approx(4.5)
   assert profiling._gaps(iv) == pytest.approx([2.0, 0.5])
+
+
+def test_analyze_gpu_trace_with_command_buffers():
+  """A GPU-shaped trace: kernels inside a CUDA graph carry only the command buffer as hlo_op
+  and are matched to instructions by kernel name; XLA's condition kernels count as control
+  flow; library kernels that match nothing are unattributed. Times in us, 2 steps."""
+  hlo = {"loop_add_fusion.3": ("fusion", "jit(g)/block/attn1/attention/exp"),
+         "fusion.7": ("fusion", "jit(g)/block/ff/ff.net.2/cond/branch_1_fun/dot_general"),
+         "custom-call.2": ("custom-call", "jit(g)/block/attn1/norm_q/mul")}
+  procs = {1: "/device:GPU:0", 2: "/host:CPU"}
+
+  def ev(name, ts, dur, hlo_op="command_buffer_1", pid=1):
+    return {"ph": "X", "pid": pid, "tid": 7, "ts": ts, "dur": dur, "name": name,
+            "args": {"hlo_module": "jit_generate_latents", "hlo_op": hlo_op}}
+  events = [ev("loop_add_fusion_3", 0, 10), ev("set_case_condition", 12, 1),
+            ev("fusion_7", 13, 20), ev("nvjet_sm90_gemm", 40, 5),
+            ev("cutlass_kernel", 50, 4, hlo_op="custom-call.2"),
+            ev("host_side", 0, 100, pid=2)]  # a host event of the module: ignored on a GPU
+  r = profiling.analyze(events, procs, hlo, steps=2, gap_threshold_us=3)
+  cats = r["categories_ms_per_step"]
+  assert r["where"] == "device" and r["ops"] == 5
+  assert cats["attention"] == pytest.approx(10e-3 / 2)
+  assert cats["linear W4A8 (int8)"] == pytest.approx(20e-3 / 2)
+  assert cats["control flow"] == pytest.approx(1e-3 / 2)
+  assert cats["unattributed"] == pytest.approx(5e-3 / 2)
+  assert cats["norms+modulation"] == pytest.approx(4e-3 / 2)
+  assert r["span_ms_per_step"] == pytest.approx(54e-3 / 2)
+  assert r["busy_ms_per_step"] == pytest.approx(40e-3 / 2)
+  assert r["gaps_over_threshold_per_step"] == pytest.approx(2 / 2)  # 33->40 and 45->50
