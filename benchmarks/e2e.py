@@ -355,7 +355,7 @@ def worker(args) -> int:
           f"peak {(row['memory']['peak_bytes_in_use'] or 0) / 2**30:.2f} GiB", flush=True)
     _write_json(args.json, out)
 
-  def profile(name, steps, warmup=False, **kw):
+  def profile(name, steps, warmup=False, exact=True, **kw):
     """A jax.profiler trace of `steps` steps (after a warm-up call) and its breakdown."""
     from mpqjax import profiling
     t = time.perf_counter()
@@ -363,7 +363,7 @@ def worker(args) -> int:
     try:
       rep = profiling.profile_generate(model, text, trace_dir, steps=steps, latent_shape=shape,
                                        seed=0, implementation=args.implementation,
-                                       warmup=warmup, **kw)
+                                       warmup=warmup, exact_attribution=exact, **kw)
     except Exception as e:  # a profiling failure must not cost the timings that follow
       import traceback
       traceback.print_exc()
@@ -376,21 +376,21 @@ def worker(args) -> int:
     print(f"[{args.preset}] profile {name}:\n{profiling.format_report(rep)}", flush=True)
     _write_json(args.json, out)
 
+  # Order in both groups: the short program first (it also warms the libraries and kernels up),
+  # then the --steps run (a first call of its program: its compile time is subtracted), then
+  # the extras. Each program's own memory comes from its compiled memory analysis.
   if args.group == "bf16":
-    r, wall, c, prog = call(args.steps, precision="bf16", tdc=False)
-    record("bf16", args.steps, r, wall, c, prog, True)
-    if args.short_steps:
+    if args.short_steps and args.bf16_short:
       r, wall, c, prog = call(args.short_steps, precision="bf16", tdc=False)
       out["short_compile_seconds"] = c
       r, wall, c2, prog = call(args.short_steps, True, precision="bf16", tdc=False)
       record("bf16@short", args.short_steps, r, wall, c2, prog, False)
-      if args.profile:
-        profile("bf16", args.short_steps, precision="bf16", tdc=False)
+    r, wall, c, prog = call(args.steps, precision="bf16", tdc=False)
+    record("bf16", args.steps, r, wall, c, prog, True)
+    if args.profile and args.short_steps and args.bf16_short:
+      profile("bf16", args.short_steps, exact=False, precision="bf16", tdc=False)
     return 0
 
-  # quantized. Order: the demo-schedule mixed+TDC run first (a first call, like bf16's),
-  # then the no-TDC modes, which are ONE compiled program (precision is a knob array), then
-  # the extras. Each program's own memory comes from its compiled memory analysis.
   def tdc_run(name, first):
     ratio, kw = sched["tdc"][name]
     kw = dict(kw)
@@ -399,28 +399,28 @@ def worker(args) -> int:
     record(name, args.steps, r, wall, c, prog, first,
            {"demo_skip_ratio": ratio, "schedule": {**kw, "skips_per_block": k}})
 
-  if args.group == "quant":
-    tdc_run("mixed+tdc", True)
+  # the no-TDC modes are ONE compiled program (precision is a knob array)
   short = [("nvfp4", dict(precision="nvfp4")), ("int8", dict(precision="int8")),
            ("mixed", dict(precision="mixed", calibration=calib)),
            ("w4a16", dict(precision="bf16"))]
+  short = [m for m in short if m[0] in args.short_modes.split(",")]
   if args.group == "flags":
-    short = [short[2]]
-  if args.short_steps:
+    short = [m for m in short if m[0] == "mixed"]
+  if args.short_steps and short:
     r, wall, c, prog = call(args.short_steps, tdc=False, **short[0][1])  # compile + first run
     out["short_compile_seconds"] = c
     for name, kw in short:
       r, wall, c, prog = call(args.short_steps, True, tdc=False, **kw)
       record(name, args.short_steps, r, wall, c, prog, False, {"shares_compiled_program": True})
-    if args.profile:
-      profile("mixed", args.short_steps, precision="mixed", calibration=calib, tdc=False)
-  if args.group == "flags":  # only the mixed program under this process's XLA_FLAGS
-    return 0
-  if args.all_tdc:
-    for name in sched["tdc"]:
-      if name != "mixed+tdc":
-        tdc_run(name, False)
-  if args.profile_tdc and args.short_steps:  # every block skips once
+  if args.group == "quant":
+    tdc_run("mixed+tdc", True)
+    if args.all_tdc:
+      for name in sched["tdc"]:
+        if name != "mixed+tdc":
+          tdc_run(name, False)
+  if args.profile and args.short_steps and any(m[0] == "mixed" for m in short):
+    profile("mixed", args.short_steps, precision="mixed", calibration=calib, tdc=False)
+  if args.profile_tdc and args.short_steps and args.group == "quant":  # every block skips once
     profile("mixed+tdc", args.short_steps, warmup=True, precision="mixed", calibration=calib,
             **{k: v for k, v in tdc_schedule(1 / args.short_steps, args.short_steps).items()
                if k != "skips_per_block"})
@@ -544,7 +544,7 @@ def _summary(res: dict) -> dict:
     if bf and d.get("seconds_per_step_median"):
       s["mpqjax_bf16_vs_diffusers_speed"] = d["seconds_per_step_median"] / bf["seconds_per_step"]
     for name, m in modes.items():
-      base = modes.get("bf16@short") if m["steps"] != (bf or {}).get("steps") else bf
+      base = (modes.get("bf16@short") or bf) if m["steps"] != (bf or {}).get("steps") else bf
       if base and name not in ("bf16", "bf16@short"):
         s[f"{name}_speed_vs_bf16"] = base["seconds_per_step"] / m["seconds_per_step"]
     q = modes.get("mixed+tdc") or modes.get("int8")
@@ -568,6 +568,7 @@ def run(args) -> int:
       common += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
   if args.implementation:
     common += ["--implementation", args.implementation]
+  common += ["--short-modes", args.short_modes] + ([] if args.bf16_short else ["--no-bf16-short"])
   results: dict = {}
   status: dict = {}
   sched = load_demo_schedule(args.demo_schedule, args.steps)
@@ -643,7 +644,7 @@ def markdown(doc: dict) -> str:
                    f"{'–' if ratio is None else f'{ratio:.2f}×'} | – | – | – | 16 | "
                    f"{gb(d['weight_bytes'])} | {(d['max_memory_allocated'] or 0) / 2**30:.1f} | – |")
     for name, m in modes.items():
-      base = bf if bf and m["steps"] == bf["steps"] else modes.get("bf16@short")
+      base = bf if bf and m["steps"] == bf["steps"] else (modes.get("bf16@short") or bf)
       ratio = base["seconds_per_step"] / m["seconds_per_step"] if base else None
       mem = (m.get("memory") or {}).get("peak_bytes_in_use")
       bits = m.get("avg_activation_bits")
@@ -706,6 +707,10 @@ def main(argv=None) -> int:
   r.add_argument("--reps", type=int, default=5, help="diffusers timed steps")
   r.add_argument("--all-tdc", action="store_true",
                  help="also the looser τ_tdc = 0.1 schedule (one more run at --steps)")
+  r.add_argument("--bf16-short", action=argparse.BooleanOptionalAction, default=True,
+                 help="also time bf16 at --short-steps (else the short modes compare to the "
+                      "per-step time of the --steps bf16 run)")
+  r.add_argument("--short-modes", default="nvfp4,int8,mixed,w4a16")
   r.add_argument("--profile", action="store_true",
                  help="trace bf16 and mixed at --short-steps (mpqjax.profiling) and report them")
   r.add_argument("--profile-tdc", action="store_true",
@@ -731,6 +736,8 @@ def main(argv=None) -> int:
       p.add_argument("--group", choices=("bf16", "quant", "flags"), default="bf16")
       p.add_argument("--profile", action="store_true")
       p.add_argument("--profile-tdc", action="store_true")
+      p.add_argument("--bf16-short", action=argparse.BooleanOptionalAction, default=True)
+      p.add_argument("--short-modes", default="nvfp4,int8,mixed,w4a16")
       p.add_argument("--trace-dir", default="/tmp/e2e-traces")
       p.add_argument("--all-tdc", action="store_true")
       p.add_argument("--warmup", type=int, default=2)
