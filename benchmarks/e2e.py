@@ -744,7 +744,25 @@ def main(argv=None) -> int:
       p.add_argument("--reps", type=int, default=5)
   mk = sub.add_parser("markdown", help="print the RESULTS.md tables of an e2e JSON")
   mk.add_argument("json")
+  mg = sub.add_parser("merge", help="one JSON from the e2e JSONs of several device calls")
+  mg.add_argument("parts", nargs="+")
+  mg.add_argument("--out", required=True)
   args = ap.parse_args(argv)
+  if args.cmd == "merge":
+    docs = []
+    for path in args.parts:
+      with open(path) as f:
+        docs.append(json.load(f))
+    doc = {**docs[0], "results": {}, "status": {}, "summary": {},
+           "calls": [{k: d.get(k) for k in ("date", "command", "device", "jax_version",
+                                            "wall_seconds")} for d in docs],
+           "note": "one device call per preset; every ratio is within one call"}
+    for d in docs:
+      for k in ("results", "status", "summary"):
+        doc[k].update(d.get(k) or {})
+    _write_json(args.out, doc)
+    print(f"wrote {args.out}")
+    return 0
   if args.cmd == "markdown":
     with open(args.json) as f:
       print(markdown(json.load(f)))
