@@ -26,9 +26,16 @@ the DMPQ predictor's and TDC's decisions meaningless, so the schedule is fixed a
     the number of steps that gives the demo model's skip ratio (skip, compute, skip, ... from
     step W to S − 2). The demo numbers come from `demo-schedule` (the shipped toy model with its
     shipped calibration and generate's defaults, on the CPU).
-Timing: compile time is the trace + lowering + XLA compile of the first call (jax.monitoring);
-latency is the wall time of one call after that (generate returns host arrays, so the device
-work is complete), per step = latency / steps.
+Timing: compile time is the trace + lowering + XLA compile of a program's first call
+(jax.monitoring). A --steps run (bf16 and mixed+TDC at 50 steps) is the first call of its
+program: its latency is that call's wall time minus its compile time (generate returns host
+arrays, so the device work is complete; the short program ran before it in the same process, so
+libraries and kernels are warm). The no-TDC modes run at --short-steps as ONE compiled program
+and are timed as that program alone (one more warm execution of the jitted generate with the
+same arguments), which keeps generate's per-call host work (~0.1 s) out of short runs.
+Per step = latency / steps. Peak memory: JAX's peak_bytes_in_use of the mode's process and each
+compiled program's memory analysis (arguments, outputs, temporaries); diffusers:
+torch.cuda.max_memory_allocated after the model is built.
 """
 from __future__ import annotations
 
