@@ -10,18 +10,22 @@ CogVideoXTransformer3DModel in bf16 at the same shapes, in the same run.
   python benchmarks/e2e.py run --presets cogvideox-2b --layers 2 --heads 2 --latent-shape 3,8,8 \
       --text-tokens 8 --steps 6 --short-steps 3 --out /tmp/e2e
 
-Every mode runs in a fresh subprocess, so JAX's peak device memory (memory_stats
-"peak_bytes_in_use", which cannot be reset) belongs to that mode alone; the int8, nvfp4 and mixed
-modes share one subprocess because they are ONE compiled program (the precision is a knob array,
-mpqjax.generate) with the same weights and buffers.
+Processes: diffusers, mpqjax bf16 and the quantized modes each run in a fresh subprocess, so
+JAX's peak device memory (memory_stats "peak_bytes_in_use", which cannot be reset) belongs to one
+weight set. Within the quantized process the no-TDC modes (nvfp4, int8, mixed, w4a16) are ONE
+compiled program (the precision is a knob array, mpqjax.generate) and run first; mixed+TDC, whose
+program also holds the TDC cache, runs after them. Each compiled program's memory analysis
+(arguments + outputs + temporaries) is recorded too, which does not depend on the order.
 
 Weights are random (models.cogvideox.params.init_params' distributions, drawn on the device) in
 the real dtype layout: bf16 for the baseline, NVFP4 block linears (codes, e4m3 scales, f32
 per-channel INT8 scale and bias) plus bf16 elsewhere for the quantized modes. Random weights make
 the DMPQ predictor's and TDC's decisions meaningless, so the schedule is fixed and stated:
   * mixed: a calibration with α = 0 and β = ±1, τ = 0 sends, for each linear name, the share of
-    blocks to INT8 that the demo model's predictor sent there (the rest NVFP4); the run-time
-    rules stay live (INT8 at the first step and after a skip, BF16 above the outlier ratio).
+    blocks to INT8 that the demo model's predictor sent there (the rest NVFP4). The demo's BF16
+    decisions (its outlier rule) count as INT8: per linear, only INT8/NVFP4 can be fixed. The
+    run-time rules stay live (INT8 at the first step and after a skip, BF16 above the outlier
+    ratio 25 of the random-weight activations).
   * TDC: τ_tdc = B = 1e9 (always stable), N_max = 1, warm-up W chosen so that every block skips
     the number of steps that gives the demo model's skip ratio (skip, compute, skip, ... from
     step W to S − 2). The demo numbers come from `demo-schedule` (the shipped toy model with its
