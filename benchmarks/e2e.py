@@ -558,6 +558,18 @@ def _summary(res: dict) -> dict:
       base = (modes.get("bf16@short") or bf) if m["steps"] != (bf or {}).get("steps") else bf
       if base and name not in ("bf16", "bf16@short"):
         s[f"{name}_speed_vs_bf16"] = base["seconds_per_step"] / m["seconds_per_step"]
+    tdc = [m for n, m in modes.items() if n.startswith("mixed+tdc") and m["steps"] == (
+        bf or {}).get("steps")]
+    if bf and len(tdc) >= 2:  # per-step time is linear in the skip ratio: T(s) = a + b s
+      (s1, t1), (s2, t2) = sorted((m["skip_ratio"], m["seconds_per_step"]) for m in tdc)[:2]
+      if s2 > s1:
+        b = (t2 - t1) / (s2 - s1)
+        a = t1 - b * s1
+        target = bf["seconds_per_step"] / 1.92
+        s["mixed+tdc_time_vs_skip_ratio"] = {
+            "a_seconds": a, "b_seconds": b, "speed_at_no_skip": bf["seconds_per_step"] / a,
+            "skip_ratio_for_1.5x": (bf["seconds_per_step"] / 1.5 - a) / b if b else None,
+            "skip_ratio_for_1.92x": (target - a) / b if b else None}
     q = modes.get("mixed+tdc") or modes.get("int8")
     if bf and q:
       s["dit_weight_reduction"] = bf["weight_bytes"] / q["weight_bytes"]
