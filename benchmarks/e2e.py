@@ -392,10 +392,12 @@ def worker(args) -> int:
   # the extras. Each program's own memory comes from its compiled memory analysis.
   if args.group == "bf16":
     if args.short_steps and args.bf16_short:
-      r, wall, c, prog = call(args.short_steps, precision="bf16", tdc=False)
+      r, wall0, c, prog = call(args.short_steps, precision="bf16", tdc=False)
       out["short_compile_seconds"] = c
       r, wall, c2, prog = call(args.short_steps, True, precision="bf16", tdc=False)
       record("bf16@short", args.short_steps, r, wall, c2, prog, False)
+      # what a program's first run costs beyond its compile (code loading, first launches)
+      out["first_call_overhead_seconds"] = wall0 - c - wall
     r, wall, c, prog = call(args.steps, precision="bf16", tdc=False)
     record("bf16", args.steps, r, wall, c, prog, True)
     if args.profile and args.short_steps and args.bf16_short:
@@ -418,11 +420,13 @@ def worker(args) -> int:
   if args.group == "flags":
     short = [m for m in short if m[0] == "mixed"]
   if args.short_steps and short:
-    r, wall, c, prog = call(args.short_steps, tdc=False, **short[0][1])  # compile + first run
-    out["short_compile_seconds"] = c
-    for name, kw in short:
+    r, wall0, c0, prog = call(args.short_steps, tdc=False, **short[0][1])  # compile + first run
+    out["short_compile_seconds"] = c0
+    for i, (name, kw) in enumerate(short):
       r, wall, c, prog = call(args.short_steps, True, tdc=False, **kw)
       record(name, args.short_steps, r, wall, c, prog, False, {"shares_compiled_program": True})
+      if i == 0:
+        out["first_call_overhead_seconds"] = wall0 - c0 - wall
   if args.group == "quant":
     tdc_run("mixed+tdc", True)
     if args.all_tdc:
