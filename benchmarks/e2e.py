@@ -56,8 +56,10 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-ROUTED_NAMES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj",
-                "ff.net.2")
+def routed_names() -> tuple[str, ...]:
+  """The block linears the DMPQ predictor routes (all but the modulation linears)."""
+  from models.cogvideox.params import LINEAR_NAMES, MODULATION_LINEARS
+  return tuple(n for i, n in enumerate(LINEAR_NAMES) if i not in MODULATION_LINEARS)
 
 
 def _now() -> str:
@@ -92,8 +94,8 @@ def schedule_stats(computed, modes) -> dict:
   fresh = np.zeros_like(computed)
   fresh[1:] = computed[1:] & computed[:-1]
   out = {"skip_ratio": float(1 - computed.mean()), "skips_per_block": (~computed).sum(0).tolist(),
-         "fresh": {}, "forced_decisions": int((computed & ~fresh).sum()) * len(ROUTED_NAMES)}
-  for name in ROUTED_NAMES:
+         "fresh": {}, "forced_decisions": int((computed & ~fresh).sum()) * len(routed_names())}
+  for name in routed_names():
     m = modes[..., LINEAR_NAMES.index(name)][fresh]
     out["fresh"][name] = {mode.name.lower(): int((m == int(mode)).sum()) for mode in Mode}
   return out
@@ -127,7 +129,7 @@ def demo_schedule(args) -> int:
       runs.append(schedule_stats(r.stats["computed"], r.stats["modes"]))
       runs[-1]["avg_activation_bits"] = r.summary["avg_activation_bits"]
     fresh = {n: {m: sum(r["fresh"][n][m] for r in runs) for m in runs[0]["fresh"][n]}
-             for n in ROUTED_NAMES}
+             for n in routed_names()}
     agg = {"tdc_knobs": extra or "generate defaults", "skip_ratio": float(np.mean(
         [r["skip_ratio"] for r in runs])), "avg_activation_bits": float(np.mean(
         [r["avg_activation_bits"] for r in runs])), "fresh_mode_counts": fresh,

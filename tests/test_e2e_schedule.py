@@ -38,7 +38,7 @@ def test_schedule_runs_through_generate(rng):
                                         time_embed_dim=64, max_text_seq_length=4)
   params = quantize_blocks(init_params(cfg, rng, dtype=jnp.bfloat16))
   model = types.SimpleNamespace(config=cfg, params=params)
-  share = {n: s for n, s in zip(e2e.ROUTED_NAMES, rng.uniform(0, 1, len(e2e.ROUTED_NAMES)))}
+  share = {n: s for n, s in zip(e2e.routed_names(), rng.uniform(0, 1, len(e2e.routed_names())))}
   calib = e2e.schedule_calibration(cfg, share)
   steps = 10
   kw = e2e.tdc_schedule(0.2, steps)
@@ -50,13 +50,13 @@ def test_schedule_runs_through_generate(rng):
   assert (~computed).sum(axis=0).tolist() == [k] * cfg.num_layers
   stats = e2e.schedule_stats(r.stats["computed"], r.stats["modes"])
   fresh_steps = steps - 1 - 2 * k  # minus the first step and the step after each skip
-  for name in e2e.ROUTED_NAMES:
+  for name in e2e.routed_names():
     want_int8 = int(round(share[name] * cfg.num_layers))
     got = stats["fresh"][name]
     assert got["int8"] == want_int8 * fresh_steps, (name, got)
     assert got["nvfp4"] == (cfg.num_layers - want_int8) * fresh_steps, (name, got)
   # the steps without a fresh Γ (first, after a skip) run every routed linear in INT8
   modes = np.asarray(r.stats["modes"])
-  routed = [LINEAR_NAMES.index(n) for n in e2e.ROUTED_NAMES]
+  routed = [LINEAR_NAMES.index(n) for n in e2e.routed_names()]
   assert (modes[0][:, routed] == int(Mode.INT8)).all()
   assert stats["skip_ratio"] == pytest.approx(k / steps)
