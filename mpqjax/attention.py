@@ -218,19 +218,32 @@ def _int8_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, pv: str = INT8_PV_DEF
   return (o[:, :t].astype(jnp.float32) * ops.v_scale[:, None]).astype(q.dtype)
 
 
+def kernel_config(precision: str, head_dim: int, *, pv: str = INT8_PV_DEFAULT,
+                  interpret: bool = False, **overrides):
+  """The pallas_kernels.attention_mosaic.AttentionConfig that attention() runs (overrides:
+  AttentionConfig fields, for benchmarks and tests)."""
+  from pallas_kernels import attention_mosaic as am
+  if precision == "int8":
+    # Measured on H200 with fp8 PV (benchmarks/results/attention-h200.json): the accumulator-
+    # init int->float wins at D = 64 (1.21x cuDNN vs 1.10x) but spills at D = 128 (0.66x vs
+    # 1.43x).
+    config = {"block_kv": _int8_block_kv(head_dim, pv),
+              "int8_convert": "magic_init" if head_dim == 64 else "magic",
+              "pv_dtype": jnp.dtype(_PV_DTYPES[pv]).name}
+  else:
+    config = {"block_kv": _bf16_block_kv(head_dim)}
+  return am.AttentionConfig(precision=precision, block_q=BLOCK_Q, interpret=interpret,
+                            **{**config, **overrides})
+
+
 def _int8_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False,
                  pv: str = INT8_PV_DEFAULT, **config) -> jax.Array:
   from pallas_kernels import attention_mosaic as am
   t, s_len = q.shape[1], k.shape[1]
-  # Measured on H200 with fp8 PV (benchmarks/results/attention-h200.json): the accumulator-init
-  # int->float wins at D = 64 (1.21x cuDNN vs 1.10x) but spills at D = 128 (0.66x vs 1.43x).
-  config = {"block_kv": _int8_block_kv(q.shape[-1], pv),
-            "int8_convert": "magic_init" if q.shape[-1] == 64 else "magic",
-            "pv_dtype": jnp.dtype(_PV_DTYPES[pv]).name, **config}
-  ops = quantize_operands(q, k, v, block_kv=config["block_kv"], pv=pv)
+  cfg = kernel_config("int8", q.shape[-1], pv=pv, interpret=interpret, **config)
+  ops = quantize_operands(q, k, v, block_kv=cfg.block_kv, pv=pv)
   with jax.named_scope("attention_quantize"):
     vt8 = am.prepare_vt(ops.v8)  # [B, H, D + 8, Sp]
-  cfg = am.AttentionConfig(precision="int8", block_q=BLOCK_Q, interpret=interpret, **config)
   o = am.flash_attention(ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale, kv_len=s_len, config=cfg)
   o = o[:, :t].astype(jnp.float32) * ops.v_scale[:, None]
   return o.astype(q.dtype)
@@ -241,8 +254,7 @@ def _bf16_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = 
   from pallas_kernels import attention_mosaic as am
   t, s_len = q.shape[1], k.shape[1]
   dt = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
-  config = {"block_kv": _bf16_block_kv(q.shape[-1]), **config}
-  cfg = am.AttentionConfig(precision="bf16", block_q=BLOCK_Q, interpret=interpret, **config)
+  cfg = kernel_config("bf16", q.shape[-1], interpret=interpret, **config)
   t_p, s_p = _round_up(t, cfg.q_multiple), _round_up(s_len, cfg.block_kv)
   qp, kp, vp = (_pad_seq(x.astype(dt), n) if x.shape[1] != n else x.astype(dt)
                 for x, n in ((q, t_p), (k, s_p), (v, s_p)))

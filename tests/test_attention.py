@@ -1,5 +1,6 @@
 """Attention: API, the int8 xla reference of the quantized algorithm, and the Mosaic GPU kernel
 (through Mosaic GPU's interpret mode on CPU; natively in the gpu-marked tests)."""
+import dataclasses
 import functools
 
 import jax
@@ -195,6 +196,33 @@ def test_bf16_mosaic_interpret_matches_float64():
   q, k, v = _inputs(10, (1, 130, 2, 64))
   cos, rel_l1 = _metrics(A._bf16_mosaic(q, k, v, interpret=True), _ref64(q, k, v))
   assert cos > 0.99999 and rel_l1 < 0.005
+
+
+@pytest.mark.parametrize("precision,d,pv", [
+    ("bf16", 64, None), ("bf16", 128, None), ("int8", 64, "fp8"), ("int8", 128, "fp8"),
+    ("int8", 64, "bf16"), ("int8", 128, "bf16")])
+def test_kernel_lowers_for_hopper(precision, d, pv):
+  """The configs attention() runs pass Mosaic GPU's lowering for CUDA (layouts, wgmma operand
+  rules, shared-memory budget), exported from the CPU: what interpret mode cannot check."""
+  cfg = A.kernel_config(precision, d, **({"pv": pv} if pv else {}))
+  assert "mosaic_gpu" in _export_for_cuda(cfg, d)
+  if precision == "int8" and pv == "bf16" and d == 128:  # why kernel_config picks block_kv 128
+    with pytest.raises(ValueError, match="shared memory"):
+      _export_for_cuda(dataclasses.replace(cfg, block_kv=256), d)
+
+
+def _export_for_cuda(cfg, d, h=2):
+  """Lowers the kernel for CUDA at a length of 3 KV blocks (a full K/V ring); -> MLIR text."""
+  t = 3 * cfg.block_kv
+  if cfg.precision == "int8":
+    args = (jax.ShapeDtypeStruct((1, t, h, d), jnp.int8),) * 2 + (
+        jax.ShapeDtypeStruct((1, h, d + am.V_EXTRA_ROWS, t), jnp.dtype(cfg.pv_dtype)),
+        jax.ShapeDtypeStruct((1, h, t // cfg.block_q), jnp.float32),
+        jax.ShapeDtypeStruct((1, h, t // cfg.block_kv), jnp.float32))
+  else:
+    args = (jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16),) * 3
+  f = jax.jit(lambda *ops: am.flash_attention(*ops, kv_len=t - 50, config=cfg))
+  return jax.export.export(f, platforms=["cuda"])(*args).mlir_module()
 
 
 # --------------------------------------------------------------------------------- GPU only

@@ -191,6 +191,16 @@ def test_mgpu_quantizer_non_finite_rows(rng, block):
 
 
 @pytest.mark.parametrize("block", [0, 128])
+def test_mgpu_quantizer_lowers_for_hopper(block):
+  """The quantizer (with the non-finite flag) passes Mosaic GPU's lowering for CUDA, exported
+  from the CPU: layouts and ops that interpret mode does not check."""
+  from pallas_kernels import int8_quant_mgpu as qm
+  f = jax.jit(lambda x: qm.quantize_rows_mgpu(x, qm.QuantMgpuConfig(block)))
+  x = jax.ShapeDtypeStruct((192, 384), jnp.bfloat16)
+  assert "mosaic_gpu" in jax.export.export(f, platforms=["cuda"])(x).mlir_module()
+
+
+@pytest.mark.parametrize("block", [0, 128])
 def test_mgpu_quantizer_matches_reference(rng, block):
   from pallas_kernels import int8_quant_mgpu as qm
   x = jnp.asarray(rng.standard_normal((96, 256)) * rng.uniform(0.1, 10, (96, 1)), jnp.bfloat16)
