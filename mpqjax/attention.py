@@ -1,6 +1,6 @@
 """Attention entry point used by the model blocks.
 
-  attention(q, k, v, *, precision="bf16", implementation=None) -> [B, T, H, D]
+  attention(q, k, v, *, precision="bf16", implementation=None, int8_pv=None) -> [B, T, H, D]
   attention_switch(q, k, v, precision_index, *, implementation=None) -> [B, T, H, D]
 
 q: [B, T, H, D], k, v: [B, S, H, D] (the layout of jax.nn.dot_product_attention), non-causal,
@@ -13,9 +13,10 @@ precision:
     nothing mathematically and removes K's channel offsets); Q and K are rotated along D by the
     same block Hadamard matrix (QH (KH)^T = QK^T: it spreads the outlier channels over all
     channels, "incoherent processing" as in FlashAttention-3's FP8 path) and quantized to INT8
-    with one scale per block of tokens (BLOCK_Q = 64 query rows, BLOCK_KV = 256 keys) per head;
+    with one scale per block of tokens (BLOCK_Q = 64 query rows, 256 keys; 128 keys for bf16 PV
+    at D > 64) per head;
     S = QK^T is exact in int32; the softmax is f32 with the kernel's running row max per KV
-    block; then PV in `int8_pv`:
+    block; then PV in `int8_pv` (default INT8_PV_DEFAULT = "fp8"):
       "fp8": P is rounded to FP8 e4m3 (scaled by 448 against the running max) and V to FP8 e4m3
         with one scale per channel (fp8 tensor cores, promoted to fp32 every KV block);
       "bf16": P and V in bf16 (bf16 tensor cores, fp32 accumulation).
@@ -24,8 +25,8 @@ precision:
     ~0.027 rel. L1 on N(0, 1) V (at the issue's 0.03 bar); "bf16" meets the bars with margin.
 implementation:
   "xla": pure jnp (runs everywhere, materializes [B, H, T, S]); for "int8" it emulates the
-    Mosaic kernel's numerics (same operands, same e4m3 P against the same running max per
-    block of BLOCK_KV keys, bf16 rounding of the normalized output before the V scale); what
+    Mosaic kernel's numerics (same operands, same rounded P against the same running max per
+    block of keys, bf16 rounding of the normalized output before the V scale); what
     it does not emulate: f32 rounding order (the kernel fuses multiply-adds and rescales its
     accumulator block by block), the kernel's approximate exp2 (ex2.approx, rel. error ~2^-22)
     and the tensor cores' reduced-precision FP8 accumulation within one KV block.
