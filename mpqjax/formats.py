@@ -119,10 +119,11 @@ def narrowed(x: jax.Array, dtype) -> jax.Array:
 
 def nvfp4_global_scale(x: jax.Array) -> jax.Array:
   """float32[] tensor scale; NaN if x holds a NaN or Inf."""
-  amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
+  x = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x))
   g = exact_div(amax, jnp.float32(E2M1_MAX * E4M3_MAX))
   g = jnp.where(amax == 0, jnp.float32(1.0), g)
-  return jnp.where(jnp.isfinite(amax), g, jnp.float32(jnp.nan))
+  return jnp.where(jnp.all(jnp.isfinite(x)), g, jnp.float32(jnp.nan))
 
 
 def quantize_nvfp4(x: jax.Array, global_scale: jax.Array | None = None) -> NVFP4Tensor:
@@ -165,7 +166,8 @@ def quantize_int8(x: jax.Array, axis: int = -1) -> Int8Tensor:
   x = x.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
   scale = jnp.where(amax == 0, jnp.float32(1.0), exact_div(amax, jnp.float32(INT8_MAX)))
-  scale = jnp.where(jnp.isfinite(amax), scale, jnp.float32(jnp.nan))
+  # Finiteness from x itself: XLA:CPU's vectorized max drops NaN on larger arrays.
+  scale = jnp.where(jnp.all(jnp.isfinite(x), axis=axis, keepdims=True), scale, jnp.float32(jnp.nan))
   q = jnp.clip(jnp.round(exact_div(x, scale)), -INT8_MAX, INT8_MAX)
   q = jnp.where(jnp.isnan(q), 0.0, q)  # the NaN scale carries the poison
   return Int8Tensor(q.astype(jnp.int8), scale)

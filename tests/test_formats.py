@@ -119,15 +119,17 @@ def test_int8_round_half_even():
   np.testing.assert_array_equal(np.asarray(t.values), [[127, 0, 2, 2, 0, -2, 126, -127]])
 
 
+# (64, 256): XLA:CPU's vectorized max drops a NaN from arrays this size.
+@pytest.mark.parametrize("shape", [(4, 32), (64, 256)])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_poisons_inside_jit(rng, bad):
-  x = rng.standard_normal((4, 32)).astype(np.float32)
+def test_non_finite_poisons_inside_jit(rng, bad, shape):
+  x = rng.standard_normal(shape).astype(np.float32)
   x[1, 5] = bad
   d_fp4 = np.asarray(jax.jit(lambda a: formats.dequantize_nvfp4(formats.quantize_nvfp4(a)))(x))
   assert np.isnan(d_fp4[1, 5]) and not np.isfinite(d_fp4).any()
   d_i8 = np.asarray(jax.jit(lambda a: formats.dequantize_int8(formats.quantize_int8(a)))(x))
   assert np.isnan(d_i8[1, 5]) and not np.isfinite(d_i8[1]).any()
-  np.testing.assert_array_equal(np.isfinite(d_i8[[0, 2, 3]]), True)  # other tokens unaffected
+  np.testing.assert_array_equal(np.isfinite(np.delete(d_i8, 1, axis=0)), True)  # other tokens unaffected
 
 
 def test_quantize_linear_rejects_non_finite_and_names_it(rng):
