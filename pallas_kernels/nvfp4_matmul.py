@@ -57,6 +57,8 @@ _BITS_GAIN_EXP = 126 - _BITS_SCALE_EXP
 class NVFP4MatmulConfig:
   """tile_n: weight rows per consumer warpgroup (wgmma M, multiple of 64); the CTA has two.
   tile_m: activation rows per CTA (wgmma N, multiple of 8 up to 256). tile_k: multiple of 64.
+  pingpong: stagger the two consumer warpgroups (a 2-arrival barrier around the decode) so
+  that one decodes while the other's wgmma runs.
   """
   tile_n: int = 64
   tile_m: int = 256
@@ -67,6 +69,7 @@ class NVFP4MatmulConfig:
   grid_tile_width: int = 8
   k_splits: int = 1
   decode: str = "bits"
+  pingpong: bool = True
 
   @property
   def cta_tile_n(self) -> int:
@@ -75,11 +78,11 @@ class NVFP4MatmulConfig:
 
 def pick_config(m: int, n: int, k: int, sms: int | None = None) -> NVFP4MatmulConfig:
   """Heuristic tiles (pallas_kernels/NOTES.md): 128 x 256 CTA tiles when M is large; for
-  small M an activation tile of M rounded up to 32 rows and split-K until the SMs are busy."""
+  small M an activation tile of M rounded up to a power of two >= 32 and split-K until the SMs are busy."""
   sms = sms or num_sms()
   if m > 128:
     return NVFP4MatmulConfig()
-  tile_m = max(32, -(-m // 32) * 32)  # split-K partials leave in 32-row chunks
+  tile_m = max(32, 1 << (m - 1).bit_length())  # 32, 64 or 128 (split-K stores 32-row chunks)
   cfg = NVFP4MatmulConfig(tile_m=tile_m, tile_k=64, max_concurrent_steps=6,
                           epi_tile_m=tile_m, grid_minor_dim=Dim.M, grid_tile_width=1)
   tiles = pl.cdiv(n, cfg.cta_tile_n)
@@ -247,8 +250,8 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
                               memory_space=plgpu.SMEM),
               plgpu.BlockSpec((n_scale, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
           ],
-          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.max_concurrent_steps,
-          compute_context=ctx)
+          wg_axis="wg", num_compute_wgs=2,
+          max_concurrent_steps=min(cfg.max_concurrent_steps, k_iters), compute_context=ctx)
 
     ignore = lambda *_, **__: None
     scratch = dict(
@@ -258,13 +261,20 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
         bias_smem=plgpu.SMEM((2, tile_n), jnp.float32),
         bar=plgpu.Barrier(num_arrivals=2, num_barriers=2),
     )
+    pingpong = cfg.pingpong and not interp
+    if pingpong:
+      scratch["sched"] = plgpu.Barrier(num_arrivals=2)
     if interp:  # the interpreter's wgmma reads A from SMEM
       scratch["wdec_smem"] = plgpu.SMEM((2, tile_n, tile_k), jnp.bfloat16,
                                         transforms=_transforms(tile_k * 2, 16))
 
     @functools.partial(pl.run_scoped, collective_axes="wg", **scratch)
-    def _scope(allocs, out_smem, cs_smem, bias_smem, bar, wdec_smem=None):
+    def _scope(allocs, out_smem, cs_smem, bias_smem, bar, sched=None, wdec_smem=None):
       wg = lax.axis_index("wg")
+
+      def schedule():
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
 
       @plgpu.nd_loop((m_iters * n_iters * splits,), collective_axes="sm")
       def _tile_loop(info):
@@ -326,10 +336,18 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
             plgpu.commit_smem()
             plgpu.wgmma(acc_ref, wdec_smem.at[wg], x_s.T)
           else:
+            # pingpong: warpgroup 1 decodes while 0's wgmma runs, and the other way round
+            if pingpong:
+              pl.when(wg == 0)(schedule)
             w4 = plgpu.load(w_s.at[ns], layout=plgpu.Layout.WGMMA_UPCAST_4X)
             w4 = plgpu.layout_cast(w4, plgpu.Layout.WGMMA)
             decode = _decode_bits if cfg.decode == "bits" else _decode_int4
-            plgpu.wgmma(acc_ref, decode(w4, ws_s.at[:, ns]), x_s.T)
+            wv = decode(w4, ws_s.at[:, ns])
+            if pingpong:
+              schedule()
+            plgpu.wgmma(acc_ref, wv, x_s.T)
+            if pingpong:
+              pl.when(wg == 1)(schedule)
           plgpu.wgmma_wait(0)
           return acc_ref
 
@@ -365,8 +383,11 @@ def nvfp4_matmul(x: jax.Array, w4: jax.Array, ws: jax.Array, col_scale: jax.Arra
   sms = sms or num_sms()
   col_scale = jnp.broadcast_to(jnp.asarray(col_scale, jnp.float32).reshape(-1), (n,))
   bias = jnp.zeros((n,), jnp.float32) if bias is None else bias.reshape(n).astype(jnp.float32)
-  if m % 8:  # TMA stores of the swizzled output tiles need M % 8 == 0: pad, then slice
-    xp = jnp.pad(x, ((0, 8 - m % 8), (0, 0)))
+  # TMA stores of the swizzled output tiles need M % 8 == 0; split-K partials (small M) are
+  # stored along M in 32-row chunks: pad M to whole tiles there. Pad, then slice.
+  align = cfg.tile_m if cfg.k_splits > 1 else 8
+  if m % align:
+    xp = jnp.pad(x, ((0, -m % align), (0, 0)))
     return nvfp4_matmul(xp, w4, ws, col_scale, bias, config=cfg, interpret=interpret,
                         sms=sms)[:m]
   if cfg.k_splits > 1:

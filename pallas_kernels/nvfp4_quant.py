@@ -1,8 +1,18 @@
-"""NVFP4 activation quantizer for the W4A4 kernel, emitting QDQ bf16 (one XLA fusion chain).
+"""NVFP4 activation quantizer for the W4A4 kernel, emitting QDQ bf16 (Mosaic GPU, 2 launches).
 
   quantize_qdq(x[M, K], config) -> (v bf16[M, K], g f32[])
   v = formats.nvfp4_block_values(formats.quantize_nvfp4(rotate(x)))   e2m1 * f32(s), exact in bf16
   g = the tensor scale, applied by the matmul's epilogue
+
+Kernel 1 (`_row_amax`): one CTA per 64 rows streams x, rotates each 64 x 128 tile on the
+tensor cores (the +-1 matrix, or the identity: exact) and keeps the per-row absmax of the
+f32 result; XLA reduces the rows to g exactly as formats.nvfp4_global_scale. Kernel 2
+(`_qdq`): streams x again, rotates the same way (bit-identical y), takes each 16-element
+block's absmax in registers (two registers and a quad of lanes: 2 shuffles, inline Mosaic
+GPU), and applies formats.quantize_nvfp4's arithmetic elementwise: s = e4m3(min(amax / (6 g),
+448)), q = y / (f32(s) g) (true division, as formats.exact_div), e2m1 round-half-even by the
+formats thresholds, v = e2m1 * f32(s) -> bf16, written by TMA. HBM: 2 reads + 1 write of bf16.
+`quantize_qdq_xla` is the same function as one XLA fusion chain (any shape or dtype).
 
 W4A4 on Hopper multiplies bf16 anyway (no FP4 tensor cores), so the matmul can take the
 activation already decoded: v is bit-identical to decoding the packed codes (the codes, the
@@ -18,18 +28,27 @@ equal to formats.hadamard up to f32 summation order.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from mpqjax import formats
 from pallas_kernels import int8_quant
+from pallas_kernels.int8_quant_mgpu import COLS, ROWS, _rotation
 
 
 @dataclasses.dataclass(frozen=True)
 class NVFP4QuantConfig:
-  """hadamard_block: 0 for none, else a power of two dividing K (128 in mpqjax)."""
+  """hadamard_block: 0 for none, else a power of two dividing K (128 in mpqjax; the Mosaic
+  kernels take 0 or 128)."""
   hadamard_block: int = 0
+  max_concurrent_steps: int = 4
 
 
 def rotate(x: jax.Array, hadamard_block: int) -> jax.Array:
@@ -39,8 +58,23 @@ def rotate(x: jax.Array, hadamard_block: int) -> jax.Array:
   return x.astype(jnp.float32)
 
 
-def quantize_qdq(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig()):
-  """x[M, K] (bf16 or f32; K % 16 == 0) -> (bf16[M, K] block values, f32[] tensor scale)."""
+def supported(x: jax.Array, config: NVFP4QuantConfig) -> bool:
+  """Whether the Mosaic kernels take x (else quantize_qdq runs the XLA fusion)."""
+  return (x.ndim == 2 and x.dtype == jnp.bfloat16 and x.shape[1] % COLS == 0
+          and config.hadamard_block in (0, COLS))
+
+
+def quantize_qdq(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig(), interpret=None,
+                 use_mgpu: bool = True):
+  """x[M, K] (bf16 or f32; K % 16 == 0) -> (bf16[M, K] block values, f32[] tensor scale).
+  The Mosaic kernels where `supported` (and use_mgpu), else the XLA fusion."""
+  if use_mgpu and supported(x, config):
+    return quantize_qdq_mgpu(x, config, interpret)
+  return quantize_qdq_xla(x, config)
+
+
+def quantize_qdq_xla(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig()):
+  """The same as one XLA fusion chain (formats.quantize_nvfp4 on the rotated x)."""
   with jax.named_scope("nvfp4_quant"):
     t = formats.quantize_nvfp4(rotate(x, config.hadamard_block))
     return formats.nvfp4_block_values(t).astype(jnp.bfloat16), t.global_scale
@@ -52,3 +86,159 @@ def reference(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig()):
   if config.hadamard_block:
     y = formats.hadamard(y, config.hadamard_block)
   return formats.quantize_nvfp4(y)
+
+
+# --------------------------------------------------------------------------- Mosaic kernels
+def _block_amax(a: jax.Array, interpret: bool) -> jax.Array:
+  """|y| [64, 128] f32 (wgmma layout) -> the absmax of each element's 16-wide row block,
+  broadcast back to [64, 128]."""
+  rows, cols = a.shape
+  if interpret:
+    m = a.reshape(rows, cols // 16, 16).max(axis=-1, keepdims=True)
+    return jnp.broadcast_to(m, (rows, cols // 16, 16)).reshape(rows, cols)
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, vector
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA,),
+      return_type=plgpu.ShapeDtypeStruct((rows, cols), jnp.float32, layout=plgpu.Layout.WGMMA))
+  def f(_, arr):
+    regs = arr.registers
+    # wgmma layout: register (i, j, 0, 0, h, ...) holds columns 8j + 2 (lane % 4) + {0, 1} of
+    # one row: block b = registers j = 2b, 2b + 1 of the 4 lanes of a quad.
+    assert regs.shape[1] == cols // 8 and regs.shape[4] == 2, regs.shape
+    f32 = ir.F32Type.get()
+    v2 = ir.VectorType.get((2,), f32)
+    elem = lambda r, e: vector.extract(r, dynamic_position=[],
+                                       static_position=ir.DenseI64ArrayAttr.get([e]))
+    out = np.empty(regs.shape, dtype=object)
+    for idx in np.ndindex(regs.shape):
+      if idx[1] % 2:
+        continue
+      nxt = (idx[0], idx[1] + 1, *idx[2:])
+      m = None
+      for r in (regs[idx], regs[nxt]):
+        for e in range(2):
+          v = elem(r, e)
+          m = v if m is None else arith.maximumf(m, v)
+      m = arith.maximumf(m, mgpu_utils.shfl_bfly(m, 1))
+      m = arith.maximumf(m, mgpu_utils.shfl_bfly(m, 2))
+      out[idx] = out[nxt] = vector.broadcast(v2, m)
+    return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+  return f(a)
+
+
+def _e2m1_round(a: jax.Array) -> jax.Array:
+  """|q| f32 -> e2m1 magnitude (f32), round-half-even, saturating at 6: formats.e2m1_encode's
+  thresholds, summed as value steps instead of code steps."""
+  steps = ((0.25, False, 0.5), (0.75, True, 0.5), (1.25, False, 0.5), (1.75, True, 0.5),
+           (2.5, False, 1.0), (3.5, True, 1.0), (5.0, False, 2.0))
+  assert tuple((b, t) for b, t, _ in steps) == formats._E2M1_BOUNDS
+  zero = jnp.zeros_like(a)
+  v = zero
+  for bound, tie_up, step in steps:
+    hit = a >= np.float32(bound) if tie_up else a > np.float32(bound)
+    v = v + jnp.where(hit, np.float32(step), zero)
+  return v
+
+
+def quantize_qdq_mgpu(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig(),
+                      interpret=None):
+  """The Mosaic GPU path of quantize_qdq (x bf16[M, K], K % 128 == 0)."""
+  if not supported(x, config):
+    raise ValueError(f"quantize_qdq_mgpu needs bf16 [M, K] with K % {COLS} == 0 "
+                     f"and hadamard_block in (0, {COLS}); got {x.dtype} {x.shape}, {config}")
+  m, k = x.shape
+  if m % ROWS:  # whole 64-row CTAs; the zero rows change neither amax nor the kept rows
+    v, g = quantize_qdq_mgpu(jnp.pad(x, ((0, -m % ROWS), (0, 0))), config, interpret)
+    return v[:m], g
+  nk = k // COLS
+  interp = interpret is not None
+  post = np.float32(1.0 / math.sqrt(config.hadamard_block)) if config.hadamard_block else None
+  h = jnp.asarray(_rotation(config.hadamard_block), jnp.bfloat16)
+  bf16_tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  steps = min(config.max_concurrent_steps, nk)
+  spec = plgpu.BlockSpec((ROWS, COLS), lambda kk: (0, kk), transforms=bf16_tr)
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+  def load_h(h_g, h_s, bar):
+    plgpu.copy_gmem_to_smem(h_g, h_s, bar)
+    plgpu.barrier_wait(bar)
+
+  def rotate(x_s, h_s):
+    def mm(acc_ref):
+      plgpu.wgmma(acc_ref, x_s, h_s)
+      return acc_ref[...]
+    y = pl.run_scoped(mm, plgpu.ACC((ROWS, COLS), jnp.float32))
+    return y * post if post is not None else y
+
+  def amax_kernel(x_g, h_g, amax_g, bad_g, h_s, r_s, bar):
+    row0 = lax.axis_index("rows") * ROWS
+    load_h(h_g, h_s, bar)
+
+    def body(_, x_s, carry):
+      amax, bad = carry
+      y = jnp.abs(rotate(x_s, h_s))
+      nonfinite = jnp.where(y < jnp.float32(jnp.inf), jnp.float32(0.0), jnp.float32(1.0))
+      return jnp.maximum(amax, y.max(axis=1)), jnp.maximum(bad, nonfinite.max(axis=1))
+
+    zeros = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout)
+    amax, bad = plgpu.emit_pipeline(body, grid=(nk,), in_specs=[spec],
+                                    max_concurrent_steps=steps,
+                                    init_carry=(zeros, zeros))(x_g.at[pl.ds(row0, ROWS)])
+    for val, dst in ((amax, amax_g), (bad, bad_g)):
+      r_s[...] = val
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(r_s, dst.at[pl.ds(row0, ROWS)])
+      plgpu.wait_smem_to_gmem(0)
+
+  amax_f = plgpu.kernel(
+      amax_kernel,
+      out_type=(jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((m,), jnp.float32)),
+      grid=(m // ROWS,), grid_names=("rows",),
+      scratch_types=[plgpu.SMEM((COLS, COLS), jnp.bfloat16, transforms=bf16_tr),
+                     plgpu.SMEM((ROWS,), jnp.float32), plgpu.Barrier()],
+      interpret=interpret)
+  row_amax, row_bad = amax_f(x, h)
+  # formats.nvfp4_global_scale on the kernel's per-row absmax
+  amax = jnp.max(row_amax)
+  g = formats.exact_div(amax, jnp.float32(formats.E2M1_MAX * formats.E4M3_MAX))
+  g = jnp.where(amax == 0, jnp.float32(1.0), g)
+  g = jnp.where(jnp.any(row_bad > 0) | ~jnp.isfinite(amax), jnp.float32(jnp.nan), g)
+  g_in = jnp.stack([g, jnp.float32(formats.E2M1_MAX) * g])  # g, 6 g (formats' order of ops)
+
+  def qdq_kernel(x_g, h_g, g_g, v_g, h_s, v_s, bar):
+    row0 = lax.axis_index("rows") * ROWS
+    load_h(h_g, h_s, bar)
+    gs, six_g = g_g[0], g_g[1]
+
+    def body(idx, x_s):
+      (kb,) = idx
+      y = rotate(x_s, h_s)
+      bam = _block_amax(jnp.abs(y), interp)
+      s = jnp.minimum(bam / six_g, np.float32(formats.E4M3_MAX))
+      s32 = s.astype(jnp.float8_e4m3fn).astype(jnp.float32)
+      q = y / (s32 * gs)
+      mag = _e2m1_round(jnp.abs(q))
+      v = jnp.where(q < 0, -mag, mag) * s32
+      slot = lax.rem(kb, 2)
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that used this slot
+      v_s[slot] = v.astype(jnp.bfloat16)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(v_s.at[slot], v_g.at[pl.ds(row0, ROWS), pl.ds(kb * COLS, COLS)])
+
+    plgpu.emit_pipeline(body, grid=(nk,), in_specs=[spec],
+                        max_concurrent_steps=steps)(x_g.at[pl.ds(row0, ROWS)])
+    plgpu.wait_smem_to_gmem(0)
+
+  qdq_f = plgpu.kernel(
+      qdq_kernel, out_type=jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+      grid=(m // ROWS,), grid_names=("rows",),
+      scratch_types=[plgpu.SMEM((COLS, COLS), jnp.bfloat16, transforms=bf16_tr),
+                     plgpu.SMEM((2, ROWS, COLS), jnp.bfloat16, transforms=bf16_tr),
+                     plgpu.Barrier()],
+      interpret=interpret)
+  return qdq_f(x, h, g_in), g

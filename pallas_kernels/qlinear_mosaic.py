@@ -122,7 +122,8 @@ def w4a4(x: jax.Array, layer) -> jax.Array:
   """x[M, K] -> bf16[M, N], matching qlinear_xla.w4a4."""
   if not _nvfp4_ok(x, layer):
     return qlinear_xla.w4a4(x, layer)
-  xv, gx = nvfp4_quant.quantize_qdq(x, nvfp4_quant.NVFP4QuantConfig(layer.hadamard_block))
+  xv, gx = nvfp4_quant.quantize_qdq(x, nvfp4_quant.NVFP4QuantConfig(layer.hadamard_block),
+                                     interpret=interpret_params())
   return _nvfp4_matmul(xv, layer, gx)
 
 
