@@ -122,8 +122,11 @@ def w4a4(x: jax.Array, layer) -> jax.Array:
   """x[M, K] -> bf16[M, N], matching qlinear_xla.w4a4."""
   if not _nvfp4_ok(x, layer):
     return qlinear_xla.w4a4(x, layer)
+  # The Mosaic quantizer (one CTA per 64 rows, two launches) only pays with many rows: at
+  # M = 64 it took 84 us against 14 us for the XLA fusion (NOTES.md).
   xv, gx = nvfp4_quant.quantize_qdq(x, nvfp4_quant.NVFP4QuantConfig(layer.hadamard_block),
-                                     interpret=interpret_params())
+                                     interpret=interpret_params(),
+                                     use_mgpu=x.shape[0] >= MGPU_QUANT_MIN_ROWS)
   return _nvfp4_matmul(xv, layer, gx)
 
 
