@@ -141,7 +141,8 @@ def nvfp4_configs(m: int, n: int, k: int, tune: bool):
     return [base]
   rep = lambda **kw: dataclasses.replace(base, **kw)
   # run 1 (NOTES.md) also timed tile_k 128 x 3 stages and 6 stages (shared memory overflow),
-  # grid minor M (same), tile_m 128 (0.74x) and the int4 decode (0.55x); run 2 ping-pong (0.90x)
+  # grid minor M (same), tile_m 128 (0.74x the default) and the int4 decode (0.55x); run 2:
+  # ping-pong (0.90x the default)
   if m > 128:
     c = [base, rep(pingpong=not base.pingpong)]
   else:
