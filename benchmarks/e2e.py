@@ -621,7 +621,7 @@ def run(args) -> int:
     jobs = []
     if args.diffusers:
       jobs.append(("diffusers", ["_diffusers", "--preset", preset, "--warmup", str(args.warmup),
-                                 "--reps", str(args.reps)]))
+                                 "--reps", str(args.reps)], None))
     prof = ["--profile"] if args.profile else []
     jobs.append(("bf16", ["_worker", "--group", "bf16", "--preset", preset, *prof], None))
     jobs.append(("quant", ["_worker", "--group", "quant", "--preset", preset, *prof]
