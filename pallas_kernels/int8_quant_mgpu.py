@@ -15,7 +15,6 @@ vs ~5-13 for the XLA fusion).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax

@@ -45,7 +45,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from mpqjax import formats
-from pallas_kernels.w8a8_matmul import Dim, num_sms
+from pallas_kernels.w8a8_matmul import Dim, num_sms, smem_transforms
 
 # The "bits" decode yields e2m1 * 2^-126; scales carry 2^119 so that s * 2^119 <= 448 * 2^119
 # stays below bf16's max and the product e2m1 * s * 2^-7 is exact; the epilogue has 2^7.
@@ -116,11 +116,6 @@ def _check(x, w4, cfg: NVFP4MatmulConfig):
     raise ValueError(f"nvfp4_matmul: split-K needs tile_m % 32 == 0, got {cfg}")
   if cfg.decode not in ("bits", "int4"):
     raise ValueError(f"nvfp4_matmul: decode must be 'bits' or 'int4', got {cfg.decode!r}")
-
-
-def _transforms(minor_bytes: int, bits: int):
-  swizzle = plgpu.find_swizzle(minor_bytes * 8)
-  return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
 # ------------------------------------------------------------------------------ operands
@@ -227,12 +222,12 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
   k_per_split = k // splits
   k_iters = k_per_split // tile_k
   epi_m = cfg.epi_tile_m if not raw else 32
-  x_tr = _transforms(tile_k * 2, 16)
-  w_tr = _transforms(tile_k // 2, 4)
+  x_tr = smem_transforms(tile_k * 2, 16)
+  w_tr = smem_transforms(tile_k // 2, 4)
   out_dtype = jnp.float32 if raw else jnp.bfloat16
   # out tile in SMEM: [epi_m, tile_n] bf16 written transposed, or [tile_n, 32] f32 (raw).
   out_block = (tile_n, epi_m) if raw else (epi_m, tile_n)
-  out_tr = _transforms(out_block[1] * jnp.dtype(out_dtype).itemsize,
+  out_tr = smem_transforms(out_block[1] * jnp.dtype(out_dtype).itemsize,
                        jnp.dtype(out_dtype).itemsize * 8)
   n_epi = tile_m // epi_m
   num_slots = min(2, n_epi)
@@ -266,7 +261,7 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
       scratch["sched"] = plgpu.Barrier(num_arrivals=2)
     if interp:  # the interpreter's wgmma reads A from SMEM
       scratch["wdec_smem"] = plgpu.SMEM((2, tile_n, tile_k), jnp.bfloat16,
-                                        transforms=_transforms(tile_k * 2, 16))
+                                        transforms=smem_transforms(tile_k * 2, 16))
 
     @functools.partial(pl.run_scoped, collective_axes="wg", **scratch)
     def _scope(allocs, out_smem, cs_smem, bias_smem, bar, sched=None, wdec_smem=None):

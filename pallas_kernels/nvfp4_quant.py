@@ -28,7 +28,6 @@ equal to formats.hadamard up to f32 summation order.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax

@@ -103,7 +103,9 @@ def _check(a, b, cfg: W8A8Config):
     raise ValueError(f"epilogue tile must divide the warpgroup tile: {cfg}")
 
 
-def _transforms(minor_bytes: int, bits: int):
+def smem_transforms(minor_bytes: int, bits: int):
+  """Tiling + swizzle for an SMEM tile whose minor dimension spans minor_bytes of bits-wide
+  elements (the widest swizzle that divides it)."""
   swizzle = plgpu.find_swizzle(minor_bytes * 8)
   return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
@@ -121,8 +123,8 @@ def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, i
   k_iters = k_per_split // tile_k
   epi_m, epi_n = cfg.epi_tile_m, cfg.epi_tile_n
   out_bits = jnp.dtype(out_dtype).itemsize * 8
-  in_tr = _transforms(tile_k, 8)
-  out_tr = _transforms(epi_n * out_bits // 8, out_bits)
+  in_tr = smem_transforms(tile_k, 8)
+  out_tr = smem_transforms(epi_n * out_bits // 8, out_bits)
   n_epi = (tile_m // epi_m) * (tile_n // epi_n)
   num_slots = min(2, n_epi)
   wg_m_dim = cfg.wg_dimension == Dim.M

@@ -13,23 +13,14 @@ import pytest
 
 from mpqjax import formats, qlinear_xla
 from mpqjax.qlinear import Mode, qlinear, quantize_linear
+from mpqjax.testing import rel_err
 from pallas_kernels import nvfp4_quant, qlinear_mosaic
 from pallas_kernels import nvfp4_matmul as nm
 
-ON_GPU = jax.default_backend() == "gpu"
 ON_HOPPER = qlinear_mosaic.MOSAIC.available()
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (H100/H200)")
 
 SMALL = nm.NVFP4MatmulConfig(tile_m=64, tile_k=64, max_concurrent_steps=2, epi_tile_m=32)
-
-
-def interp():
-  return None if ON_GPU else qlinear_mosaic.interpret_params()
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def problem(rng, m, n, k, decode="bits"):
@@ -74,10 +65,10 @@ def test_bit_decode_formula_matches_e2m1():
 def test_kernel_matches_reference_and_float64(rng, cfg, shape):
   m, n, k = shape
   x, t, w4, ws, cs, bias = problem(rng, m, n, k, cfg.decode)
-  got = nm.nvfp4_matmul(x, w4, ws, cs, bias, config=cfg, interpret=interp())
+  got = nm.nvfp4_matmul(x, w4, ws, cs, bias, config=cfg, interpret=qlinear_mosaic.interpret_params())
   assert got.shape == (m, n) and got.dtype == jnp.bfloat16
   want = nm.reference(x, w4, ws, cs, bias, decode=cfg.decode)
-  assert rel(got, want) <= 1e-3
+  assert rel_err(got, want) <= 1e-3
   # vs float64: only f32 summation order and the final bf16 rounding (2^-9 relative)
   np.testing.assert_allclose(np.asarray(got, np.float64), float64_product(x, t, bias),
                              rtol=2 ** -8, atol=1e-2 * float(jnp.abs(want).max()) * 2 ** -8)
@@ -104,7 +95,7 @@ def test_qdq_equals_decoded_packed_codes(rng, block, path):
   cfg = nvfp4_quant.NVFP4QuantConfig(block)
   if path == "mgpu":
     assert nvfp4_quant.supported(x, cfg)
-    v, g = nvfp4_quant.quantize_qdq_mgpu(x, cfg, interpret=interp())
+    v, g = nvfp4_quant.quantize_qdq_mgpu(x, cfg, interpret=qlinear_mosaic.interpret_params())
   else:
     v, g = nvfp4_quant.quantize_qdq_xla(x, cfg)
   t = formats.quantize_nvfp4(nvfp4_quant.rotate(x, block))
@@ -134,12 +125,12 @@ def test_mosaic_qlinear_matches_xla_on_cpu(rng, mode, hadamard):
   with jax.default_device(jax.devices("cpu")[0]):
     want = getattr(qlinear_xla, fn)(x, layer)
   assert got.shape == (m, n) and got.dtype == jnp.bfloat16
-  assert rel(got, want) <= 2e-3
+  assert rel_err(got, want) <= 2e-3
 
 
 def test_qdq_nonfinite_input_poisons_the_scale(rng):
   x = jnp.asarray(rng.standard_normal((64, 128)), jnp.bfloat16).at[9, 9].set(jnp.inf)
-  v, g = nvfp4_quant.quantize_qdq_mgpu(x, interpret=interp())
+  v, g = nvfp4_quant.quantize_qdq_mgpu(x, interpret=qlinear_mosaic.interpret_params())
   assert np.isnan(float(g)) and np.isnan(float(formats.quantize_nvfp4(x).global_scale))
 
 
@@ -163,8 +154,8 @@ def test_gpu_kernel_real_shapes(rng, decode, m, k, n):
   cfg = dataclasses.replace(nm.pick_config(m, n, k), decode=decode)
   got = nm.nvfp4_matmul(x, w4, ws, cs, bias, config=cfg)
   want = nm.reference(x, w4, ws, cs, bias, decode=decode)
-  assert rel(got, want) <= 2e-3
-  assert rel(got, float64_product(x, t, bias)) <= 4e-3
+  assert rel_err(got, want) <= 2e-3
+  assert rel_err(got, float64_product(x, t, bias)) <= 4e-3
 
 
 @pytest.mark.gpu
@@ -180,4 +171,4 @@ def test_gpu_qlinear_mosaic_vs_cpu_xla(rng, mode):
   cpu = jax.devices("cpu")[0]
   with jax.default_device(cpu):
     want = qlinear(jax.device_put(x, cpu), jax.device_put(layer, cpu), mode, implementation="xla")
-  assert rel(got, want) <= 2e-3
+  assert rel_err(got, want) <= 2e-3

@@ -24,10 +24,6 @@ SMALL = w8a8.W8A8Config(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=2
                         grid_tile_width=2)
 
 
-def interp():
-  return None if ON_GPU else qlinear_mosaic.interpret_params()
-
-
 def operands(rng, m, n, k):
   a = jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8)
   b = jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)
@@ -45,7 +41,7 @@ def operands(rng, m, n, k):
 def test_int32_path_exact(rng, cfg, shape):
   m, n, k = shape
   a, b, rs, cs, bias = operands(rng, m, n, k)
-  got = w8a8.w8a8_matmul(a, b, rs, cs, config=cfg, out_dtype=jnp.int32, interpret=interp())
+  got = w8a8.w8a8_matmul(a, b, rs, cs, config=cfg, out_dtype=jnp.int32, interpret=qlinear_mosaic.interpret_params())
   want = w8a8.reference(a, b, rs, cs, out_dtype=jnp.int32)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
@@ -55,7 +51,7 @@ def test_fused_epilogue_matches_xla(rng, with_bias):
   m, n, k = 96, 256, 256
   a, b, rs, cs, bias = operands(rng, m, n, k)
   bias = bias if with_bias else None
-  got = w8a8.w8a8_matmul(a, b, rs, cs, bias, config=SMALL, interpret=interp())
+  got = w8a8.w8a8_matmul(a, b, rs, cs, bias, config=SMALL, interpret=qlinear_mosaic.interpret_params())
   want = w8a8.reference(a, b, rs, cs, bias)
   assert got.dtype == jnp.bfloat16 and got.shape == (m, n)
   g, w = np.asarray(got, np.float64), np.asarray(want, np.float64)
@@ -162,7 +158,7 @@ def test_nvfp4_to_int8_matches_reference_up_to_exact_ties(rng, hadamard):
 
 def test_ragged_m_not_multiple_of_8(rng):
   a, b, rs, cs, bias = operands(rng, 100, 128, 256)
-  got = w8a8.w8a8_matmul(a, b, rs, cs, config=SMALL, out_dtype=jnp.int32, interpret=interp())
+  got = w8a8.w8a8_matmul(a, b, rs, cs, config=SMALL, out_dtype=jnp.int32, interpret=qlinear_mosaic.interpret_params())
   np.testing.assert_array_equal(np.asarray(got), np.asarray(w8a8.reference(a, b, rs, cs, out_dtype=jnp.int32)))
 
 
@@ -176,7 +172,7 @@ def test_mgpu_quantizer_non_finite_rows(rng, block):
   for r, val in zip(bad, (np.nan, np.inf, -np.inf, np.nan, np.inf, -np.inf)):
     x[r, rng.integers(256)] = val
   x = jnp.asarray(x, jnp.bfloat16)
-  q, s = qm.quantize_rows_mgpu(x, qm.QuantMgpuConfig(block), interpret=interp())
+  q, s = qm.quantize_rows_mgpu(x, qm.QuantMgpuConfig(block), interpret=qlinear_mosaic.interpret_params())
   q, s = np.asarray(q, np.int32), np.asarray(s)[:, 0]
   ok = np.setdiff1d(np.arange(128), bad)
   assert np.all(np.isnan(s[bad])) and not np.any(q[bad])
@@ -204,7 +200,7 @@ def test_mgpu_quantizer_lowers_for_hopper(block):
 def test_mgpu_quantizer_matches_reference(rng, block):
   from pallas_kernels import int8_quant_mgpu as qm
   x = jnp.asarray(rng.standard_normal((96, 256)) * rng.uniform(0.1, 10, (96, 1)), jnp.bfloat16)
-  q, s = qm.quantize_rows_mgpu(x, qm.QuantMgpuConfig(block), interpret=interp())
+  q, s = qm.quantize_rows_mgpu(x, qm.QuantMgpuConfig(block), interpret=qlinear_mosaic.interpret_params())
   q_ref, s_ref = int8_quant.reference(x, int8_quant.QuantConfig(block))
   assert q.shape == x.shape and s.shape == (96, 1)
   np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=1e-6)
