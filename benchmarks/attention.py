@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ import traceback
 
 import numpy as np
 
-from mpqjax import testing
+from mpqjax import atomic, testing
 
 SHAPES = {  # name: (B, T, H, D)
     "cogvideox-2b": (2, 17776, 30, 64),   # CFG batch 2, 17550 video + 226 text tokens
@@ -207,12 +206,7 @@ def main(argv=None) -> int:
         r = row[vname]
         print("%-14s %-44s %9.3f %8.1f %8.3f" % (row["shape_name"], vname, r["ms"], r["tflops"],
                                                  r.get("speedup_vs_cudnn", 1.0)))
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"attention-{short}.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, path)
+  path = atomic.write_json(os.path.join(args.out, f"attention-{short}.json"), result)
   print("wrote", path)
   return 1 if result["errors"] else 0
 

@@ -67,11 +67,8 @@ def _now() -> str:
 
 
 def _write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=float)
-  os.replace(tmp, path)
+  from mpqjax import atomic  # here: the parent process does not import jax
+  atomic.write_json(path, obj, default=float)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,19 +30,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import os
 import statistics
 import sys
-import tempfile
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpqjax import formats, qlinear_xla
+from mpqjax import atomic, formats, qlinear_xla
 from mpqjax.qlinear import quantize_linear
 from mpqjax.testing import rel_err
 from pallas_kernels import int8_quant, int8_quant_mgpu, nvfp4_quant, nvfp4_to_int8, qlinear_mosaic
@@ -223,13 +221,8 @@ TUNE_SHAPES = {("8192^3", 8192), ("5B K12288 N3072", 64)}
 
 def write_json(res: dict, out_dir: str) -> str:
   dev = res["device"].replace(" ", "_").replace("/", "_")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"kernels-{dev}{res.get('suffix', '')}.json")
-  fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(res, f, indent=1)
-  os.replace(tmp, path)
-  return path
+  return atomic.write_json(os.path.join(out_dir, f"kernels-{dev}{res.get('suffix', '')}.json"),
+                           res)
 
 
 def run(args, out_dir=None) -> dict:

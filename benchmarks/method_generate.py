@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ def main(argv=None) -> int:
 
   from models.cogvideox.config import PRESETS
   from models.cogvideox.params import init_params, quantize_blocks
+  from mpqjax import atomic
   from mpqjax import generate as G
 
   p = argparse.ArgumentParser()
@@ -102,13 +102,8 @@ def main(argv=None) -> int:
                     "video_tokens": args.frames * (args.height // 2) * (args.width // 2),
                     "text_tokens": cfg.max_text_seq_length},
          "setup_seconds": setup_s, "results": results}
-  os.makedirs(args.out, exist_ok=True)
   kind = dev.device_kind.replace(" ", "_").lower()
-  path = os.path.join(args.out, f"method_generate-{kind}.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(out, f, indent=1)
-  os.replace(tmp, path)
+  path = atomic.write_json(os.path.join(args.out, f"method_generate-{kind}.json"), out)
   print(f"wrote {path}")
   return 0
 

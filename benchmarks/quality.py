@@ -242,18 +242,12 @@ def main(argv=None) -> int:
   from mpqjax.toyvideo import data
   v, caps, _ = data.sample(4242, 200)
   result["analyzer_on_dataset"] = analyze.adherence(v, caps)
-  folder = os.path.dirname(os.path.abspath(args.out))
-  os.makedirs(folder, exist_ok=True)
-  tmp = args.out + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=1, default=float)
-  os.replace(tmp, args.out)
+  from mpqjax import atomic
+  atomic.write_json(args.out, result, default=float)
   md = markdown(result)
   print(md)
   if args.markdown:
-    with open(args.markdown + ".tmp", "w") as f:
-      f.write(md)
-    os.replace(args.markdown + ".tmp", args.markdown)
+    atomic.write_bytes(args.markdown, md.encode())
   return 0
 
 

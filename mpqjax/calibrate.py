@@ -11,12 +11,11 @@ INT8 while calibrating (`precision`), the closest cheap stand-in for the full-pr
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 
+from mpqjax import atomic
 from mpqjax.errors import UserInputError
 from mpqjax.method import predictor
 from mpqjax.method.calibration import Calibration, model_signature
@@ -130,16 +129,7 @@ def scatter_png(samples: dict[str, np.ndarray], calib: Calibration, path: str) -
                fontsize=9)
   ax.legend(fontsize=7, markerscale=2)
   fig.tight_layout()
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".scatter-", suffix=".png", dir=folder)
-  os.close(fd)
   try:
-    fig.savefig(tmp, format="png")
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
-    os.replace(tmp, path)
+    atomic.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
   finally:
     plt.close(fig)
-    if os.path.exists(tmp):
-      os.unlink(tmp)

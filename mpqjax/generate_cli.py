@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 
+from mpqjax import atomic
 from mpqjax.errors import UserInputError
 
 PRECISIONS = ("bf16", "nvfp4", "int8", "mixed")
@@ -163,33 +163,13 @@ def check_common(args) -> None:
     raise UserInputError(f"--guidance must be >= 0, got {args.guidance}")
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
 def atomic_save_npy(path: str, array) -> None:
   import io
 
   import numpy as np
   buf = io.BytesIO()
   np.save(buf, np.asarray(array), allow_pickle=False)
-  atomic_write_bytes(path, buf.getvalue())
+  atomic.write_bytes(path, buf.getvalue())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -255,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
   if pipe is not None:  # pipeline folders: peak host RSS and device memory (issue 8)
     report["memory"] = pipe.memory_report()
   files["report"] = os.path.join(args.out, "report.json")
-  atomic_write_bytes(files["report"], json.dumps(report, indent=1).encode())
+  atomic.write_bytes(files["report"], json.dumps(report, indent=1).encode())
   s = result.summary
   print(f"wrote {', '.join(files.values())}")
   bits = s["avg_activation_bits"]

@@ -15,9 +15,9 @@ method flags are generate's (see `mpqjax generate --help`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
+from mpqjax import atomic
 from mpqjax.errors import UserInputError
 
 
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
       precision=args.precision, calibration=calib, tau=args.tau, tdc=args.tdc,
       implementation=args.implementation, attention_precision=args.attention, **kw)
   path = os.path.join(args.out, "profile.json")
-  generate_cli.atomic_write_bytes(path, json.dumps(report, indent=1, default=str).encode())
+  atomic.write_json(path, report, default=str)
   print(profiling.format_report(report))
   print(f"trace: {report['trace']} (open in ui.perfetto.dev; the .xplane.pb beside it in "
         f"TensorBoard/XProf)\nreport: {path}")

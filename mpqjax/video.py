@@ -11,26 +11,13 @@ import warnings
 
 import numpy as np
 
+from mpqjax.atomic import atomic_write
 from mpqjax.errors import UserInputError
 
 
 def to_uint8(video01: np.ndarray) -> np.ndarray:
   """Frames in [0, 1] (any float dtype) -> uint8, rounded as diffusers' numpy_to_pil does."""
   return (np.clip(np.asarray(video01, np.float64), 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
-def _atomic_write(path: str, write) -> str:
-  folder, base = os.path.split(os.path.abspath(path))
-  stem, ext = os.path.splitext(base)
-  tmp = os.path.join(folder, f".{stem}.partial{ext}")  # keeps the extension imageio reads
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
 
 
 def write_video(frames: np.ndarray, path: str, fps: int = 8) -> str:
@@ -62,14 +49,14 @@ def write_video(frames: np.ndarray, path: str, fps: int = 8) -> str:
           warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
           _write_mp4(tmp)
 
-      return _atomic_write(path, mp4)
+      return atomic_write(path, mp4)
     except Exception as e:  # no ffmpeg binary, codec missing, ...
       warnings.warn(f"MP4 writing failed ({e!r}); writing a GIF instead")
       path = os.path.splitext(path)[0] + ".gif"
 
   def gif(tmp):
     imageio.mimsave(tmp, list(frames), format="GIF", duration=1000 / fps, loop=0)
-  return _atomic_write(path, gif)
+  return atomic_write(path, gif)
 
 
 def _even(frames: np.ndarray) -> bool:

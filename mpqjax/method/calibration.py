@@ -10,11 +10,11 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from mpqjax import atomic
 from mpqjax.errors import UserInputError
 
 FORMAT = "mpqjax-dmpq-calibration"
@@ -61,20 +61,7 @@ class Calibration:
 
   def save(self, path: str) -> None:
     """Atomic write (temp file in the same folder, then rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".calib-", suffix=".json", dir=folder)
-    try:
-      with os.fdopen(fd, "w") as f:
-        json.dump(self.to_json(), f, indent=1)
-      mask = os.umask(0)
-      os.umask(mask)
-      os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
+    atomic.write_json(path, self.to_json())
 
   @classmethod
   def load(cls, path: str) -> "Calibration":

@@ -99,14 +99,14 @@ class ToyPipe:
     return {"peak_host_rss_bytes": peak_host_rss_bytes(), "peak_device_bytes": device_peak_bytes()}
 
   def write_strip(self, latents, path: str) -> str:
-    from mpqjax.video import _atomic_write
+    from mpqjax.atomic import atomic_write
     frames = self.upscale(self.model.to_frames(latents))[0]   # [F, H, W, 3]
     strip = np.concatenate(list(frames), axis=1)
 
     def w(tmp):
       import imageio.v2 as imageio
       imageio.imwrite(tmp, strip, format="PNG")
-    _atomic_write(path, w)
+    atomic_write(path, w)
     if _BAR is not None:
       _BAR.done()
     return path

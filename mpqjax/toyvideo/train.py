@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import platform
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -35,7 +33,7 @@ import optax
 from models.cogvideox import model as cog
 from models.cogvideox.config import CogVideoXConfig
 from models.cogvideox.params import init_params as init_transformer
-from mpqjax import schedulers
+from mpqjax import atomic, schedulers
 from mpqjax.toyvideo import data, text
 
 
@@ -320,18 +318,7 @@ def model_json(cfg: ToyConfig, log: dict | None = None) -> dict:
 
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-  os.close(fd)
-  try:
-    write(tmp)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files ship in the package
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  atomic.atomic_write(path, write, mode=0o644)  # these files ship in the package
 
 
 def save_model(out_dir: str, params: dict, cfg: ToyConfig, log: dict | None = None,
@@ -342,18 +329,12 @@ def save_model(out_dir: str, params: dict, cfg: ToyConfig, log: dict | None = No
   js = os.path.join(out_dir, f"{name}.json")
   _atomic_write(st, lambda p: save_file(flatten_params(params), p))
 
-  def wj(p):
-    with open(p, "w") as f:
-      json.dump(model_json(cfg, log), f, indent=1)
-  _atomic_write(js, wj)
+  atomic.write_json(js, model_json(cfg, log), mode=0o644)
   return st, js
 
 
 def save_log(path: str, log: dict) -> None:
-  def w(p):
-    with open(p, "w") as f:
-      json.dump(log, f, indent=1)
-  _atomic_write(path, w)
+  atomic.write_json(path, log, mode=0o644)
 
 
 def plot_loss_stages(path: str, logs: list[dict],

@@ -110,7 +110,7 @@ def save_prequantized(folder: str = WEIGHTS_DIR, weight_format: str = "nvfp4") -
   from safetensors.numpy import load_file, save_file
 
   from models.cogvideox.params import BLOCKS, LINEAR_NAMES, get_path, quantize_blocks
-  from mpqjax.toyvideo.train import _atomic_write
+  from mpqjax.atomic import atomic_write
   if weight_format != "nvfp4":
     raise ValueError("only the nvfp4 copy is shipped")
   st, _ = weights_path(folder)
@@ -128,7 +128,7 @@ def save_prequantized(folder: str = WEIGHTS_DIR, weight_format: str = "nvfp4") -
         flat[f"{name}.{field}"] = np.ascontiguousarray(np.asarray(a))
     meta[f"{name}.hadamard_block"] = str(ql.hadamard_block)
   path = prequantized_path(folder, weight_format)
-  _atomic_write(path, lambda p: save_file(flat, p, metadata=meta))
+  atomic_write(path, lambda p: save_file(flat, p, metadata=meta), mode=0o644)  # shipped
   return path
 
 
