@@ -169,7 +169,7 @@ def quantize_operands(q: jax.Array, k: jax.Array, v: jax.Array, *, block_kv: int
     else:
       vf = v.astype(f32)
       v_scale = jnp.maximum(jnp.max(jnp.abs(vf), axis=1), 1e-30) / _E4M3_MAX  # [B, H, D]
-      v8 = _pad_seq((vf / v_scale[:, None]).astype(jnp.float8_e4m3fn), s_p)
+      v8 = _pad_seq(formats.narrowed(vf / v_scale[:, None], jnp.float8_e4m3fn), s_p)
     return Int8Operands(q8, q_scale, k8, k_scale, v8, v_scale)
 
 
@@ -193,7 +193,7 @@ def int8_probabilities(q8: jax.Array, k8: jax.Array, q_scale: jax.Array, k_scale
   x = jnp.where(jnp.arange(s.shape[-1]) < kv_len, s * c, -jnp.inf)
   xb = x.reshape(*x.shape[:-1], -1, block_kv)  # [B, H, Tp, nkv, block_kv]
   m_run = lax.cummax(xb.max(axis=-1), axis=x.ndim - 1)  # [B, H, Tp, nkv]
-  p8 = jnp.exp2(xb - (m_run - _LOG2_P_SCALE)[..., None]).astype(p_dtype)
+  p8 = formats.narrowed(jnp.exp2(xb - (m_run - _LOG2_P_SCALE)[..., None]), p_dtype)
   alpha = jnp.exp2(m_run - m_run[..., -1:])
   return (p8.astype(f32) * alpha[..., None]).reshape(x.shape)
 
@@ -215,7 +215,7 @@ def _int8_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, pv: str = INT8_PV_DEF
   l = p8.sum(axis=-1)  # [B, H, Tp]; the kernel gets it from V^T's row of ones
   o = jnp.einsum("bhts,bshd->bthd", p8, ops.v8.astype(jnp.float32),
                  precision=lax.Precision.HIGHEST)
-  o = (o / jnp.moveaxis(l, 1, 2)[..., None]).astype(jnp.bfloat16)  # the kernel's bf16 output
+  o = formats.narrowed(o / jnp.moveaxis(l, 1, 2)[..., None], jnp.bfloat16)  # the kernel's output
   return (o[:, :t].astype(jnp.float32) * ops.v_scale[:, None]).astype(q.dtype)
 
 
@@ -225,11 +225,11 @@ def kernel_config(precision: str, head_dim: int, *, pv: str = INT8_PV_DEFAULT,
   AttentionConfig fields, for benchmarks and tests)."""
   from pallas_kernels import attention_mosaic as am
   if precision == "int8":
-    # Measured on H200 with fp8 PV (benchmarks/results/attention-h200.json): the accumulator-
-    # init int->float wins at D = 64 (1.21x cuDNN vs 1.10x) but spills at D = 128 (0.66x vs
-    # 1.43x).
+    # Measured on H200 (benchmarks/results/attention-h200.json): the accumulator-init
+    # int->float wins with fp8 PV at D = 64 (1.14x cuDNN vs 1.07x) but takes 2.4x longer
+    # (spills) at D = 128, and with bf16 PV at block_kv 256 (25 ms vs 11.9 ms at 2B).
     config = {"block_kv": _int8_block_kv(head_dim, pv),
-              "int8_convert": "magic_init" if head_dim == 64 else "magic",
+              "int8_convert": "magic_init" if head_dim == 64 and pv == "fp8" else "magic",
               "pv_dtype": jnp.dtype(_PV_DTYPES[pv]).name}
   else:
     config = {"block_kv": _bf16_block_kv(head_dim)}
@@ -270,11 +270,9 @@ def _cudnn_ok(q: jax.Array) -> bool:
 
 def mosaic_unavailable_reason(q: jax.Array) -> str | None:
   """None if the Mosaic GPU kernel applies to q on the default device, else why not."""
-  if jax.default_backend() != "gpu":
-    return f"needs a GPU, default backend is {jax.default_backend()}"
-  cc = str(getattr(jax.devices()[0], "compute_capability", ""))
-  if not cc.startswith("9"):
-    return f"needs a Hopper GPU (compute capability 9.x), got {cc or 'unknown'}"
+  from pallas_kernels import hopper_unavailable_reason
+  if why := hopper_unavailable_reason():
+    return why
   if q.shape[-1] not in (64, 128):
     return f"needs head_dim 64 or 128, got {q.shape[-1]}"
   return None

@@ -21,21 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from mpqjax import qlinear_xla
+from pallas_kernels import hopper_unavailable_reason
 from pallas_kernels import int8_quant, int8_quant_mgpu, nvfp4_quant, nvfp4_to_int8
 from pallas_kernels import nvfp4_matmul as nvmm
 from pallas_kernels import w8a8_matmul as w8a8
-
-
-def _is_hopper() -> bool:
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError:
-    return False
-  if dev.platform != "gpu":
-    return False
-  kind = getattr(dev, "device_kind", "")
-  cc = str(getattr(dev, "compute_capability", ""))
-  return "H100" in kind or "H200" in kind or cc.startswith("9")
 
 
 def interpret_params():
@@ -138,7 +127,7 @@ class _Mosaic:
 
   @staticmethod
   def available() -> bool:
-    return _is_hopper()
+    return hopper_unavailable_reason() is None
 
 
 MOSAIC = _Mosaic()

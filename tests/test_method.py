@@ -167,7 +167,7 @@ def test_calibration_roundtrip_and_errors(rng, tmp_path):
   with pytest.raises(UserInputError, match="version 99"):
     calibration.Calibration.load(path)
   path.write_text("{not json")
-  with pytest.raises(UserInputError, match="not a JSON"):
+  with pytest.raises(UserInputError, match="not valid JSON"):
     calibration.Calibration.load(path)
   with pytest.raises(FileNotFoundError):
     calibration.Calibration.load(tmp_path / "missing.json")

@@ -7,14 +7,13 @@ rejected with a UserInputError naming the mismatch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
 
 import numpy as np
 
-from mpqjax import atomic
+from mpqjax import atomic, jsonio
 from mpqjax.errors import UserInputError
 
 FORMAT = "mpqjax-dmpq-calibration"
@@ -68,12 +67,8 @@ class Calibration:
     path = os.fspath(path)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"calibration file not found: {path}")
-    try:
-      with open(path, encoding="utf-8") as f:
-        d = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise UserInputError(f"{path}: not a JSON calibration file ({e})") from None
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
+    d = jsonio.read_json_object(path)
+    if d.get("format") != FORMAT:
       raise UserInputError(f"{path}: not an mpqjax calibration file (format must be {FORMAT!r})")
     if d.get("version") != VERSION:
       raise UserInputError(f"{path}: calibration format version {d.get('version')!r} is not "
