@@ -19,7 +19,7 @@ from mpqjax import atomic
 from mpqjax.errors import UserInputError
 from mpqjax.method import predictor
 from mpqjax.method.calibration import Calibration, model_signature
-from mpqjax.method.knobs import DEFAULT_TARGET_BITS
+from mpqjax.method.defaults import DEFAULT_TARGET_BITS
 
 
 def collect(model, text_embs, seeds: Sequence[int], *, steps: int, precision: str = "int8",

@@ -29,10 +29,10 @@ from mpqjax.errors import UserInputError
 from mpqjax.method import predictor
 from mpqjax.method import tdc as tdc_lib
 from mpqjax.method.calibration import Calibration
-from mpqjax.method.knobs import (DEFAULT_OUTLIER_THRESHOLD, DEFAULT_TDC_ERROR_BOUND,
-                                 DEFAULT_TDC_MAX_SKIPS, DEFAULT_TDC_THRESHOLD,
-                                 DEFAULT_TDC_WARMUP_FRACTION, DEFAULT_ATTENTION_EDGE_STEPS,
-                                 MethodKnobs, make_knobs)
+from mpqjax.method.defaults import (DEFAULT_ATTENTION_EDGE_STEPS, DEFAULT_OUTLIER_THRESHOLD,
+                                    DEFAULT_TDC_ERROR_BOUND, DEFAULT_TDC_MAX_SKIPS,
+                                    DEFAULT_TDC_THRESHOLD, DEFAULT_TDC_WARMUP_FRACTION)
+from mpqjax.method.knobs import MethodKnobs, make_knobs
 from mpqjax.qlinear import MODE_ACTIVATION_BITS, Mode, QuantizedLinear
 
 PRECISIONS = ("bf16", "nvfp4", "int8", "mixed")

@@ -1,7 +1,7 @@
 """`mpqjax generate`: run the method (DMPQ mixed precision + Temporal Delta Cache) end to end.
 
   mpqjax generate --model CKPT --prompt-embeds emb.npy [--precision mixed --calibration c.json]
-                  [--tdc/--no-tdc --tdc-threshold 0.05] [--steps 50 --guidance 6 --seed 0]
+                  [--tdc/--no-tdc --tdc-threshold 0.15] [--steps 50 --guidance 6 --seed 0]
                   --out DIR
   mpqjax generate --model PIPELINE_FOLDER --prompt "a panda ..." --out DIR
 
@@ -21,6 +21,7 @@ import os
 
 from mpqjax import atomic
 from mpqjax.errors import UserInputError
+from mpqjax.method import defaults
 
 PRECISIONS = ("bf16", "nvfp4", "int8", "mixed")
 
@@ -64,9 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "otherwise; 'inf' disables)")
   p.add_argument("--tdc", action=argparse.BooleanOptionalAction, default=True,
                  help="Temporal Delta Cache (default on)")
-  p.add_argument("--tdc-threshold", type=float, default=None, help="tau_tdc (default 0.05)")
-  p.add_argument("--tdc-error-bound", type=float, default=None, help="E_acc bound (default 0.1)")
-  p.add_argument("--tdc-max-skips", type=int, default=None, help="N_max (default 2)")
+  p.add_argument("--tdc-threshold", type=float, default=None,
+                 help=f"tau_tdc (default {defaults.DEFAULT_TDC_THRESHOLD:g})")
+  p.add_argument("--tdc-error-bound", type=float, default=None,
+                 help=f"E_acc bound (default {defaults.DEFAULT_TDC_ERROR_BOUND:g})")
+  p.add_argument("--tdc-max-skips", type=int, default=None,
+                 help=f"N_max (default {defaults.DEFAULT_TDC_MAX_SKIPS})")
   p.add_argument("--tdc-warmup", type=int, default=None,
                  help="first steps that always compute (default max(2, 10%% of steps))")
   p.add_argument("--attention", choices=("bf16", "int8"), default="bf16",

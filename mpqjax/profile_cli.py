@@ -19,6 +19,7 @@ import os
 
 from mpqjax import atomic
 from mpqjax.errors import UserInputError
+from mpqjax.method import defaults
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tau", type=float, default=None, help="predictor threshold")
   p.add_argument("--tdc", action=argparse.BooleanOptionalAction, default=True,
                  help="Temporal Delta Cache (default on)")
-  p.add_argument("--tdc-threshold", type=float, default=None, help="tau_tdc (default 0.05)")
+  p.add_argument("--tdc-threshold", type=float, default=None,
+                 help=f"tau_tdc (default {defaults.DEFAULT_TDC_THRESHOLD:g})")
   p.add_argument("--tdc-warmup", type=int, default=None,
                  help="first steps that always compute (default max(2, 10%% of steps))")
   p.add_argument("--attention", choices=("bf16", "int8"), default="bf16",

@@ -41,9 +41,12 @@ _CONTROL_OPCODES = frozenset({"while", "conditional", "call", "tuple", "get-tupl
                               "parameter", "constant", "bitcast"})
 _NORM_SCOPES = frozenset({"norm1", "norm2", "norm_q", "norm_k", "norm_final", "norm_out"})
 _BOOKKEEPING_SCOPES = frozenset({"tdc_update", "tdc_skip", "gamma", "e_rel"})
-_QUANT_SCOPES = frozenset({"int8_quant", "nvfp4_to_int8", "attention_quantize"})
+# a Mosaic GPU kernel's name-stack entry is its body function's name (pallas_kernels/*.py)
+_QUANT_SCOPES = frozenset({"int8_quant", "nvfp4_to_int8", "attention_quantize",
+                           "int8_quant_kernel", "amax_kernel", "qdq_kernel"})
 _HADAMARD_EINSUM = "...b,bc->...c"  # formats.hadamard's einsum (its name-stack entry)
 _MATMUL_PRIMS = frozenset({"dot_general", "pallas_call", "custom_call", "mosaic_gpu_call"})
+_MATMUL_KERNELS = frozenset({"w8a8_matmul_kernel", "nvfp4_matmul_kernel"})  # then "mpmd_map"
 MODULE = "jit_generate_latents"
 
 
@@ -103,7 +106,7 @@ def categorize(op_name: str, linear_names=None, modulation_names=None) -> str:
         body = rest[2:]
         if _HADAMARD_EINSUM in body or set(body) & _QUANT_SCOPES:
           return "quantize/dequant/Hadamard"
-        if body and body[-1] in _MATMUL_PRIMS:
+        if body and (body[-1] in _MATMUL_PRIMS or set(body) & _MATMUL_KERNELS):
           return _MODE_CATEGORY.get(mode, "other")
         return "quantize/dequant/Hadamard"  # activation quantization, weight decode, epilogue
       if rest and rest[-1] == "dot_general":

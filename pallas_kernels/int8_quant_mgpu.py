@@ -62,7 +62,7 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
   s8_tr = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
   steps = min(config.max_concurrent_steps, nk)
 
-  def kernel(x_g, h_g, q_g, s_g, h_s, s_s, q_s, bar):
+  def int8_quant_kernel(x_g, h_g, q_g, s_g, h_s, s_s, q_s, bar):
     row0 = lax.axis_index("rows") * ROWS
     plgpu.copy_gmem_to_smem(h_g, h_s, bar)
     plgpu.barrier_wait(bar)
@@ -112,7 +112,7 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
     plgpu.wait_smem_to_gmem(0)
 
   f = plgpu.kernel(
-      kernel,
+      int8_quant_kernel,
       out_type=(jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32)),
       grid=(pl.cdiv(m, ROWS),), grid_names=("rows",),
       scratch_types=[plgpu.SMEM((COLS, COLS), jnp.bfloat16, transforms=bf16_tr),

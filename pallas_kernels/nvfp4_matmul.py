@@ -234,7 +234,7 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
   interp = interpret is not None
   n_scale = tile_k // 16
 
-  def kernel(x_g, w_g, ws_g, cs_g, bias_g, out_g):
+  def nvfp4_matmul_kernel(x_g, w_g, ws_g, cs_g, bias_g, out_g):
     def get_pipeline(body, ctx):
       return plgpu.emit_pipeline_warp_specialized(
           body, grid=(k_iters,), memory_registers=40,
@@ -357,7 +357,7 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
   out_shape = (splits, n, m) if raw else (m, n)
   total = m_iters * n_iters * splits
   f = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+      nvfp4_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
       grid=(min(sms, total),), grid_names=("sm",), num_threads=3, thread_name="wg",
       interpret=interpret)
   return f(x, w4, ws, col_scale, bias)

@@ -129,7 +129,7 @@ def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, i
   num_slots = min(2, n_epi)
   wg_m_dim = cfg.wg_dimension == Dim.M
 
-  def kernel(a_g, b_g, rs_g, cs_g, bias_g, out_g):
+  def w8a8_matmul_kernel(a_g, b_g, rs_g, cs_g, bias_g, out_g):
     def get_pipeline(body, ctx):
       return plgpu.emit_pipeline_warp_specialized(
           body, grid=(k_iters,), memory_registers=40,
@@ -222,7 +222,7 @@ def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, i
   out_shape = (splits, m, n) if raw else (m, n)
   total = m_iters * n_iters * splits
   f = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+      w8a8_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
       grid=(min(sms, total),), grid_names=("sm",), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret)

@@ -18,18 +18,20 @@ from mpqjax.generate import generate  # noqa: E402
 from mpqjax.qlinear import Mode  # noqa: E402
 
 
-@pytest.mark.parametrize("ratio, steps, skips", [(0.019, 50, 1), (0.256, 50, 13), (0.2, 10, 2),
-                                                 (0.0, 10, 0), (0.9, 10, 4)])
-def test_tdc_schedule_plans_the_skip_count(ratio, steps, skips):
+@pytest.mark.parametrize("ratio, steps, skips, n_max",
+                         [(0.019, 50, 1, 1), (0.256, 50, 13, 1), (0.2, 10, 2, 1), (0.0, 10, 0, 1),
+                          (0.5, 50, 25, 2), (0.6, 50, 30, 2), (0.9, 10, 6, 2)])
+def test_tdc_schedule_plans_the_skip_count(ratio, steps, skips, n_max):
   kw = e2e.tdc_schedule(ratio, steps)
   assert kw["skips_per_block"] == skips
-  # the rule of mpqjax.method.tdc with always-stable deltas and N_max = 1
+  assert kw["tdc_max_skips"] == n_max
+  # the rule of mpqjax.method.tdc with always-stable deltas, written out step by step
   w = kw["tdc_warmup"]
-  planned, last_skipped = 0, False
+  planned, run = 0, 0
   for i in range(steps):
-    skip = w <= i < steps - 1 and not last_skipped
+    skip = w <= i < steps - 1 and run < n_max
     planned += skip
-    last_skipped = skip
+    run = run + 1 if skip else 0
   assert planned == skips
 
 

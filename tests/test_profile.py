@@ -90,6 +90,17 @@ def test_parse_hlo_reads_opcodes_and_scopes():
     ("jit(g)/block/cond/branch_0_fun/ff/ff.net.2/cond/branch_0_fun/dot_general", "linear W4A4 (nvfp4)"),
     ("jit(g)/block/cond/branch_0_fun/ff/ff.net.2/cond/branch_1_fun/pallas_call", "linear W4A8 (int8)"),
     ("jit(g)/block/cond/branch_0_fun/ff/ff.net.2/cond/branch_2_fun/dot_general", "linear W4A16"),
+    # the Mosaic GPU kernels: their body function's name, then mpmd_map (the CUDA lowering)
+    ("jit(g)/block/cond/branch_0_fun/ff/ff.net.2/cond/branch_1_fun/w8a8_matmul_kernel/mpmd_map",
+     "linear W4A8 (int8)"),
+    ("jit(g)/block/cond/branch_0_fun/ff/ff.net.2/cond/branch_0_fun/nvfp4_matmul_kernel/mpmd_map",
+     "linear W4A4 (nvfp4)"),
+    ("jit(g)/block/cond/branch_0_fun/ff/ff.net.2/cond/branch_2_fun/nvfp4_matmul_kernel/mpmd_map",
+     "linear W4A16"),
+    ("jit(g)/block/cond/branch_0_fun/ff/ff.net.2/cond/branch_1_fun/int8_quant_kernel/mpmd_map",
+     "quantize/dequant/Hadamard"),
+    ("jit(g)/block/cond/branch_0_fun/ff/ff.net.2/cond/branch_0_fun/qdq_kernel/mpmd_map",
+     "quantize/dequant/Hadamard"),
     ("jit(g)/block/cond/branch_0_fun/ff/ff.net.2/cond/branch_1_fun/...b,bc->...c/dot_general",
      "quantize/dequant/Hadamard"),
     ("jit(g)/block/cond/branch_0_fun/ff/ff.net.2/cond/branch_1_fun/round", "quantize/dequant/Hadamard"),
@@ -139,3 +150,40 @@ def test_analyze_gpu_trace_with_command_buffers():
   assert r["span_ms_per_step"] == pytest.approx(54e-3 / 2)
   assert r["busy_ms_per_step"] == pytest.approx(40e-3 / 2)
   assert r["gaps_over_threshold_per_step"] == pytest.approx(2 / 2)  # 33->40 and 45->50
+
+
+def test_mosaic_kernels_of_the_cuda_lowering_are_categorized(monkeypatch):
+  """The op names the Hopper kernels get in a real CUDA lowering (lowered here on the CPU) land
+  in the right categories: each mode's matmul kernel in its linear category, the quantizers in
+  quantize/dequant/Hadamard."""
+  import re
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from mpqjax.qlinear import qlinear, quantize_linear
+  from pallas_kernels import qlinear_mosaic as qm
+  monkeypatch.setattr(qm, "interpret_params", lambda: None)  # the GPU kernels, not interpret
+  monkeypatch.setattr(qm.MOSAIC, "available", lambda: True)
+  rng = np.random.default_rng(3)
+  layer = quantize_linear(rng.standard_normal((256, 256)).astype(np.float32), None,
+                             hadamard=128)
+
+  def f(x, mode):
+    with jax.named_scope("ff.net.2"):
+      return qlinear(x, layer, mode, implementation="mosaic")
+
+  x = jnp.asarray(rng.standard_normal((2048, 256)), jnp.bfloat16)
+  text = jax.jit(f).trace(x, jnp.int32(1)).lower(lowering_platforms=("cuda",)).as_text(
+      debug_info=True)
+  kernels = {n for n in re.findall(r'loc\("([^"]*/mpmd_map)"', text)}
+  got = {re.search(r"branch_\d_fun/(\w+)/mpmd_map$", n).group(0): profiling.categorize(n)
+         for n in kernels}
+  assert got == {
+      "branch_0_fun/amax_kernel/mpmd_map": "quantize/dequant/Hadamard",
+      "branch_0_fun/qdq_kernel/mpmd_map": "quantize/dequant/Hadamard",
+      "branch_0_fun/nvfp4_matmul_kernel/mpmd_map": "linear W4A4 (nvfp4)",
+      "branch_1_fun/int8_quant_kernel/mpmd_map": "quantize/dequant/Hadamard",
+      "branch_1_fun/w8a8_matmul_kernel/mpmd_map": "linear W4A8 (int8)",
+      "branch_2_fun/nvfp4_matmul_kernel/mpmd_map": "linear W4A16"}

@@ -10,14 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Defaults (documented in docs/METHOD.md).
-DEFAULT_TARGET_BITS = 6.0
-DEFAULT_OUTLIER_THRESHOLD = 25.0
-DEFAULT_TDC_THRESHOLD = 0.05
-DEFAULT_TDC_ERROR_BOUND = 0.10
-DEFAULT_TDC_MAX_SKIPS = 2
-DEFAULT_TDC_WARMUP_FRACTION = 0.1   # warm-up steps = max(2, round(0.1 * S))
-DEFAULT_ATTENTION_EDGE_STEPS = 1    # first and last step keep bf16 attention (issue 10)
+from mpqjax.method.defaults import (DEFAULT_ATTENTION_EDGE_STEPS, DEFAULT_TDC_ERROR_BOUND,
+                                    DEFAULT_TDC_MAX_SKIPS, DEFAULT_TDC_THRESHOLD)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
