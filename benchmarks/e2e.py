@@ -758,7 +758,7 @@ def main(argv=None) -> int:
   r.add_argument("--warmup", type=int, default=2, help="diffusers warm-up steps")
   r.add_argument("--reps", type=int, default=5, help="diffusers timed steps")
   r.add_argument("--all-tdc", action="store_true",
-                 help="also the looser τ_tdc = 0.1 schedule (one more run at --steps)")
+                 help="also the DEMO_TDC_SETTINGS schedules (one more run at --steps each)")
   r.add_argument("--bf16-short", action=argparse.BooleanOptionalAction, default=True,
                  help="also time bf16 at --short-steps (else the short modes compare to the "
                       "per-step time of the --steps bf16 run)")

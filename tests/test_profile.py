@@ -157,6 +157,7 @@ def test_mosaic_kernels_of_the_cuda_lowering_are_categorized(monkeypatch):
   in the right categories: each mode's matmul kernel in its linear category, the quantizers in
   quantize/dequant/Hadamard."""
   import re
+  import sys
 
   import jax
   import jax.numpy as jnp
@@ -165,7 +166,8 @@ def test_mosaic_kernels_of_the_cuda_lowering_are_categorized(monkeypatch):
   from mpqjax.qlinear import qlinear, quantize_linear
   from pallas_kernels import qlinear_mosaic as qm
   monkeypatch.setattr(qm, "interpret_params", lambda: None)  # the GPU kernels, not interpret
-  monkeypatch.setattr(qm.MOSAIC, "available", lambda: True)
+  # (the module, not the function mpqjax.qlinear that the package exports under its name)
+  monkeypatch.setattr(sys.modules["mpqjax.qlinear"], "_mosaic_usable", lambda: True)
   rng = np.random.default_rng(3)
   layer = quantize_linear(rng.standard_normal((256, 256)).astype(np.float32), None,
                              hadamard=128)
