@@ -356,7 +356,7 @@ def worker(args) -> int:
       r.program_seconds = time.perf_counter() - t
       if clock.take() > 0:
         raise RuntimeError("the program timing recompiled: the timing would include it")
-    key = (steps, bool(kw.get("tdc")))
+    key = (steps, bool(kw.get("tdc")), kw.get("tdc_cache", "bf16"))
     if key not in programs:  # the compiled program's own buffers, independent of run order
       ma = G.generate_latents.lower(*seen["args"], **seen["kwargs"]).compile().memory_analysis()
       programs[key] = {f: getattr(ma, f, None) for f in (
@@ -426,13 +426,13 @@ def worker(args) -> int:
       profile("bf16", args.short_steps, exact=False, precision="bf16", tdc=False)
     return 0
 
-  def tdc_run(name, first):
+  def tdc_run(name, first, label=None, **extra):
     ratio, kw = sched["tdc"][name]
     kw = dict(kw)
     k = kw.pop("skips_per_block")
-    r, wall, c, prog = call(args.steps, precision="mixed", calibration=calib, **kw)
-    record(name, args.steps, r, wall, c, prog, first,
-           {"demo_skip_ratio": ratio, "schedule": {**kw, "skips_per_block": k}})
+    r, wall, c, prog = call(args.steps, precision="mixed", calibration=calib, **kw, **extra)
+    record(label or name, args.steps, r, wall, c, prog, first,
+           {"demo_skip_ratio": ratio, "schedule": {**kw, "skips_per_block": k}, **extra})
 
   # the no-TDC modes are ONE compiled program (precision is a knob array)
   short = [("nvfp4", dict(precision="nvfp4")), ("int8", dict(precision="int8")),
@@ -459,6 +459,8 @@ def worker(args) -> int:
     for name in sched["tdc"]:
       if name != "mixed+tdc":
         tdc_run(name, False)
+  if args.group == "quant" and args.int8_cache:  # its own program: the cache's dtype is static
+    tdc_run("mixed+tdc", True, label="mixed+tdc (int8 cache)", tdc_cache="int8")
   if args.profile_tdc and args.short_steps and args.group == "quant":  # every block skips once
     profile("mixed+tdc", args.short_steps, warmup=True, precision="mixed", calibration=calib,
             **{k: v for k, v in tdc_schedule(1 / args.short_steps, args.short_steps).items()
@@ -646,6 +648,7 @@ def run(args) -> int:
     jobs.append(("bf16", ["_worker", "--group", "bf16", "--preset", preset, *prof], None))
     jobs.append(("quant", ["_worker", "--group", "quant", "--preset", preset, *prof]
                  + (["--all-tdc"] if args.all_tdc else [])
+                 + (["--int8-cache"] if args.int8_cache else [])
                  + (["--profile-tdc"] if args.profile_tdc and preset == presets[0] else []), None))
     if preset == presets[0]:
       for i, flags in enumerate(args.flag_variant or []):
@@ -757,6 +760,8 @@ def main(argv=None) -> int:
   r.add_argument("--diffusers", action=argparse.BooleanOptionalAction, default=True)
   r.add_argument("--warmup", type=int, default=2, help="diffusers warm-up steps")
   r.add_argument("--reps", type=int, default=5, help="diffusers timed steps")
+  r.add_argument("--int8-cache", action="store_true",
+                 help="also mixed+TDC with the INT8 TDC cache (one more compile)")
   r.add_argument("--all-tdc", action="store_true",
                  help="also the DEMO_TDC_SETTINGS schedules (one more run at --steps each)")
   r.add_argument("--bf16-short", action=argparse.BooleanOptionalAction, default=True,
@@ -795,6 +800,7 @@ def main(argv=None) -> int:
       p.add_argument("--short-modes", default="nvfp4,int8,mixed,w4a16")
       p.add_argument("--trace-dir", default="/tmp/e2e-traces")
       p.add_argument("--all-tdc", action="store_true")
+      p.add_argument("--int8-cache", action="store_true")
       p.add_argument("--warmup", type=int, default=2)
       p.add_argument("--reps", type=int, default=5)
   mk = sub.add_parser("markdown", help="print the RESULTS.md tables of an e2e JSON")

@@ -54,6 +54,7 @@ class GenerateStatic:
   model_config: Any
   scheduler: schedulers.SchedulerConfig
   tdc: bool = True
+  tdc_cache: str = "bf16"  # tdc_lib.TDC_CACHES
   do_cfg: bool = True
   collect_stats: bool = False
   implementation: str | None = None
@@ -156,7 +157,8 @@ def init_method_state(static: GenerateStatic, params, latents_shape, text_shape)
   t = jax.ShapeDtypeStruct((bm,), jnp.int32)
   h, e, _, _ = jax.eval_shape(lambda p, x, tt, c: cog.embed(p, x, tt, c, config), params, lat, t,
                               txt)
-  return tdc_lib.init_state(config.num_layers, h.shape, e.shape, h.dtype, tdc=static.tdc)
+  return tdc_lib.init_state(config.num_layers, h.shape, e.shape, h.dtype, tdc=static.tdc,
+                            cache=static.tdc_cache)
 
 
 @functools.partial(jax.jit, static_argnames=("static",))
@@ -301,7 +303,7 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
              tdc_threshold: float = DEFAULT_TDC_THRESHOLD,
              tdc_error_bound: float = DEFAULT_TDC_ERROR_BOUND,
              tdc_max_skips: int = DEFAULT_TDC_MAX_SKIPS, tdc_warmup: int | None = None,
-             outlier_threshold: float | None = None, collect_stats: bool = False,
+             tdc_cache: str = "bf16", outlier_threshold: float | None = None, collect_stats: bool = False,
              implementation: str | None = None, attention_precision: str = "bf16",
              attention_blocks=None, attention_edge_steps: int = DEFAULT_ATTENTION_EDGE_STEPS,
              on_step=None) -> GenerateResult:
@@ -314,10 +316,14 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
   (a jax.debug.callback, e.g. for a progress bar; None: the loop never reaches the host).
   scheduler: "ddim", "dpm", or a SchedulerConfig (defaults: the CogVideoX-2b/5b release configs
   by the model's RoPE flag). CFG runs when guidance > 1 (batched, unconditional half first).
+  tdc_cache: how the Temporal Delta Cache stores each block's Δ, "bf16" (the stream's dtype) or
+  "int8" (per-token INT8: half the cache memory; see mpqjax.method.tdc).
   attention_precision "int8" runs the INT8/FP8 attention in `attention_blocks` (block indices,
   None = all) except during the first and last `attention_edge_steps` steps; both are knob
   arrays, so changing them does not recompile.
   """
+  if tdc_cache not in tdc_lib.TDC_CACHES:
+    raise UserInputError(f"tdc_cache must be one of {tdc_lib.TDC_CACHES}, got {tdc_cache!r}")
   if attention_precision not in attention_lib.PRECISIONS:
     raise UserInputError(f"attention precision must be one of {attention_lib.PRECISIONS}, got "
                          f"{attention_precision!r}")
@@ -355,9 +361,9 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
                                    tdc_max_skips=tdc_max_skips, tdc_warmup=warm,
                                    attention_blocks=attention_blocks,
                                    attention_edge_steps=attention_edge_steps)
-  static = GenerateStatic(config, scheduler, tdc=tdc, do_cfg=do_cfg, collect_stats=collect_stats,
-                          implementation=implementation, attention_precision=attention_precision,
-                          progress=on_step is not None)
+  static = GenerateStatic(config, scheduler, tdc=tdc, tdc_cache=tdc_cache, do_cfg=do_cfg,
+                          collect_stats=collect_stats, implementation=implementation,
+                          attention_precision=attention_precision, progress=on_step is not None)
   _ON_STEP[0] = on_step
   try:
     x, stats = generate_latents(params, text_all, latents, k_noise, knobs, sched, g,
@@ -369,7 +375,8 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
   state_shape = jax.eval_shape(lambda: init_method_state(static, params, latents.shape,
                                                          text_all.shape))
   summary = {**notes, **summarize(stats), **tdc_lib.state_nbytes(state_shape),
-             **weight_report(params), "tdc": tdc, "tdc_threshold": tdc_threshold,
+             **weight_report(params), "tdc": tdc, "tdc_cache": tdc_cache,
+             "tdc_threshold": tdc_threshold,
              "tdc_error_bound": tdc_error_bound, "tdc_max_skips": tdc_max_skips,
              "tdc_warmup": warm, "scheduler": scheduler.to_dict(), "steps": steps,
              "guidance": guidance, "dynamic_cfg": dynamic_cfg, "seed": seed,

@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help=f"N_max (default {defaults.DEFAULT_TDC_MAX_SKIPS})")
   p.add_argument("--tdc-warmup", type=int, default=None,
                  help="first steps that always compute (default max(2, 10%% of steps))")
+  p.add_argument("--tdc-cache", choices=defaults.TDC_CACHES, default=defaults.TDC_CACHES[0],
+                 help="how the cache stores each block's delta: bf16, or int8 with one scale "
+                      "per token (half the cache memory) (default bf16)")
   p.add_argument("--attention", choices=("bf16", "int8"), default="bf16",
                  help="attention precision: int8 = INT8 QK^T / FP8 PV (SageAttention-style) in "
                       "every block except the first and last --attention-edge-steps steps "
@@ -211,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
   result = generate(model, pos[0], negative_emb=None if neg is None else neg[0],
                     latent_shape=shape, seed=args.seed, steps=args.steps, guidance=args.guidance,
                     dynamic_cfg=args.dynamic_cfg, scheduler=sched, precision=args.precision,
-                    calibration=calib, tau=args.tau, tdc=args.tdc,
+                    calibration=calib, tau=args.tau, tdc=args.tdc, tdc_cache=args.tdc_cache,
                     outlier_threshold=args.outlier_threshold,
                     implementation=args.implementation, attention_precision=args.attention,
                     attention_edge_steps=args.attention_edge_steps,

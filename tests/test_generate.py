@@ -5,7 +5,6 @@ The §9 invariants of issue 4: τ_tdc = 0 is bit-identical to TDC off; mixed wit
 bit for bit; a skipped block runs no linear; the jaxpr has one scan over the timesteps; knob
 changes do not recompile. Few steps, and the compiled programs are shared between tests.
 """
-import dataclasses
 import types
 
 import jax
@@ -16,7 +15,7 @@ import pytest
 
 from models.cogvideox import model as cog
 from models.cogvideox.config import CogVideoXConfig
-from models.cogvideox.params import LINEAR_NAMES, init_params, quantize_blocks
+from models.cogvideox.params import init_params, quantize_blocks
 from mpqjax import generate as G
 from mpqjax import sampler, schedulers
 from mpqjax.qlinear import Mode
@@ -55,6 +54,30 @@ def test_tdc_threshold_zero_is_bit_identical_to_tdc_off(model, text):
             tdc_error_bound=1e9)
   assert on.summary["skip_ratio"] > 0
   assert not np.array_equal(on.latents, off.latents)
+
+
+def test_int8_tdc_cache(model, text):
+  """The INT8 cache: with no skips it is never read (bit-identical to TDC off); with skips the
+  output stays close to the bf16 cache's but is not equal (the cached Δ is really INT8); the
+  cache takes s8 values + one f32 scale per token."""
+  off = _run(model, text, precision="mixed", tau=0.3, tdc=False)
+  zero = _run(model, text, precision="mixed", tau=0.3, tdc=True, tdc_threshold=0.0,
+              tdc_error_bound=np.inf, tdc_cache="int8")
+  np.testing.assert_array_equal(zero.latents, off.latents)
+  kw = dict(precision="mixed", tau=0.3, tdc=True, tdc_threshold=1e9, tdc_error_bound=1e9)
+  bf, q = _run(model, text, **kw), _run(model, text, **kw, tdc_cache="int8")
+  assert q.summary["skip_ratio"] == bf.summary["skip_ratio"] > 0
+  np.testing.assert_array_equal(q.stats["computed"], bf.stats["computed"])
+  assert not np.array_equal(q.latents, bf.latents)
+  rel = np.abs(q.latents - bf.latents).mean() / np.abs(bf.latents - off.latents).mean()
+  assert rel < 0.2, rel  # INT8's error is small next to what the skips themselves change
+  assert q.summary["tdc_cache"] == "int8"
+  tokens, width = 2 * (8 + 4), CFG.num_attention_heads * CFG.attention_head_dim  # CFG batch 2
+  stream_bytes = np.dtype(model.params["patch_embed"]["text_proj"]["weight"].dtype).itemsize
+  assert bf.summary["tdc_cache_bytes"] == CFG.num_layers * tokens * width * stream_bytes
+  assert q.summary["tdc_cache_bytes"] == CFG.num_layers * tokens * (width + 4)
+  with pytest.raises(Exception, match="tdc_cache"):
+    _run(model, text, precision="mixed", tdc_cache="fp4")
 
 
 def _reference(model, text, modes):

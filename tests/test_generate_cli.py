@@ -59,7 +59,8 @@ def _generate(work, out, *extra):
 def test_generate_mixed_tdc_writes_latents_and_report(work, capsys):
   out = work["dir"] / "out_mixed"
   rc = _generate(work, out, "--precision", "mixed", "--calibration", work["calib"],
-                 "--tdc-threshold", "1e9", "--tdc-error-bound", "1e9", "--tdc-warmup", "2")
+                 "--tdc-threshold", "1e9", "--tdc-error-bound", "1e9", "--tdc-warmup", "2",
+                 "--tdc-cache", "int8")
   assert rc == 0
   lat = np.load(out / "latents.npy", allow_pickle=False)
   assert lat.shape == (1, 3, 4, 4, 6) and np.isfinite(lat).all()
@@ -75,6 +76,7 @@ def test_generate_mixed_tdc_writes_latents_and_report(work, capsys):
   bits = {0: 4, 1: 8, 2: 16}
   assert s["avg_activation_bits"] == pytest.approx(np.mean([bits[m] for m in ran.ravel()]))
   assert s["tdc_cache_bytes"] > 0 and s["weight_bytes"] < s["weight_bytes_bf16"]
+  assert s["tdc_cache"] == "int8"
   assert "skip ratio" in capsys.readouterr().out
 
 
@@ -113,6 +115,9 @@ def test_bad_inputs_exit_2(work, capsys, tmp_path):
   _bad(work, capsys, base + ["--precision", "int8", "--latent-shape", "3,4"], "--latent-shape")
   _bad(work, capsys, base + ["--precision", "int8", "--steps", "0"], "--steps")
   _bad(work, capsys, base + ["--precision", "int8", "--tdc-threshold", "-1"], "--tdc-threshold")
+  with pytest.raises(SystemExit) as e:  # argparse's own choice check: usage + exit 2
+    cli.main(base + ["--precision", "int8", "--tdc-cache", "fp4"])
+  assert e.value.code == 2 and "--tdc-cache" in capsys.readouterr().err
   _bad(work, capsys, base + ["--precision", "int8", "--prompt", "a cat"], "no text encoder")
   c = json.loads(open(work["calib"]).read())
   other = dict(c, model=dict(c["model"], num_layers=3),

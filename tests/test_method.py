@@ -1,11 +1,13 @@
 """Unit tests of the method's pieces against float64 numpy: Γ, the predictor's routing rules,
 the least-squares fit and τ selection, the TDC decision and update formulas, the calibration file."""
+import dataclasses
 import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mpqjax import formats
 from mpqjax.errors import UserInputError
 from mpqjax.method import calibration, predictor, tdc
 from mpqjax.method.knobs import make_knobs
@@ -171,3 +173,42 @@ def test_calibration_roundtrip_and_errors(rng, tmp_path):
     calibration.Calibration.load(path)
   with pytest.raises(FileNotFoundError):
     calibration.Calibration.load(tmp_path / "missing.json")
+
+
+def test_int8_cache_skip_and_compute(rng):
+  """The "int8" cache: a skip adds the dequantized Δ; a computation stores the new Δ as INT8
+  per token (within half a step of it) and measures c against the dequantized cached Δ."""
+  s = _state(rng, change=0.04, e_acc=0.03, skips=1)
+  qv, qt = formats.quantize_int8(s.delta_video), formats.quantize_int8(s.delta_text)
+  s8 = dataclasses.replace(s, delta_video=qv.values, video_scale=qv.scales,
+                           delta_text=qt.values, text_scale=qt.scales)
+  deq_v = np.asarray(qv.values, np.float64) * np.asarray(qv.scales)
+  deq_t = np.asarray(qt.values, np.float64) * np.asarray(qt.scales)
+  xv = jnp.asarray(rng.standard_normal((2, 5, 8)).astype(np.float32))
+  xt = jnp.asarray(rng.standard_normal((2, 3, 8)).astype(np.float32))
+  yv, yt, s2 = tdc.skip(s8, xv, xt)
+  np.testing.assert_allclose(np.asarray(yv), np.asarray(xv) + deq_v, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(yt), np.asarray(xt) + deq_t, rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(yv) - np.asarray(xv) - np.asarray(s.delta_video)).max() > 0
+  assert int(s2.skips) == 2 and s2.delta_video.dtype == jnp.int8
+
+  yv = jnp.asarray(rng.standard_normal((2, 5, 8)).astype(np.float32))
+  yt = jnp.asarray(rng.standard_normal((2, 3, 8)).astype(np.float32))
+  s3 = tdc.computed(s2, xv, xt, yv, yt, jnp.float32(0.7), tdc=True)
+  dv = np.asarray(yv, np.float64) - np.asarray(xv)
+  dt = np.asarray(yt, np.float64) - np.asarray(xt)
+  want = (_l1(dv - deq_v) + _l1(dt - deq_t)) / (_l1(deq_v) + _l1(deq_t))
+  np.testing.assert_allclose(float(s3.change), want, rtol=1e-5)
+  assert s3.delta_video.dtype == jnp.int8 and s3.video_scale.shape == (2, 5, 1)
+  new_v = np.asarray(s3.delta_video, np.float64) * np.asarray(s3.video_scale)
+  assert (np.abs(new_v - dv) <= np.asarray(s3.video_scale) * 0.5 + 1e-6).all()
+  np.testing.assert_allclose(np.asarray(s3.video_scale)[..., 0],
+                             np.abs(dv).max(axis=-1) / 127, rtol=1e-6)
+
+
+def test_int8_cache_state_bytes():
+  st = tdc.init_state(3, (2, 10, 16), (2, 4, 16), jnp.bfloat16, tdc=True, cache="int8")
+  assert st.delta_video.dtype == jnp.int8 and st.video_scale.shape == (3, 2, 10, 1)
+  assert tdc.state_nbytes(st)["tdc_cache_bytes"] == 3 * 2 * (10 + 4) * (16 + 4)
+  with pytest.raises(ValueError, match="TDC cache"):
+    tdc.init_state(3, (2, 10, 16), (2, 4, 16), jnp.bfloat16, tdc=True, cache="fp8")

@@ -8,5 +8,6 @@ DEFAULT_OUTLIER_THRESHOLD = 25.0
 DEFAULT_TDC_THRESHOLD = 0.15
 DEFAULT_TDC_ERROR_BOUND = 0.30
 DEFAULT_TDC_MAX_SKIPS = 2
+TDC_CACHES = ("bf16", "int8")      # how the cache stores Δ (mpqjax.method.tdc); bf16 default
 DEFAULT_TDC_WARMUP_FRACTION = 0.1   # warm-up steps = max(2, round(0.1 * S))
 DEFAULT_ATTENTION_EDGE_STEPS = 1    # first and last step keep bf16 attention (issue 10)
