@@ -40,7 +40,7 @@ MODES = (  # name, precision, tdc, extra generate kwargs
     ("mixed", "mixed", False, {}),
     # the PDR outlier rule (BF16 for max|x|/mean|x| > 25) raises the average width above the
     # calibrated ~6 bits; without it, mixed runs at the calibration's target
-    ("mixed, outlier rule off", "mixed", False, {"outlier_threshold": float("inf")}),
+    ("mixed (outlier rule off)", "mixed", False, {"outlier_threshold": float("inf")}),
     ("mixed+TDC", "mixed", True, {}),  # the defaults of `mpqjax generate`
     # a sweep of the TDC threshold, to show what skipping costs on this model (the error bound B
     # must grow with tau_tdc, or E + c < B caps the skips at c < B); 0.05/0.1 was the default
@@ -291,7 +291,7 @@ def claims_of(rows: dict, n_prompts: int) -> dict:
                  "nvfp4_psnr": rows["nvfp4"]["psnr_vs_bf16"],
                  "mixed_avg_bits": rows[name]["avg_activation_bits"],
                  "holds": rows[name]["psnr_vs_bf16"] > rows["nvfp4"]["psnr_vs_bf16"]}
-          for name in ("mixed", "mixed, outlier rule off") if name in rows}
+          for name in ("mixed", "mixed (outlier rule off)") if name in rows}
   if "mixed+TDC" in rows:
     claims["mixed_tdc_adherence_within_2_points_of_bf16"] = {
         "bf16": rows["bf16"]["adherence"], "mixed+TDC": rows["mixed+TDC"]["adherence"],

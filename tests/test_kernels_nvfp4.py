@@ -134,15 +134,6 @@ def test_qdq_nonfinite_input_poisons_the_scale(rng):
   assert np.isnan(float(g)) and np.isnan(float(formats.quantize_nvfp4(x).global_scale))
 
 
-def test_unsupported_shape_falls_back_to_xla(rng):
-  w = rng.standard_normal((96, 256)).astype(np.float32)  # N=96: no CTA tile fits
-  layer = quantize_linear(w, None, hadamard=False)
-  x = jnp.asarray(rng.standard_normal((8, 256)), jnp.float32)
-  assert not qlinear_mosaic.nvfp4_kernel_fits(8, 96, 256)
-  np.testing.assert_array_equal(np.asarray(qlinear_mosaic.w4a16(x, layer)),
-                                np.asarray(qlinear_xla.w4a16(x, layer)))
-
-
 # ------------------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
 @needs_hopper

@@ -96,13 +96,16 @@ def test_mosaic_w4a8_matches_xla(rng, weight_format, hadamard):
   assert np.linalg.norm(g - r) / np.linalg.norm(r) <= 1e-3
 
 
-def test_unsupported_shape_falls_back_to_xla(rng):
+@pytest.mark.parametrize("mode, fits", [("w4a8", "kernel_fits"), ("w4a16", "nvfp4_kernel_fits"),
+                                        ("w4a4", "nvfp4_kernel_fits")])
+def test_unsupported_shape_falls_back_to_xla(rng, mode, fits):
+  """Every Mosaic qlinear path (W8A8 and both NVFP4 kernels) hands untileable shapes to xla."""
   w = rng.standard_normal((96, 256)).astype(np.float32)  # N=96: no CTA tile fits
   layer = quantize_linear(w, None, hadamard=False)
   x = jnp.asarray(rng.standard_normal((8, 256)), jnp.float32)
-  assert not qlinear_mosaic.kernel_fits(8, 96, 256)
-  np.testing.assert_array_equal(np.asarray(qlinear_mosaic.w4a8(x, layer)),
-                                np.asarray(qlinear_xla.w4a8(x, layer)))
+  assert not getattr(qlinear_mosaic, fits)(8, 96, 256)
+  np.testing.assert_array_equal(np.asarray(getattr(qlinear_mosaic, mode)(x, layer)),
+                                np.asarray(getattr(qlinear_xla, mode)(x, layer)))
 
 
 def test_available_only_on_hopper():
