@@ -45,7 +45,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from mpqjax import formats
-from pallas_kernels.w8a8_matmul import Dim, num_sms, smem_transforms
+from pallas_kernels.w8a8_matmul import Dim, num_sms, persistent_tile, smem_transforms
 
 # The "bits" decode yields e2m1 * 2^-126; scales carry 2^119 so that s * 2^119 <= 448 * 2^119
 # stays below bf16's max and the product e2m1 * s * 2^-7 is exact; the epilogue has 2^7.
@@ -273,10 +273,7 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
 
       @plgpu.nd_loop((m_iters * n_iters * splits,), collective_axes="sm")
       def _tile_loop(info):
-        (lin,) = info.index
-        mn, split = lax.div(lin, splits), lax.rem(lin, splits)
-        mi, ni = plgpu.planar_snake(mn, (m_iters, n_iters), int(cfg.grid_minor_dim),
-                                    cfg.grid_tile_width)
+        mi, ni, split = persistent_tile(info.index[0], m_iters, n_iters, cfg)
         m0 = mi * tile_m
         n0 = ni * cta_n + wg * tile_n
         k_slice = pl.ds(split * k_per_split, k_per_split)

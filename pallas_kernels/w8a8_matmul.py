@@ -110,6 +110,16 @@ def smem_transforms(minor_bytes: int, bits: int):
   return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
+def persistent_tile(lin, m_iters: int, n_iters: int, cfg):
+  """(mi, ni, split) of the persistent loop's linear tile index `lin`: the K split varies
+  fastest, then the M x N tiles in cfg.grid_minor_dim snake order (cfg: W8A8Config or
+  NVFP4MatmulConfig, which share these fields)."""
+  mn, split = lax.div(lin, cfg.k_splits), lax.rem(lin, cfg.k_splits)
+  mi, ni = plgpu.planar_snake(mn, (m_iters, n_iters), int(cfg.grid_minor_dim),
+                              cfg.grid_tile_width)
+  return mi, ni, split
+
+
 def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, interpret,
                  sms: int):
   """One launch. out_dtype int32 -> raw partial sums [k_splits, M, N]; else the epilogue."""
@@ -160,10 +170,7 @@ def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, i
 
       @plgpu.nd_loop((m_iters * n_iters * splits,), collective_axes="sm")
       def _tile_loop(info):
-        (lin,) = info.index
-        mn, split = lax.div(lin, splits), lax.rem(lin, splits)
-        mi, ni = plgpu.planar_snake(mn, (m_iters, n_iters), int(cfg.grid_minor_dim),
-                                    cfg.grid_tile_width)
+        mi, ni, split = persistent_tile(info.index[0], m_iters, n_iters, cfg)
         wg_m0 = mi * cta_m + (wg * tile_m if wg_m_dim else 0)
         wg_n0 = ni * cta_n + (0 if wg_m_dim else wg * tile_n)
         k_slice = pl.ds(split * k_per_split, k_per_split)
