@@ -44,6 +44,55 @@ def _rotation(block: int) -> np.ndarray:
   return np.sign(np.asarray(int8_quant.formats.hadamard_matrix(block)))
 
 
+def rotation_operands(block: int):
+  """(h bf16[COLS, COLS], post): the +-1 matrix (identity for block 0) that the tiles are
+  multiplied by on the tensor cores, and the 1/sqrt(block) that normalizes it (None for 0)."""
+  post = np.float32(1.0 / math.sqrt(block)) if block else None
+  return jnp.asarray(_rotation(block), jnp.bfloat16), post
+
+
+def bf16_tile_transforms():
+  """SMEM tiling + 128-byte swizzle of the bf16 [ROWS, COLS] x tiles and the rotation matrix."""
+  return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def load_rotation(h_g, h_s, bar):
+  """Copies the rotation matrix into SMEM and waits for it (inside a kernel)."""
+  plgpu.copy_gmem_to_smem(h_g, h_s, bar)
+  plgpu.barrier_wait(bar)
+
+
+def rotate_tile(x_s, h_s, post):
+  """f32[ROWS, COLS]: the bf16 x tile in SMEM times h on the tensor cores, times post."""
+  def mm(acc_ref):
+    plgpu.wgmma(acc_ref, x_s, h_s)
+    return acc_ref[...]
+  y = pl.run_scoped(mm, plgpu.ACC((ROWS, COLS), jnp.float32))
+  return y * post if post is not None else y
+
+
+def row_tiles_spec():
+  """The pipeline's [ROWS, COLS] block over a row block's K tiles."""
+  return plgpu.BlockSpec((ROWS, COLS), lambda kk: (0, kk), transforms=bf16_tile_transforms())
+
+
+def rotated_row_amax(x_rows, h_s, post, nk: int, steps: int):
+  """Streams one [ROWS, K] row block of x (gmem) and returns, per row, max |x h| * post and a
+  non-finite flag (1 when the rotated row holds NaN or +-inf), f32[ROWS] each."""
+  def body(_, x_s, carry):
+    amax, bad = carry
+    y = jnp.abs(rotate_tile(x_s, h_s, post))
+    # Non-finite rows get a NaN scale, as formats' quantizers give them. The flag does not
+    # rely on max propagating NaN (max.NaN on the GPU, but XLA:CPU's row max, which runs the
+    # interpreter, drops it): |y| < inf is false for NaN and +-inf alike.
+    nonfinite = jnp.where(y < jnp.float32(jnp.inf), jnp.float32(0.0), jnp.float32(1.0))
+    return jnp.maximum(amax, y.max(axis=1)), jnp.maximum(bad, nonfinite.max(axis=1))
+
+  zeros = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+  return plgpu.emit_pipeline(body, grid=(nk,), in_specs=[row_tiles_spec()],
+                             max_concurrent_steps=steps, init_carry=(zeros, zeros))(x_rows)
+
+
 def supported(x: jax.Array, config: QuantMgpuConfig) -> bool:
   return (x.ndim == 2 and x.dtype == jnp.bfloat16 and x.shape[1] % COLS == 0
           and x.shape[0] % 8 == 0 and config.hadamard_block in (0, COLS))
@@ -56,38 +105,14 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
                      f"and hadamard_block in (0, {COLS}); got {x.dtype} {x.shape}, {config}")
   m, k = x.shape
   nk = k // COLS
-  post = np.float32(1.0 / math.sqrt(config.hadamard_block)) if config.hadamard_block else None
-  h = jnp.asarray(_rotation(config.hadamard_block), jnp.bfloat16)
-  bf16_tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  h, post = rotation_operands(config.hadamard_block)
   s8_tr = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
   steps = min(config.max_concurrent_steps, nk)
 
   def int8_quant_kernel(x_g, h_g, q_g, s_g, h_s, s_s, q_s, bar):
     row0 = lax.axis_index("rows") * ROWS
-    plgpu.copy_gmem_to_smem(h_g, h_s, bar)
-    plgpu.barrier_wait(bar)
-
-    def rotate(x_s):
-      def mm(acc_ref):
-        plgpu.wgmma(acc_ref, x_s, h_s)
-        return acc_ref[...]
-      y = pl.run_scoped(mm, plgpu.ACC((ROWS, COLS), jnp.float32))
-      return y * post if post is not None else y
-
-    def pass1(_, x_s, carry):
-      amax, bad = carry
-      y = jnp.abs(rotate(x_s))
-      # Non-finite rows get a NaN scale, as formats.quantize_int8 gives them. The flag does not
-      # rely on max propagating NaN (max.NaN on the GPU, but XLA:CPU's row max, which runs the
-      # interpreter, drops it): |y| < inf is false for NaN and +-inf alike.
-      nonfinite = jnp.where(y < jnp.float32(jnp.inf), jnp.float32(0.0), jnp.float32(1.0))
-      return jnp.maximum(amax, y.max(axis=1)), jnp.maximum(bad, nonfinite.max(axis=1))
-
-    zeros = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    spec = plgpu.BlockSpec((ROWS, COLS), lambda kk: (0, kk), transforms=bf16_tr)
-    amax, bad = plgpu.emit_pipeline(pass1, grid=(nk,), in_specs=[spec],
-                                    max_concurrent_steps=steps,
-                                    init_carry=(zeros, zeros))(x_g.at[pl.ds(row0, ROWS)])
+    load_rotation(h_g, h_s, bar)
+    amax, bad = rotated_row_amax(x_g.at[pl.ds(row0, ROWS)], h_s, post, nk, steps)
     scale = jnp.where(amax == 0, jnp.float32(1.0), amax / jnp.float32(127.0))
     scale = jnp.where(bad == 0, scale, jnp.float32(jnp.nan))
     s_s[...] = scale
@@ -96,7 +121,7 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
 
     def pass2(idx, x_s):
       (kb,) = idx
-      y = rotate(x_s) / lax.broadcast_in_dim(scale, (ROWS, COLS), [0])
+      y = rotate_tile(x_s, h_s, post) / lax.broadcast_in_dim(scale, (ROWS, COLS), [0])
       q = jnp.clip(jnp.round(y), -127.0, 127.0)
       # A NaN scale makes the whole row 0, as in formats.quantize_int8 (the scale carries the
       # poison); not left to the float -> int8 conversion, whose NaN result is backend-defined.
@@ -107,7 +132,7 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_s.at[slot], q_g.at[pl.ds(row0, ROWS), pl.ds(kb * COLS, COLS)])
 
-    plgpu.emit_pipeline(pass2, grid=(nk,), in_specs=[spec],
+    plgpu.emit_pipeline(pass2, grid=(nk,), in_specs=[row_tiles_spec()],
                         max_concurrent_steps=steps)(x_g.at[pl.ds(row0, ROWS)])
     plgpu.wait_smem_to_gmem(0)
 
@@ -115,7 +140,7 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
       int8_quant_kernel,
       out_type=(jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32)),
       grid=(pl.cdiv(m, ROWS),), grid_names=("rows",),
-      scratch_types=[plgpu.SMEM((COLS, COLS), jnp.bfloat16, transforms=bf16_tr),
+      scratch_types=[plgpu.SMEM((COLS, COLS), jnp.bfloat16, transforms=bf16_tile_transforms()),
                      plgpu.SMEM((ROWS,), jnp.float32),
                      plgpu.SMEM((2, ROWS, COLS), jnp.int8, transforms=s8_tr), plgpu.Barrier()],
       interpret=interpret)

@@ -4,14 +4,15 @@
   v = formats.nvfp4_block_values(formats.quantize_nvfp4(rotate(x)))   e2m1 * f32(s), exact in bf16
   g = the tensor scale, applied by the matmul's epilogue
 
-Kernel 1 (`_row_amax`): one CTA per 64 rows streams x, rotates each 64 x 128 tile on the
-tensor cores (the +-1 matrix, or the identity: exact) and keeps the per-row absmax of the
-f32 result; XLA reduces the rows to g exactly as formats.nvfp4_global_scale. Kernel 2
-(`_qdq`): streams x again, rotates the same way (bit-identical y), takes each 16-element
-block's absmax in registers (two registers and a quad of lanes: 2 shuffles, inline Mosaic
-GPU), and applies formats.quantize_nvfp4's arithmetic elementwise: s = e4m3(min(amax / (6 g),
-448)), q = y / (f32(s) g) (true division, as formats.exact_div), e2m1 round-half-even by the
-formats thresholds, v = e2m1 * f32(s) -> bf16, written by TMA. HBM: 2 reads + 1 write of bf16.
+Kernel 1 (`amax_kernel`, the INT8 quantizer's pass 1: int8_quant_mgpu.rotated_row_amax): one
+CTA per 64 rows streams x, rotates each 64 x 128 tile on the tensor cores (the +-1 matrix, or
+the identity: exact) and keeps the per-row absmax of the f32 result; XLA reduces the rows to g
+exactly as formats.nvfp4_global_scale. Kernel 2 (`qdq_kernel`): streams x again, rotates the
+same way (bit-identical y), takes each 16-element block's absmax in registers (two registers
+and a quad of lanes: 2 shuffles, inline Mosaic GPU), and applies formats.quantize_nvfp4's
+arithmetic elementwise: s = e4m3(min(amax / (6 g), 448)), q = y / (f32(s) g) (true division, as
+formats.exact_div), e2m1 round-half-even by the formats thresholds, v = e2m1 * f32(s) -> bf16,
+written by TMA. HBM: 2 reads + 1 write of bf16.
 `quantize_qdq_xla` is the same function as one XLA fusion chain (any shape or dtype).
 
 W4A4 on Hopper multiplies bf16 anyway (no FP4 tensor cores), so the matmul can take the
@@ -28,7 +29,6 @@ equal to formats.hadamard up to f32 summation order.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,9 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from mpqjax import formats
 from pallas_kernels import int8_quant
-from pallas_kernels.int8_quant_mgpu import COLS, ROWS, _rotation
+from pallas_kernels.int8_quant_mgpu import (COLS, ROWS, bf16_tile_transforms, load_rotation,
+                                            rotate_tile, rotated_row_amax, rotation_operands,
+                                            row_tiles_spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,38 +158,14 @@ def quantize_qdq_mgpu(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig(
     return v[:m], g
   nk = k // COLS
   interp = interpret is not None
-  post = np.float32(1.0 / math.sqrt(config.hadamard_block)) if config.hadamard_block else None
-  h = jnp.asarray(_rotation(config.hadamard_block), jnp.bfloat16)
-  bf16_tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  h, post = rotation_operands(config.hadamard_block)
+  bf16_tr = bf16_tile_transforms()
   steps = min(config.max_concurrent_steps, nk)
-  spec = plgpu.BlockSpec((ROWS, COLS), lambda kk: (0, kk), transforms=bf16_tr)
-  row_layout = plgpu.Layout.WGMMA.reduce(1)
-
-  def load_h(h_g, h_s, bar):
-    plgpu.copy_gmem_to_smem(h_g, h_s, bar)
-    plgpu.barrier_wait(bar)
-
-  def rotate(x_s, h_s):
-    def mm(acc_ref):
-      plgpu.wgmma(acc_ref, x_s, h_s)
-      return acc_ref[...]
-    y = pl.run_scoped(mm, plgpu.ACC((ROWS, COLS), jnp.float32))
-    return y * post if post is not None else y
 
   def amax_kernel(x_g, h_g, amax_g, bad_g, h_s, r_s, bar):
     row0 = lax.axis_index("rows") * ROWS
-    load_h(h_g, h_s, bar)
-
-    def body(_, x_s, carry):
-      amax, bad = carry
-      y = jnp.abs(rotate(x_s, h_s))
-      nonfinite = jnp.where(y < jnp.float32(jnp.inf), jnp.float32(0.0), jnp.float32(1.0))
-      return jnp.maximum(amax, y.max(axis=1)), jnp.maximum(bad, nonfinite.max(axis=1))
-
-    zeros = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout)
-    amax, bad = plgpu.emit_pipeline(body, grid=(nk,), in_specs=[spec],
-                                    max_concurrent_steps=steps,
-                                    init_carry=(zeros, zeros))(x_g.at[pl.ds(row0, ROWS)])
+    load_rotation(h_g, h_s, bar)
+    amax, bad = rotated_row_amax(x_g.at[pl.ds(row0, ROWS)], h_s, post, nk, steps)
     for val, dst in ((amax, amax_g), (bad, bad_g)):
       r_s[...] = val
       plgpu.commit_smem()
@@ -211,12 +189,12 @@ def quantize_qdq_mgpu(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig(
 
   def qdq_kernel(x_g, h_g, g_g, v_g, h_s, v_s, bar):
     row0 = lax.axis_index("rows") * ROWS
-    load_h(h_g, h_s, bar)
+    load_rotation(h_g, h_s, bar)
     gs, six_g = g_g[0], g_g[1]
 
     def body(idx, x_s):
       (kb,) = idx
-      y = rotate(x_s, h_s)
+      y = rotate_tile(x_s, h_s, post)
       bam = _block_amax(jnp.abs(y), interp)
       s = jnp.minimum(bam / six_g, np.float32(formats.E4M3_MAX))
       s32 = s.astype(jnp.float8_e4m3fn).astype(jnp.float32)
@@ -229,7 +207,7 @@ def quantize_qdq_mgpu(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig(
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(v_s.at[slot], v_g.at[pl.ds(row0, ROWS), pl.ds(kb * COLS, COLS)])
 
-    plgpu.emit_pipeline(body, grid=(nk,), in_specs=[spec],
+    plgpu.emit_pipeline(body, grid=(nk,), in_specs=[row_tiles_spec()],
                         max_concurrent_steps=steps)(x_g.at[pl.ds(row0, ROWS)])
     plgpu.wait_smem_to_gmem(0)
 
