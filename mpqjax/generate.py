@@ -303,9 +303,10 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
              tdc_threshold: float = DEFAULT_TDC_THRESHOLD,
              tdc_error_bound: float = DEFAULT_TDC_ERROR_BOUND,
              tdc_max_skips: int = DEFAULT_TDC_MAX_SKIPS, tdc_warmup: int | None = None,
-             tdc_cache: str = "bf16", outlier_threshold: float | None = None, collect_stats: bool = False,
-             implementation: str | None = None, attention_precision: str = "bf16",
-             attention_blocks=None, attention_edge_steps: int = DEFAULT_ATTENTION_EDGE_STEPS,
+             tdc_cache: str = "bf16", outlier_threshold: float | None = None,
+             collect_stats: bool = False, implementation: str | None = None,
+             attention_precision: str = "bf16", attention_blocks=None,
+             attention_edge_steps: int = DEFAULT_ATTENTION_EDGE_STEPS,
              on_step=None) -> GenerateResult:
   """Run the method end to end on `model` (anything with .config and .params).
 
