@@ -28,8 +28,9 @@ the DMPQ predictor's and TDC's decisions meaningless, so the schedule is fixed a
     ratio 25 of the random-weight activations).
   * TDC: τ_tdc = B = 1e9 (always stable), warm-up W and N_max chosen so that every block skips
     the number of steps that gives the demo model's skip ratio (skip, compute, skip, ... from
-    step W to S − 2 with N_max = 1; skip, skip, compute, ... with N_max = 2 above ~48%). The demo numbers come from `demo-schedule` (the shipped toy model with its
-    shipped calibration and generate's defaults, on the CPU).
+    step W to S − 2 with N_max = 1; skip, skip, compute, ... with N_max = 2 above ~48%). The
+    demo numbers come from `demo-schedule` (the shipped toy model with its shipped
+    calibration and generate's defaults, on the CPU).
 Timing: compile time is the trace + lowering + XLA compile of a program's first call
 (jax.monitoring). A --steps run (bf16 and mixed+TDC at 50 steps) is the first call of its
 program: its latency is that call's wall time minus its compile time (generate returns host
@@ -252,15 +253,14 @@ def tdc_schedule(skip_ratio: float, steps: int) -> dict:
   while k fits in that pattern, else N_max = 2 (skip, skip, compute, ...), and the latest
   warm-up W that gives k skips before the last step. k is capped at what N_max = 2 allows."""
   k = max(1, int(round(skip_ratio * steps))) if skip_ratio > 0 else 0
+  stable = {"tdc": True, "tdc_threshold": 1e9, "tdc_error_bound": 1e9}
   if k == 0:
-    return {"tdc": True, "tdc_threshold": 1e9, "tdc_error_bound": 1e9, "tdc_max_skips": 1,
-            "tdc_warmup": steps, "skips_per_block": 0}
+    return {**stable, "tdc_max_skips": 1, "tdc_warmup": steps, "skips_per_block": 0}
   k = min(k, planned_skips(steps, 1, 2))  # step 0 always computes (no delta yet)
   for n_max in (1, 2):
     for w in range(steps - 1, 0, -1):
       if planned_skips(steps, w, n_max) == k:
-        return {"tdc": True, "tdc_threshold": 1e9, "tdc_error_bound": 1e9,
-                "tdc_max_skips": n_max, "tdc_warmup": w, "skips_per_block": k}
+        return {**stable, "tdc_max_skips": n_max, "tdc_warmup": w, "skips_per_block": k}
   raise AssertionError(f"no schedule for {k} skips in {steps} steps")
 
 
