@@ -76,7 +76,8 @@ def test_int8_tdc_cache(model, text):
   stream_bytes = np.dtype(model.params["patch_embed"]["text_proj"]["weight"].dtype).itemsize
   assert bf.summary["tdc_cache_bytes"] == CFG.num_layers * tokens * width * stream_bytes
   assert q.summary["tdc_cache_bytes"] == CFG.num_layers * tokens * (width + 4)
-  with pytest.raises(Exception, match="tdc_cache"):
+  from mpqjax.errors import UserInputError
+  with pytest.raises(UserInputError, match="tdc_cache"):
     _run(model, text, precision="mixed", tdc_cache="fp4")
 
 
