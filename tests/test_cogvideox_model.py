@@ -73,11 +73,14 @@ def test_quantized_modes_traced_and_outlier_rule(setup):
   h_bf, _, _ = f(p0, jnp.full(8, Mode.BF16, jnp.int32), jnp.float32(jnp.inf))
   np.testing.assert_array_equal(h_thr, h_bf)
   assert not np.array_equal(h_nv, h_bf)
-  # threshold between the ratios selects exactly the linears above it
-  r = np.asarray(aux["outlier_ratio"])
-  thr = np.float32(np.median(r))
+  # threshold between the ratios selects exactly the linears whose input ratio is above it. The
+  # ratios are this run's: a linear forced to BF16 changes the inputs of the linears after it
+  # (to_q/k/v -> attention -> to_out), so the first run's ratios need not hold here.
+  thr = np.float32(np.median(np.asarray(aux["outlier_ratio"])))
   _, _, aux3 = f(p0, modes, thr)
-  np.testing.assert_array_equal(aux3["modes"], np.where(r > thr, Mode.BF16, used))
+  r3 = np.asarray(aux3["outlier_ratio"])
+  assert (r3 > thr).any() and (r3 <= thr).any(), (r3, thr)
+  np.testing.assert_array_equal(aux3["modes"], np.where(r3 > thr, Mode.BF16, used))
 
 
 def test_quantized_forward_close_to_float(setup):
