@@ -39,14 +39,45 @@ accuracy = testing.cosine_and_rel_l1
 
 
 def time_fn(fn, args, reps):
-  out = fn(*args)
-  out.block_until_ready()
+  import jax
+  jax.block_until_ready(fn(*args))
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
-    fn(*args).block_until_ready()
+    jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
   return statistics.median(times), times
+
+
+def prepass_variants(A, am, q, k, v):
+  """The INT8 API's work around the kernel (fp8 PV): the whole pre-pass (quantize_operands +
+  prepare_vt), its Q, K and V parts alone, and the output post-pass (crop, V scale)."""
+  import jax.numpy as jnp
+  t = q.shape[1]
+  mult = max(A.SEQ_MULTIPLE, A.BLOCK_KV)  # as quantize_operands pads
+  t_p = -(-t // mult) * mult
+
+  def full(q, k, v):
+    ops = A.quantize_operands(q, k, v)
+    return ops._replace(v8=am.prepare_vt(ops.v8))
+
+  def q_part(q):
+    return A._quantize_int8_blocks(A._pad_seq(A._rotate(q), t_p), A.BLOCK_Q)
+
+  def k_part(k):  # the pre-pass with Q and V left out by the compiler
+    ops = A.quantize_operands(k, k, k)
+    return ops.k8, ops.k_scale
+
+  def v_part(v):
+    ops = A.quantize_operands(v, v, v)
+    return am.prepare_vt(ops.v8), ops.v_scale
+
+  o = jnp.pad(q, ((0, 0), (0, t_p - t), (0, 0), (0, 0)))
+  v_scale = jnp.ones((q.shape[0], q.shape[2], q.shape[3]), jnp.float32)
+  post = lambda o, s: (o[:, :t].astype(jnp.float32) * s[:, None]).astype(q.dtype)
+  return {"int8_prepass": (full, (q, k, v)), "int8_prepass_q": (q_part, (q,)),
+          "int8_prepass_k": (k_part, (k,)), "int8_prepass_v": (v_part, (v,)),
+          "int8_postpass": (post, (o, v_scale))}
 
 
 def main(argv=None) -> int:
@@ -59,7 +90,8 @@ def main(argv=None) -> int:
                   help="only the accuracy check (runs on CPU: xla rows; the others report errors)")
   ap.add_argument("--variants", default="",
                   help="comma-separated substrings: time only the variants whose name contains "
-                       "one (cudnn_bf16, the baseline, always runs); default all")
+                       "one, or is equal to one given as =NAME (cudnn_bf16, the baseline, always "
+                       "runs); default all")
   args = ap.parse_args(argv)
 
   import jax
@@ -146,6 +178,7 @@ def main(argv=None) -> int:
         "mosaic_int8_pv_bf16": (lambda q, k, v: A.attention(
             q, k, v, precision="int8", implementation="mosaic", int8_pv="bf16"), (q, k, v)),
     }
+    variants.update(prepass_variants(A, am, q, k, v))
     # Kernel alone on pre-padded / pre-quantized operands, per block_kv (256 x 128 bf16 K+V
     # tiles do not fit SMEM at D = 128).
     for bkv in (128, 256):
@@ -177,7 +210,8 @@ def main(argv=None) -> int:
     wanted = [w for w in args.variants.split(",") if w]
     if wanted:
       variants = {n: f for n, f in variants.items()
-                  if n == "cudnn_bf16" or any(w in n for w in wanted)}
+                  if n == "cudnn_bf16" or any(n == w[1:] if w.startswith("=") else w in n
+                                              for w in wanted)}
     row = {"shape_name": name, "B": b, "T": t, "H": h, "D": d, "flops": flops}
     for vname, (fn, fargs) in variants.items():
       try:

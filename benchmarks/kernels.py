@@ -67,10 +67,12 @@ def shapes(quick: bool, small_ms=(64, 256)):
   return out
 
 
-def select(all_shapes, max_m: int | None, min_m: int | None):
-  """--max-m / --min-m filters (e.g. --max-m 256 for the memory-bound shapes alone)."""
+def select(all_shapes, max_m: int | None, min_m: int | None, names: str | None = None):
+  """--max-m / --min-m filters (e.g. --max-m 256 for the memory-bound shapes alone), and
+  --shapes (comma-separated shape names, e.g. "8192^3,2B K1920 N1920")."""
+  keep = None if not names else {v.strip() for v in names.split(",")}
   return [s for s in all_shapes if (max_m is None or s[1] <= max_m)
-          and (min_m is None or s[1] >= min_m)]
+          and (min_m is None or s[1] >= min_m) and (keep is None or s[0] in keep)]
 
 
 def tune_configs(m: int, n: int, k: int):
@@ -179,6 +181,11 @@ def nvfp4_rows(args, name, m, k, n, probs, p0, row, bench):
   bench("quant_nvfp4_qdq_had_xla", lambda x: nvfp4_quant.quantize_qdq_xla(x, qc),
         lambda p: (p["x"],))
   bench("quant_nvfp4_qdq", lambda x: nvfp4_quant.quantize_qdq(x), lambda p: (p["x"],))
+  if tune and m >= 1024:
+    for st in QUANT_STEPS:
+      qs = dataclasses.replace(qc, max_concurrent_steps=st)
+      bench(f"quant_nvfp4_qdq_had[steps{st}]", lambda x, qs=qs: nvfp4_quant.quantize_qdq(x, qs),
+            lambda p: (p["x"],))
   try:  # the Mosaic QDQ against the XLA fusion: equal up to the rotation's summation order
     a = jax.jit(lambda x: nvfp4_quant.quantize_qdq(x, qc))(p0["x"])
     b = jax.jit(lambda x: nvfp4_quant.quantize_qdq_xla(x, qc))(p0["x"])
@@ -212,6 +219,19 @@ def nvfp4_rows(args, name, m, k, n, probs, p0, row, bench):
     row["errors"]["nvfp4_vs_gpu_xla"] = f"{type(e).__name__}: {str(e)[:400]}"
 
 
+QUANT_STEPS = (2, 3, 4)  # --tune: the Mosaic quantizers (Hadamard) per pipeline depth
+
+
+def quant_variants(bench):
+  """INT8 quantizer per stage count (the default picks by K), and its pass 1 alone (amax)."""
+  for st in QUANT_STEPS:
+    qc = int8_quant_mgpu.QuantMgpuConfig(128, max_concurrent_steps=st)
+    bench(f"quant_mgpu_had[steps{st}]", lambda x, qc=qc: int8_quant_mgpu.quantize_rows_mgpu(x, qc),
+          lambda p: (p["x"],))
+  bench("quant_mgpu_had[amax]", lambda x: int8_quant_mgpu.row_amax_mgpu(x, 128),
+        lambda p: (p["x"],))
+
+
 def bf16_dot(x, w):
   return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
 
@@ -235,7 +255,7 @@ def run(args, out_dir=None) -> dict:
              suffix=getattr(args, "suffix", ""))
   small_ms = tuple(int(v) for v in getattr(args, "small_ms", "64,256").split(",") if v)
   for (name, m, k, n) in select(shapes(args.quick, small_ms), getattr(args, "max_m", None),
-                                getattr(args, "min_m", None)):
+                                getattr(args, "min_m", None), getattr(args, "shapes", None)):
     flops = 2.0 * m * n * k
     wbytes = n * k * 2
     n_sets = 1 if m >= 1024 else max(1, min(6, math.ceil(2 * L2_BYTES / wbytes)))
@@ -291,6 +311,8 @@ def run(args, out_dir=None) -> dict:
           except Exception as e:
             row["errors"][key + "_check"] = f"{type(e).__name__}: {str(e)[:400]}"
         del want
+      if args.tune and m >= 1024:
+        quant_variants(bench)
       # kernel alone, per config
       tune = args.tune and (args.tune_all or (name, m) in TUNE_SHAPES)
       cfgs = tune_configs(m, n, k) if tune else [w8a8.pick_config(m, n, k, sms)]
@@ -350,7 +372,7 @@ def run(args, out_dir=None) -> dict:
       row["tflops"] = {key: flops / v / 1e9 for key, v in t.items()}
       row["vs_bf16"] = {key: t["xla_bf16"] / v for key, v in t.items()}
     results.append(row)
-    del probs, p0
+    probs = p0 = None  # free this shape's buffers before the next (bench closes over probs)
     if out_dir:
       write_json(res, out_dir)
   return res
@@ -411,6 +433,8 @@ def main(argv=None) -> int:
   ap.add_argument("--only", choices=("all", "int8", "nvfp4"), default="all",
                   help="kernel family to time (nvfp4: issue 7's W4A16/W4A4 rows)")
   ap.add_argument("--small-ms", default="64,256", help="comma-separated small M values")
+  ap.add_argument("--shapes", default=None,
+                  help='comma-separated shape names to keep, e.g. "8192^3,2B K1920 N1920"')
   ap.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
   args = ap.parse_args(argv)
   if jax.default_backend() != "gpu":

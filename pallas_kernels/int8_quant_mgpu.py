@@ -4,8 +4,9 @@
 
 Same function as int8_quant.quantize_rows (reference: int8_quant.reference). One CTA per
 64-row block, one warpgroup. The rotation runs on the tensor cores: each 64 x 128 bf16
-tile of x is multiplied by the +-1 Sylvester matrix (or the identity when there is no
-Hadamard, which just moves the tile into registers as exact f32) with f32 accumulation.
+tile of x is multiplied by the +-1 Sylvester matrix, as two 64-wide halves against the
+64-block matrix (`rotate_tile`), or by the identity when there is no Hadamard (which just
+moves the tile into registers as exact f32), with f32 accumulation.
 Pass 1 streams the row block and keeps the running per-row absmax in registers; pass 2
 streams it again and writes round(y / scale) as int8 through TMA. The per-row absmax must
 be known before the first value can be cast, and a 64 x K row block does not fit in shared
@@ -25,6 +26,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels import int8_quant
+from pallas_kernels.w8a8_matmul import num_sms
 
 ROWS = 64   # one wgmma M tile
 COLS = 128  # one Hadamard block / one 128-byte int8 swizzle row
@@ -32,21 +34,34 @@ COLS = 128  # one Hadamard block / one 128-byte int8 swizzle row
 
 @dataclasses.dataclass(frozen=True)
 class QuantMgpuConfig:
-  hadamard_block: int = 0   # 0 or 128
-  max_concurrent_steps: int = 4
+  """hadamard_block: 0 or 128. max_concurrent_steps: pipeline stages per pass (None:
+  `pick_steps`)."""
+  hadamard_block: int = 0
+  max_concurrent_steps: int | None = None
+
+
+def pick_steps(m: int) -> int:
+  """2 stages when there are enough 64-row CTAs for 2+ per SM (a 2-stage CTA needs less shared
+  memory, so more of them fit: 6-9% faster at M = 35552 on an H200), else 4 (deeper pipelines
+  per CTA: 7% faster at M = 8192, 128 CTAs). NOTES.md, run 6."""
+  return 2 if pl.cdiv(m, ROWS) >= 2 * num_sms() else 4
+
+
+HALF = COLS // 2  # the rotation runs as two 64-wide wgmmas (see rotate_tile)
 
 
 def _rotation(block: int) -> np.ndarray:
   if block == 0:
-    return np.eye(COLS, dtype=np.float32)
+    return np.eye(HALF, dtype=np.float32)
   if block != COLS:
     raise ValueError(f"quantize_rows_mgpu supports hadamard_block 0 or {COLS}, got {block}")
-  return np.sign(np.asarray(int8_quant.formats.hadamard_matrix(block)))
+  return np.sign(np.asarray(int8_quant.formats.hadamard_matrix(HALF)))
 
 
 def rotation_operands(block: int):
-  """(h bf16[COLS, COLS], post): the +-1 matrix (identity for block 0) that the tiles are
-  multiplied by on the tensor cores, and the 1/sqrt(block) that normalizes it (None for 0)."""
+  """(h bf16[HALF, HALF], post): the +-1 64-block Sylvester matrix (the identity for block 0)
+  that rotate_tile multiplies by on the tensor cores, and the 1/sqrt(block) that normalizes
+  the 128-block rotation (None for block 0: no rotation)."""
   post = np.float32(1.0 / math.sqrt(block)) if block else None
   return jnp.asarray(_rotation(block), jnp.bfloat16), post
 
@@ -56,6 +71,11 @@ def bf16_tile_transforms():
   return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
+def rotation_smem():
+  """The scratch that holds the rotation matrix in a kernel."""
+  return plgpu.SMEM((HALF, HALF), jnp.bfloat16, transforms=bf16_tile_transforms())
+
+
 def load_rotation(h_g, h_s, bar):
   """Copies the rotation matrix into SMEM and waits for it (inside a kernel)."""
   plgpu.copy_gmem_to_smem(h_g, h_s, bar)
@@ -63,12 +83,23 @@ def load_rotation(h_g, h_s, bar):
 
 
 def rotate_tile(x_s, h_s, post):
-  """f32[ROWS, COLS]: the bf16 x tile in SMEM times h on the tensor cores, times post."""
-  def mm(acc_ref):
-    plgpu.wgmma(acc_ref, x_s, h_s)
-    return acc_ref[...]
-  y = pl.run_scoped(mm, plgpu.ACC((ROWS, COLS), jnp.float32))
-  return y * post if post is not None else y
+  """f32[ROWS, COLS]: the bf16 x tile in SMEM rotated on the tensor cores, times post.
+
+  The 128-block Sylvester matrix is [[H, H], [H, -H]] with H the 64-block one, so for the
+  column halves x0, x1 of the tile, x H128 = [x0 H + x1 H, x0 H - x1 H]: two 64-wide wgmmas
+  against the 8 KB H (half the tensor-core work and a quarter of the shared memory of one
+  against H128), then one f32 add per element. Without a rotation (post None) h is the
+  identity and the tile is [x0, x1], exact.
+  """
+  def mm(acc0, acc1):
+    plgpu.wgmma(acc0, x_s.at[:, pl.ds(0, HALF)], h_s)
+    plgpu.wgmma(acc1, x_s.at[:, pl.ds(HALF, HALF)], h_s)
+    return acc0[...], acc1[...]
+  acc = plgpu.ACC((ROWS, HALF), jnp.float32)
+  y0, y1 = pl.run_scoped(mm, acc, acc)
+  if post is None:
+    return jnp.concatenate([y0, y1], axis=1)
+  return jnp.concatenate([y0 + y1, y0 - y1], axis=1) * post
 
 
 def row_tiles_spec():
@@ -93,6 +124,34 @@ def rotated_row_amax(x_rows, h_s, post, nk: int, steps: int):
                              max_concurrent_steps=steps, init_carry=(zeros, zeros))(x_rows)
 
 
+def row_amax_mgpu(x: jax.Array, hadamard_block: int, max_concurrent_steps: int = 4,
+                  interpret=None):
+  """Pass 1 alone, one launch: x bf16[M, K] (M % 64 == 0, K % 128 == 0) -> (max |x h| * post,
+  non-finite flag), f32[M] each (the NVFP4 quantizer's first kernel)."""
+  m, k = x.shape
+  nk = k // COLS
+  h, post = rotation_operands(hadamard_block)
+  steps = min(max_concurrent_steps, nk)
+
+  def amax_kernel(x_g, h_g, amax_g, bad_g, h_s, r_s, bar):
+    row0 = lax.axis_index("rows") * ROWS
+    load_rotation(h_g, h_s, bar)
+    amax, bad = rotated_row_amax(x_g.at[pl.ds(row0, ROWS)], h_s, post, nk, steps)
+    for val, dst in ((amax, amax_g), (bad, bad_g)):
+      r_s[...] = val
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(r_s, dst.at[pl.ds(row0, ROWS)])
+      plgpu.wait_smem_to_gmem(0)
+
+  f = plgpu.kernel(
+      amax_kernel,
+      out_type=(jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((m,), jnp.float32)),
+      grid=(m // ROWS,), grid_names=("rows",),
+      scratch_types=[rotation_smem(), plgpu.SMEM((ROWS,), jnp.float32), plgpu.Barrier()],
+      interpret=interpret)
+  return f(x, h)
+
+
 def supported(x: jax.Array, config: QuantMgpuConfig) -> bool:
   return (x.ndim == 2 and x.dtype == jnp.bfloat16 and x.shape[1] % COLS == 0
           and x.shape[0] % 8 == 0 and config.hadamard_block in (0, COLS))
@@ -100,6 +159,7 @@ def supported(x: jax.Array, config: QuantMgpuConfig) -> bool:
 
 def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig(),
                        interpret=None):
+  """x bf16[M, K] -> (s8[M, K], f32[M, 1] scales)."""
   if not supported(x, config):
     raise ValueError(f"quantize_rows_mgpu needs bf16 [M, K] with K % {COLS} == 0, M % 8 == 0 "
                      f"and hadamard_block in (0, {COLS}); got {x.dtype} {x.shape}, {config}")
@@ -107,7 +167,7 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
   nk = k // COLS
   h, post = rotation_operands(config.hadamard_block)
   s8_tr = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
-  steps = min(config.max_concurrent_steps, nk)
+  steps = min(config.max_concurrent_steps or pick_steps(m), nk)
 
   def int8_quant_kernel(x_g, h_g, q_g, s_g, h_s, s_s, q_s, bar):
     row0 = lax.axis_index("rows") * ROWS
@@ -140,8 +200,7 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
       int8_quant_kernel,
       out_type=(jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32)),
       grid=(pl.cdiv(m, ROWS),), grid_names=("rows",),
-      scratch_types=[plgpu.SMEM((COLS, COLS), jnp.bfloat16, transforms=bf16_tile_transforms()),
-                     plgpu.SMEM((ROWS,), jnp.float32),
+      scratch_types=[rotation_smem(), plgpu.SMEM((ROWS,), jnp.float32),
                      plgpu.SMEM((2, ROWS, COLS), jnp.int8, transforms=s8_tr), plgpu.Barrier()],
       interpret=interpret)
   q, s = f(x, h)

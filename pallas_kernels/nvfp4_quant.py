@@ -4,7 +4,7 @@
   v = formats.nvfp4_block_values(formats.quantize_nvfp4(rotate(x)))   e2m1 * f32(s), exact in bf16
   g = the tensor scale, applied by the matmul's epilogue
 
-Kernel 1 (`amax_kernel`, the INT8 quantizer's pass 1: int8_quant_mgpu.rotated_row_amax): one
+Kernel 1 (int8_quant_mgpu.row_amax_mgpu, the INT8 quantizer's pass 1 alone): one
 CTA per 64 rows streams x, rotates each 64 x 128 tile on the tensor cores (the +-1 matrix, or
 the identity: exact) and keeps the per-row absmax of the f32 result; XLA reduces the rows to g
 exactly as formats.nvfp4_global_scale. Kernel 2 (`qdq_kernel`): streams x again, rotates the
@@ -40,8 +40,8 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 from mpqjax import formats
 from pallas_kernels import int8_quant
 from pallas_kernels.int8_quant_mgpu import (COLS, ROWS, bf16_tile_transforms, load_rotation,
-                                            rotate_tile, rotated_row_amax, rotation_operands,
-                                            row_tiles_spec)
+                                            rotate_tile, rotation_operands, rotation_smem,
+                                            row_amax_mgpu, row_tiles_spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,24 +162,8 @@ def quantize_qdq_mgpu(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig(
   bf16_tr = bf16_tile_transforms()
   steps = min(config.max_concurrent_steps, nk)
 
-  def amax_kernel(x_g, h_g, amax_g, bad_g, h_s, r_s, bar):
-    row0 = lax.axis_index("rows") * ROWS
-    load_rotation(h_g, h_s, bar)
-    amax, bad = rotated_row_amax(x_g.at[pl.ds(row0, ROWS)], h_s, post, nk, steps)
-    for val, dst in ((amax, amax_g), (bad, bad_g)):
-      r_s[...] = val
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(r_s, dst.at[pl.ds(row0, ROWS)])
-      plgpu.wait_smem_to_gmem(0)
-
-  amax_f = plgpu.kernel(
-      amax_kernel,
-      out_type=(jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((m,), jnp.float32)),
-      grid=(m // ROWS,), grid_names=("rows",),
-      scratch_types=[plgpu.SMEM((COLS, COLS), jnp.bfloat16, transforms=bf16_tr),
-                     plgpu.SMEM((ROWS,), jnp.float32), plgpu.Barrier()],
-      interpret=interpret)
-  row_amax, row_bad = amax_f(x, h)
+  row_amax, row_bad = row_amax_mgpu(x, config.hadamard_block, config.max_concurrent_steps,
+                                    interpret)
   # formats.nvfp4_global_scale on the kernel's per-row absmax
   amax = jnp.max(row_amax)
   g = formats.exact_div(amax, jnp.float32(formats.E2M1_MAX * formats.E4M3_MAX))
@@ -214,7 +198,7 @@ def quantize_qdq_mgpu(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig(
   qdq_f = plgpu.kernel(
       qdq_kernel, out_type=jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
       grid=(m // ROWS,), grid_names=("rows",),
-      scratch_types=[plgpu.SMEM((COLS, COLS), jnp.bfloat16, transforms=bf16_tr),
+      scratch_types=[rotation_smem(),
                      plgpu.SMEM((2, ROWS, COLS), jnp.bfloat16, transforms=bf16_tr),
                      plgpu.Barrier()],
       interpret=interpret)

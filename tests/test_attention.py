@@ -114,6 +114,18 @@ def test_quantize_operands():
                              atol=float(np.max(ops.v_scale)) * 2.0 ** -10)
 
 
+@pytest.mark.parametrize("d", [128, 96, 3])
+def test_rotate_is_the_block_hadamard_product(d):
+  """_rotate is x times blockdiag(+-1 Sylvester H) of rotation_block(D), up to f32 rounding
+  of the partial sums."""
+  x = jnp.asarray(np.random.default_rng(d).standard_normal((2, 7, 3, d)), jnp.bfloat16)
+  b = A.rotation_block(d)
+  h = np.sign(np.asarray(formats.hadamard_matrix(b), np.float64)) if b > 1 else np.ones((1, 1))
+  want = (np.asarray(x, np.float64).reshape(2, 7, 3, d // b, b) @ h).reshape(x.shape)
+  np.testing.assert_allclose(np.asarray(A._rotate(x), np.float64), want,
+                             rtol=0, atol=2.0 ** -21 * np.abs(want).max())
+
+
 def test_attention_switch_picks_the_branch():
   q, k, v = _inputs(5, (1, 40, 2, 64))
   f = jax.jit(functools.partial(A.attention_switch, implementation="xla"))
