@@ -51,14 +51,15 @@ def time_fn(fn, args, reps):
 
 def prepass_variants(A, am, q, k, v):
   """The INT8 API's work around the kernel (fp8 PV): the whole pre-pass (quantize_operands +
-  prepare_vt), its Q, K and V parts alone, and the output post-pass (crop, V scale)."""
+  prepare_vt; also with the Mosaic Q/K pre-pass kernel), its Q, K and V parts alone (XLA), and
+  the output post-pass (crop, V scale)."""
   import jax.numpy as jnp
   t = q.shape[1]
   mult = max(A.SEQ_MULTIPLE, A.BLOCK_KV)  # as quantize_operands pads
   t_p = -(-t // mult) * mult
 
-  def full(q, k, v):
-    ops = A.quantize_operands(q, k, v)
+  def full(q, k, v, prepass="xla"):
+    ops = A.quantize_operands(q, k, v, prepass=prepass)
     return ops._replace(v8=am.prepare_vt(ops.v8))
 
   def q_part(q):
@@ -75,7 +76,9 @@ def prepass_variants(A, am, q, k, v):
   o = jnp.pad(q, ((0, 0), (0, t_p - t), (0, 0), (0, 0)))
   v_scale = jnp.ones((q.shape[0], q.shape[2], q.shape[3]), jnp.float32)
   post = lambda o, s: (o[:, :t].astype(jnp.float32) * s[:, None]).astype(q.dtype)
-  return {"int8_prepass": (full, (q, k, v)), "int8_prepass_q": (q_part, (q,)),
+  return {"int8_prepass": (full, (q, k, v)),
+          "int8_prepass_mosaic": (functools.partial(full, prepass="mosaic"), (q, k, v)),
+          "int8_prepass_q": (q_part, (q,)),
           "int8_prepass_k": (k_part, (k,)), "int8_prepass_v": (v_part, (v,)),
           "int8_postpass": (post, (o, v_scale))}
 
@@ -175,6 +178,8 @@ def main(argv=None) -> int:
         "mosaic_bf16": (lambda q, k, v: A.attention(q, k, v, implementation="mosaic"), (q, k, v)),
         "mosaic_int8": (lambda q, k, v: A.attention(q, k, v, precision="int8",
                                                     implementation="mosaic"), (q, k, v)),
+        "mosaic_int8_prepass_mosaic": (lambda q, k, v: A._int8_mosaic(q, k, v, prepass="mosaic"),
+                                       (q, k, v)),
         "mosaic_int8_pv_bf16": (lambda q, k, v: A.attention(
             q, k, v, precision="int8", implementation="mosaic", int8_pv="bf16"), (q, k, v)),
     }

@@ -62,6 +62,7 @@ def main(argv=None) -> int:
                        tdc_error_bound=1e9, tdc_warmup=2),
   }
   results = {}
+  gammas = None  # Γ of the int8 run, which comes before the modes with tau="median"
   for name, kw in modes.items():
     kw = dict(kw)
     if kw.get("tau") == "median":

@@ -132,22 +132,59 @@ def _rotate(x: jax.Array) -> jax.Array:
 
 
 def _quantize_int8_blocks(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-  """x f32 [B, Tp, H, D] -> (s8 [B, Tp, H, D], scale f32 [B, H, Tp/block]), symmetric per block."""
+  """x f32 [B, Tp, H, D] -> (s8 [B, Tp, H, D], scale f32 [B, H, Tp/block]), symmetric per block:
+  scale = max(amax, 1e-30) * (1/127), q = round(x * (1/scale)). The reciprocals are spelled out
+  so that XLA (which rewrites divisions by constants and broadcasts) and the Mosaic pre-pass
+  kernel compute the same values."""
   b, t, h, d = x.shape
   xb = x.reshape(b, t // block, block, h, d)
   amax = jnp.max(jnp.abs(xb), axis=(2, 4))  # [B, nb, H]
-  scale = jnp.maximum(amax, 1e-30) / 127.0
-  q = jnp.round(xb / scale[:, :, None, :, None]).clip(-127, 127).astype(jnp.int8)
+  scale = jnp.maximum(amax, 1e-30) * np.float32(1.0 / 127.0)
+  inv = 1.0 / scale
+  q = jnp.round(xb * inv[:, :, None, :, None]).clip(-127, 127).astype(jnp.int8)
   return q.reshape(b, t, h, d), jnp.moveaxis(scale, 1, 2)
 
 
+def quantize_blocks_xla(x: jax.Array, center: jax.Array | None, *, block_rows: int,
+                        t_pad: int) -> tuple[jax.Array, jax.Array]:
+  """x [B, T, H, D] -> (s8 [B, t_pad, H, D], scale f32 [B, H, t_pad / block_rows]): the rotated
+  x minus center (f32 [B, H, D], or None), zero-padded to t_pad rows, INT8 per block of
+  block_rows tokens per head (the reference of pallas_kernels.attention_quant_mgpu)."""
+  y = _rotate(x)
+  if center is not None:
+    y = y - center[:, None]
+  return _quantize_int8_blocks(_pad_seq(y, t_pad), block_rows)
+
+
+PREPASSES = ("xla", "mosaic")
+# The Q/K pre-pass of the Mosaic int8 path. "mosaic" (one read of Q and K) is tested in
+# interpret mode and lowered for CUDA but not yet timed on a GPU: "xla" until it is.
+PREPASS_DEFAULT = "xla"
+
+
+def _quantize_blocks(x: jax.Array, center: jax.Array | None, *, block_rows: int, t_pad: int,
+                     prepass: str, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  if prepass not in PREPASSES:
+    raise ValueError(f"attention prepass must be one of {PREPASSES}, got {prepass!r}")
+  from pallas_kernels import attention_quant_mgpu as aq
+  if prepass == "mosaic" and aq.supported(x, block_rows):
+    from pallas_kernels import qlinear_mosaic
+    return aq.quantize_blocks_mgpu(x, center, block_rows=block_rows, t_pad=t_pad,
+                                   interpret=qlinear_mosaic.interpret_params() if interpret
+                                   else None)
+  return quantize_blocks_xla(x, center, block_rows=block_rows, t_pad=t_pad)
+
+
 def quantize_operands(q: jax.Array, k: jax.Array, v: jax.Array, *, block_kv: int = BLOCK_KV,
-                      pv: str = INT8_PV_DEFAULT) -> Int8Operands:
+                      pv: str = INT8_PV_DEFAULT, prepass: str = "xla",
+                      interpret: bool = False) -> Int8Operands:
   """Smooths K, rotates Q and K, quantizes them to INT8 per block and V to the PV format
   `pv` (FP8 per channel, or bf16; see Int8Operands).
 
   block_kv: keys per K scale (the kernel's block_kv); both sequence axes are padded to
-  max(SEQ_MULTIPLE, block_kv).
+  max(SEQ_MULTIPLE, block_kv). prepass: "xla", or "mosaic" for Q and K through
+  pallas_kernels.attention_quant_mgpu where it applies (bf16, D = 64 or 128); interpret: run
+  that kernel in Mosaic GPU's interpret mode (CPU tests).
   """
   with jax.named_scope("attention_quantize"):
     f32 = jnp.float32
@@ -155,12 +192,12 @@ def quantize_operands(q: jax.Array, k: jax.Array, v: jax.Array, *, block_kv: int
     mult = max(SEQ_MULTIPLE, block_kv)
     t_p = _round_up(q.shape[1], mult)
     s_p = _round_up(k.shape[1], mult)
-    # Smoothing: the per-(batch, head) token mean of K (rotation is linear, so smoothing the
-    # rotated K is rotating the smoothed K); padding is added after, so it stays 0.
-    kr = _rotate(k)
-    kr = kr - jnp.mean(kr, axis=1, keepdims=True)
-    q8, q_scale = _quantize_int8_blocks(_pad_seq(_rotate(q), t_p), BLOCK_Q)
-    k8, k_scale = _quantize_int8_blocks(_pad_seq(kr, s_p), block_kv)
+    # Smoothing: the per-(batch, head) token mean of K, rotated (rotation is linear: the mean
+    # of the rotated K) and subtracted from the rotated K; padding rows stay 0.
+    center = _rotate(jnp.mean(k.astype(f32), axis=1))  # [B, H, D]
+    blocks = functools.partial(_quantize_blocks, prepass=prepass, interpret=interpret)
+    q8, q_scale = blocks(q, None, block_rows=BLOCK_Q, t_pad=t_p)
+    k8, k_scale = blocks(k, center, block_rows=block_kv, t_pad=s_p)
     # 1/b undoes the unnormalized rotation (exact: b is a power of two).
     q_scale = q_scale * (d ** -0.5 * _LOG2E / rotation_block(d))
     if pv == "bf16":
@@ -238,11 +275,13 @@ def kernel_config(precision: str, head_dim: int, *, pv: str = INT8_PV_DEFAULT,
 
 
 def _int8_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False,
-                 pv: str = INT8_PV_DEFAULT, **config) -> jax.Array:
+                 pv: str = INT8_PV_DEFAULT, prepass: str = PREPASS_DEFAULT,
+                 **config) -> jax.Array:
   from pallas_kernels import attention_mosaic as am
   t, s_len = q.shape[1], k.shape[1]
   cfg = kernel_config("int8", q.shape[-1], pv=pv, interpret=interpret, **config)
-  ops = quantize_operands(q, k, v, block_kv=cfg.block_kv, pv=pv)
+  ops = quantize_operands(q, k, v, block_kv=cfg.block_kv, pv=pv, prepass=prepass,
+                          interpret=interpret)
   with jax.named_scope("attention_quantize"):
     vt8 = am.prepare_vt(ops.v8)  # [B, H, D + 8, Sp]
   o = am.flash_attention(ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale, kv_len=s_len, config=cfg)

@@ -40,7 +40,7 @@ import numpy as np
 
 from mpqjax.errors import UserInputError
 from mpqjax.jsonio import read_json_object
-from mpqjax.video import to_uint8, write_video  # noqa: F401  (re-exported for the CLI)
+from mpqjax.video import to_uint8
 
 PIPELINE_CLASSES = ("CogVideoXPipeline",)
 # component -> (library, accepted class names)

@@ -204,6 +204,66 @@ def test_int8_mosaic_interpret_matches_xla(pv):
   assert cos >= BAR_COS and rel_l1 <= BAR_REL_L1
 
 
+@pytest.mark.parametrize("d,block_rows,centered", [(64, 64, False), (64, 256, True),
+                                                   (128, 64, False), (128, 256, True)])
+def test_prepass_kernel_interpret_matches_xla(d, block_rows, centered):
+  """The Mosaic Q/K pre-pass (one read) against its XLA reference: ragged T (padding rows must
+  stay 0 even after centering), several heads, per-channel offsets."""
+  from pallas_kernels import attention_quant_mgpu as aq
+  from pallas_kernels import qlinear_mosaic
+  rng = np.random.default_rng(d + block_rows)
+  b, t, h = 2, 300, 3
+  x = jnp.asarray(rng.standard_normal((b, t, h, d)) * rng.uniform(0.1, 5, (1, 1, h, d))
+                  + rng.standard_normal((1, 1, h, d)), jnp.bfloat16)
+  center = A._rotate(jnp.mean(x.astype(jnp.float32), axis=1)) if centered else None
+  t_pad = -(-t // block_rows) * block_rows
+  q8, scale = aq.quantize_blocks_mgpu(x, center, block_rows=block_rows, t_pad=t_pad,
+                                      interpret=qlinear_mosaic.interpret_params())
+  q_ref, s_ref = A.quantize_blocks_xla(x, center, block_rows=block_rows, t_pad=t_pad)
+  assert q8.shape == q_ref.shape == (b, t_pad, h, d) and scale.shape == s_ref.shape
+  np.testing.assert_allclose(np.asarray(scale), np.asarray(s_ref), rtol=1e-6)
+  diff = np.abs(np.asarray(q8, np.int32) - np.asarray(q_ref, np.int32))
+  assert diff.max() <= 1 and diff.mean() < 1e-3, (diff.max(), diff.mean())
+  assert not np.any(np.asarray(q8[:, t:]))
+  assert np.abs(np.asarray(q8[:, :t], np.int32)).max() == 127  # each block reaches full scale
+
+
+def test_prepass_rejects_bad_input():
+  from pallas_kernels import attention_quant_mgpu as aq
+  x = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="bf16"):
+    aq.quantize_blocks_mgpu(x.astype(jnp.float32), None, block_rows=64, t_pad=64)
+  with pytest.raises(ValueError, match="t_pad"):
+    aq.quantize_blocks_mgpu(x, None, block_rows=64, t_pad=96)
+  with pytest.raises(ValueError, match="center"):
+    aq.quantize_blocks_mgpu(x, jnp.ones((1, 2, 32)), block_rows=64, t_pad=64)
+  q, k, v = _inputs(3, (1, 64, 2, 64))
+  with pytest.raises(ValueError, match="prepass"):
+    A.quantize_operands(q, k, v, prepass="cuda")
+
+
+def test_int8_mosaic_with_mosaic_prepass_interpret_matches_xla():
+  """The whole int8 pipeline with the Mosaic Q/K pre-pass against the xla path."""
+  q, k, v = _inputs(9, (1, 190, 1, 64), magnitude=6.0)
+  out = A._int8_mosaic(q, k, v, interpret=True, prepass="mosaic")
+  xla = A.attention(q, k, v, precision="int8", implementation="xla")
+  cos, rel_l1 = _metrics(out, np.asarray(jnp.asarray(xla, jnp.float32), np.float64))
+  assert cos > 0.99999 and rel_l1 < 0.003
+
+
+@pytest.mark.parametrize("d,h", [(64, 30), (128, 12)])
+def test_prepass_kernel_lowers_for_hopper(d, h):
+  """Q (64-row blocks) and K (256-row blocks, centered) pre-pass kernels at the real head
+  counts pass Mosaic GPU's lowering for CUDA (shared-memory budget included)."""
+  from pallas_kernels import attention_quant_mgpu as aq
+  x = jax.ShapeDtypeStruct((2, 1000, h, d), jnp.bfloat16)
+  c = jax.ShapeDtypeStruct((2, h, d), jnp.float32)
+  fq = jax.jit(lambda x: aq.quantize_blocks_mgpu(x, None, block_rows=64, t_pad=1024))
+  fk = jax.jit(lambda x, c: aq.quantize_blocks_mgpu(x, c, block_rows=256, t_pad=1024))
+  assert "mosaic_gpu" in jax.export.export(fq, platforms=["cuda"])(x).mlir_module()
+  assert "mosaic_gpu" in jax.export.export(fk, platforms=["cuda"])(x, c).mlir_module()
+
+
 def test_bf16_mosaic_interpret_matches_float64():
   q, k, v = _inputs(10, (1, 130, 2, 64))
   cos, rel_l1 = _metrics(A._bf16_mosaic(q, k, v, interpret=True), _ref64(q, k, v))
@@ -254,6 +314,26 @@ def test_mosaic_gpu_matches_xla(precision, pv, d, t):
   # int8: the xla path emulates the kernel's numerics up to f32 rounding order, ex2.approx and
   # the tensor cores' FP8 accumulation.
   assert cos > (0.9999 if precision == "int8" else 0.9995) and rel_l1 < 0.01
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d,h", [(64, 30), (128, 12)])
+def test_mosaic_gpu_prepass_matches_xla(d, h):
+  """The Mosaic Q/K pre-pass on the GPU against the XLA pre-pass on the GPU, and the int8
+  attention built on it against the xla path."""
+  q, k, v = _inputs(30 + d, (2, 2000, h, d))
+  ops = A.quantize_operands(q, k, v, prepass="mosaic")
+  ref = A.quantize_operands(q, k, v, prepass="xla")
+  for got, want in ((ops.q8, ref.q8), (ops.k8, ref.k8)):
+    diff = np.abs(np.asarray(got, np.int32) - np.asarray(want, np.int32))
+    assert diff.max() <= 1 and diff.mean() < 1e-3, (diff.max(), diff.mean())
+  np.testing.assert_allclose(np.asarray(ops.q_scale), np.asarray(ref.q_scale), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(ops.k_scale), np.asarray(ref.k_scale), rtol=1e-5)
+  out = A._int8_mosaic(q, k, v, prepass="mosaic")
+  xla = A.attention(q, k, v, precision="int8", implementation="xla")
+  cos, rel_l1 = _metrics(out, np.asarray(jnp.asarray(xla, jnp.float32), np.float64))
+  assert cos > 0.9999 and rel_l1 < 0.01
 
 
 @pytest.mark.gpu

@@ -1,6 +1,4 @@
 """NVFP4 / INT8 / Hadamard: bit-exact against tests/reference_formats.py (ml_dtypes casts)."""
-import itertools
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes

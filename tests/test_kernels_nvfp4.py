@@ -16,9 +16,8 @@ from mpqjax.qlinear import Mode, quantize_linear
 from mpqjax.testing import rel_err
 from pallas_kernels import nvfp4_quant, qlinear_mosaic
 from pallas_kernels import nvfp4_matmul as nm
+from tests.markers import needs_hopper
 
-ON_HOPPER = qlinear_mosaic.MOSAIC.available()
-needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (H100/H200)")
 
 SMALL = nm.NVFP4MatmulConfig(tile_m=64, tile_k=64, max_concurrent_steps=2, epi_tile_m=32)
 

@@ -15,10 +15,9 @@ from mpqjax.qlinear import Mode, qlinear, quantize_linear
 from mpqjax.testing import rel_err
 from pallas_kernels import int8_quant, qlinear_mosaic
 from pallas_kernels import w8a8_matmul as w8a8
+from tests.markers import needs_hopper
 
 ON_GPU = jax.default_backend() == "gpu"
-ON_HOPPER = qlinear_mosaic.MOSAIC.available()
-needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (H100/H200)")
 
 SMALL = w8a8.W8A8Config(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=2,
                         epi_tile_m=64, epi_tile_n=32, grid_minor_dim=w8a8.Dim.N,
@@ -109,10 +108,13 @@ def test_unsupported_shape_falls_back_to_xla(rng, mode, fits):
                                 np.asarray(getattr(qlinear_xla, mode)(x, layer)))
 
 
-def test_available_only_on_hopper():
-  assert qlinear_mosaic.MOSAIC.available() == ON_HOPPER
-  if not ON_GPU:
-    assert not qlinear_mosaic.MOSAIC.available()
+def test_unavailable_off_a_gpu_with_a_reason():
+  """Off a GPU the Mosaic implementation reports itself unavailable and says why."""
+  from pallas_kernels import hopper_unavailable_reason
+  if ON_GPU:
+    pytest.skip("the GPU side is covered by the gpu-marked tests running at all")
+  assert not qlinear_mosaic.MOSAIC.available()
+  assert isinstance(hopper_unavailable_reason(), str) and hopper_unavailable_reason()
 
 
 @pytest.mark.parametrize("m,k,n", [(35552 // 16, 1920, 7680), (256, 3072, 3072), (64, 3072, 12288)])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mpqjax import formats, qlinear_xla
-from mpqjax.qlinear import Mode, QuantizedLinear, linear, qlinear, quantize_linear
+from mpqjax.qlinear import Mode, linear, qlinear, quantize_linear
 from tests import reference_formats as ref
 from mpqjax.testing import rel_err
 
