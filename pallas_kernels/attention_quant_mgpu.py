@@ -107,7 +107,8 @@ def quantize_blocks_mgpu(x: jax.Array, center: jax.Array | None, *, block_rows: 
       s_s[hh] = scale
       for i in range(subs):
         q = jnp.clip(jnp.round(rotated(i) * inv), -127.0, 127.0).astype(jnp.int8)
-        slot = i % 2
+        # alternate the two out slots across heads too (block_rows = 64 stores once per head)
+        slot = lax.rem(hh * subs + i, 2)
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that used this slot
         q_s[slot] = q
         plgpu.commit_smem()
