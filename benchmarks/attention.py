@@ -51,7 +51,7 @@ def time_fn(fn, args, reps):
 
 def prepass_variants(A, am, q, k, v):
   """The INT8 API's work around the kernel (fp8 PV): the whole pre-pass (quantize_operands +
-  prepare_vt; also with the Mosaic Q/K pre-pass kernel), its Q, K and V parts alone (XLA), and
+  prepare_vt; also with the Mosaic pre-pass kernels), its Q, K and V parts alone (XLA), and
   the output post-pass (crop, V scale)."""
   import jax.numpy as jnp
   t = q.shape[1]
@@ -60,7 +60,7 @@ def prepass_variants(A, am, q, k, v):
 
   def full(q, k, v, prepass="xla"):
     ops = A.quantize_operands(q, k, v, prepass=prepass)
-    return ops._replace(v8=am.prepare_vt(ops.v8))
+    return ops._replace(v8=A._vt_operand(v, ops, pv="fp8", prepass=prepass, interpret=False))
 
   def q_part(q):
     return A._quantize_int8_blocks(A._pad_seq(A._rotate(q), t_p), A.BLOCK_Q)

@@ -157,8 +157,9 @@ def quantize_blocks_xla(x: jax.Array, center: jax.Array | None, *, block_rows: i
 
 
 PREPASSES = ("xla", "mosaic")
-# The Q/K pre-pass of the Mosaic int8 path. "mosaic" (one read of Q and K) is tested in
-# interpret mode and lowered for CUDA but not yet timed on a GPU: "xla" until it is.
+# The operand pre-pass of the Mosaic int8 path. "mosaic" (one read of Q, K and V:
+# pallas_kernels.attention_quant_mgpu and attention_vt_mgpu) is tested in interpret mode and
+# lowered for CUDA but not yet run on a GPU: "xla" until it is timed.
 PREPASS_DEFAULT = "xla"
 
 
@@ -206,7 +207,8 @@ def quantize_operands(q: jax.Array, k: jax.Array, v: jax.Array, *, block_kv: int
     else:
       vf = v.astype(f32)
       v_scale = jnp.maximum(jnp.max(jnp.abs(vf), axis=1), 1e-30) / _E4M3_MAX  # [B, H, D]
-      v8 = _pad_seq(formats.narrowed(vf / v_scale[:, None], jnp.float8_e4m3fn), s_p)
+      # times the reciprocal, spelled out (as the Mosaic V^T kernel computes it)
+      v8 = _pad_seq(formats.narrowed(vf * (1.0 / v_scale)[:, None], jnp.float8_e4m3fn), s_p)
     return Int8Operands(q8, q_scale, k8, k_scale, v8, v_scale)
 
 
@@ -274,6 +276,22 @@ def kernel_config(precision: str, head_dim: int, *, pv: str = INT8_PV_DEFAULT,
                             **{**config, **overrides})
 
 
+def _vt_operand(v: jax.Array, ops: Int8Operands, *, pv: str, prepass: str,
+                interpret: bool) -> jax.Array:
+  """The int8 kernel's V^T operand [B, H, D + 8, Sp]: from ops.v8 in XLA, or with prepass
+  "mosaic" and fp8 PV straight from bf16 v by pallas_kernels.attention_vt_mgpu (one pass;
+  ops.v8 is then dead code)."""
+  from pallas_kernels import attention_mosaic as am
+  from pallas_kernels import attention_vt_mgpu as av
+  s_pad = ops.k8.shape[1]
+  if prepass == "mosaic" and pv == "fp8" and av.supported(v) and s_pad % av.BLOCK_TOKENS == 0:
+    from pallas_kernels import qlinear_mosaic
+    return av.transposed_fp8_v_mgpu(v, 1.0 / ops.v_scale, s_pad=s_pad,
+                                    interpret=qlinear_mosaic.interpret_params() if interpret
+                                    else None)
+  return am.prepare_vt(ops.v8)
+
+
 def _int8_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False,
                  pv: str = INT8_PV_DEFAULT, prepass: str = PREPASS_DEFAULT,
                  **config) -> jax.Array:
@@ -283,7 +301,7 @@ def _int8_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = 
   ops = quantize_operands(q, k, v, block_kv=cfg.block_kv, pv=pv, prepass=prepass,
                           interpret=interpret)
   with jax.named_scope("attention_quantize"):
-    vt8 = am.prepare_vt(ops.v8)  # [B, H, D + 8, Sp]
+    vt8 = _vt_operand(v, ops, pv=pv, prepass=prepass, interpret=interpret)
   o = am.flash_attention(ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale, kv_len=s_len, config=cfg)
   o = o[:, :t].astype(jnp.float32) * ops.v_scale[:, None]
   return o.astype(q.dtype)

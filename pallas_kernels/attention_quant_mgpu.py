@@ -45,6 +45,14 @@ def supported(x: jax.Array, block_rows: int) -> bool:
           and block_rows % ROWS == 0)
 
 
+def pad_tokens_to_8(x: jax.Array) -> jax.Array:
+  """[B, T, H, D] -> T zero-padded to a multiple of 8: TMA tiles of the [B, T, H * D] view need
+  it (the kernels zero or mask the rows past T anyway; real lengths are multiples of 8, so
+  this copy is rare)."""
+  t = x.shape[1]
+  return x if t % 8 == 0 else jnp.pad(x, ((0, 0), (0, -t % 8), (0, 0), (0, 0)))
+
+
 def _rotate_rows(x_s, h_s, d: int):
   """f32[64, d]: a bf16 [64, d] SMEM tile times the unnormalized +-1 Sylvester matrix of size d
   (d = 64: one wgmma against the 64-block matrix; d = 128: rotate_tile's two halves)."""
@@ -78,7 +86,7 @@ def quantize_blocks_mgpu(x: jax.Array, center: jax.Array | None, *, block_rows: 
   h_pad = -(-h // 32) * 32  # the scale row of a CTA leaves by TMA: a multiple of 16 bytes
   interp = interpret is not None
   hmat, _ = rotation_operands(2 * HALF)  # the 64-block +-1 matrix, unnormalized
-  x3 = x.reshape(b, t, h * d)
+  x3 = pad_tokens_to_8(x).reshape(b, -1, h * d)
   c2 = (center if centered else jnp.zeros((b, h, d), jnp.float32)).reshape(b, h * d)
   steps = min(config.max_concurrent_steps, h)
 

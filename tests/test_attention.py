@@ -228,6 +228,26 @@ def test_prepass_kernel_interpret_matches_xla(d, block_rows, centered):
   assert np.abs(np.asarray(q8[:, :t], np.int32)).max() == 127  # each block reaches full scale
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_vt_kernel_interpret_matches_prepare_vt(d):
+  """The Mosaic V^T kernel (scale, e4m3, transpose, token permutation, ones row) against
+  prepare_vt of the XLA-quantized V, bit for bit: every step is exact or the same rounding."""
+  from pallas_kernels import attention_vt_mgpu as av
+  from pallas_kernels import qlinear_mosaic
+  rng = np.random.default_rng(d)
+  b, s, h = 2, 300, 3
+  v = jnp.asarray(rng.standard_normal((b, s, h, d)) * rng.uniform(0.1, 5, (1, 1, h, d)),
+                  jnp.bfloat16)
+  q = jnp.ones((b, 64, h, d), jnp.bfloat16)
+  ops = A.quantize_operands(q, v, v)
+  got = av.transposed_fp8_v_mgpu(v, 1.0 / ops.v_scale, s_pad=ops.k8.shape[1],
+                                 interpret=qlinear_mosaic.interpret_params())
+  want = am.prepare_vt(ops.v8)
+  assert got.shape == want.shape == (b, h, d + am.V_EXTRA_ROWS, 512)
+  np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                np.asarray(want.astype(jnp.float32)))
+
+
 def test_prepass_rejects_bad_input():
   from pallas_kernels import attention_quant_mgpu as aq
   x = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
@@ -237,6 +257,11 @@ def test_prepass_rejects_bad_input():
     aq.quantize_blocks_mgpu(x, None, block_rows=64, t_pad=96)
   with pytest.raises(ValueError, match="center"):
     aq.quantize_blocks_mgpu(x, jnp.ones((1, 2, 32)), block_rows=64, t_pad=64)
+  from pallas_kernels import attention_vt_mgpu as av
+  with pytest.raises(ValueError, match="s_pad"):
+    av.transposed_fp8_v_mgpu(x, jnp.ones((1, 2, 64)), s_pad=128)
+  with pytest.raises(ValueError, match="inv_scale"):
+    av.transposed_fp8_v_mgpu(x, jnp.ones((1, 64)), s_pad=256)
   q, k, v = _inputs(3, (1, 64, 2, 64))
   with pytest.raises(ValueError, match="prepass"):
     A.quantize_operands(q, k, v, prepass="cuda")
@@ -251,17 +276,21 @@ def test_int8_mosaic_with_mosaic_prepass_interpret_matches_xla():
   assert cos > 0.99999 and rel_l1 < 0.003
 
 
-@pytest.mark.parametrize("d,h", [(64, 30), (128, 12)])
-def test_prepass_kernel_lowers_for_hopper(d, h):
-  """Q (64-row blocks) and K (256-row blocks, centered) pre-pass kernels at the real head
-  counts pass Mosaic GPU's lowering for CUDA (shared-memory budget included)."""
+@pytest.mark.parametrize("d,h,t", [(64, 30, 1000), (128, 12, 1000), (64, 2, 1001)])
+def test_prepass_kernel_lowers_for_hopper(d, h, t):
+  """The Q (64-row blocks), K (256-row blocks, centered) and V^T pre-pass kernels at the real
+  head counts pass Mosaic GPU's lowering for CUDA (shared-memory budget included), also at a
+  length that is not a multiple of 8 (TMA tiling)."""
   from pallas_kernels import attention_quant_mgpu as aq
-  x = jax.ShapeDtypeStruct((2, 1000, h, d), jnp.bfloat16)
+  from pallas_kernels import attention_vt_mgpu as av
+  x = jax.ShapeDtypeStruct((2, t, h, d), jnp.bfloat16)
   c = jax.ShapeDtypeStruct((2, h, d), jnp.float32)
   fq = jax.jit(lambda x: aq.quantize_blocks_mgpu(x, None, block_rows=64, t_pad=1024))
   fk = jax.jit(lambda x, c: aq.quantize_blocks_mgpu(x, c, block_rows=256, t_pad=1024))
+  fv = jax.jit(lambda x, c: av.transposed_fp8_v_mgpu(x, c, s_pad=1024))
   assert "mosaic_gpu" in jax.export.export(fq, platforms=["cuda"])(x).mlir_module()
   assert "mosaic_gpu" in jax.export.export(fk, platforms=["cuda"])(x, c).mlir_module()
+  assert "mosaic_gpu" in jax.export.export(fv, platforms=["cuda"])(x, c).mlir_module()
 
 
 def test_bf16_mosaic_interpret_matches_float64():
@@ -320,8 +349,8 @@ def test_mosaic_gpu_matches_xla(precision, pv, d, t):
 @gpu
 @pytest.mark.parametrize("d,h", [(64, 30), (128, 12)])
 def test_mosaic_gpu_prepass_matches_xla(d, h):
-  """The Mosaic Q/K pre-pass on the GPU against the XLA pre-pass on the GPU, and the int8
-  attention built on it against the xla path."""
+  """The Mosaic pre-pass kernels on the GPU against the XLA pre-pass on the GPU (V^T bit for
+  bit), and the int8 attention built on them against the xla path."""
   q, k, v = _inputs(30 + d, (2, 2000, h, d))
   ops = A.quantize_operands(q, k, v, prepass="mosaic")
   ref = A.quantize_operands(q, k, v, prepass="xla")
@@ -330,6 +359,10 @@ def test_mosaic_gpu_prepass_matches_xla(d, h):
     assert diff.max() <= 1 and diff.mean() < 1e-3, (diff.max(), diff.mean())
   np.testing.assert_allclose(np.asarray(ops.q_scale), np.asarray(ref.q_scale), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(ops.k_scale), np.asarray(ref.k_scale), rtol=1e-5)
+  from pallas_kernels import attention_vt_mgpu as av
+  vt8 = av.transposed_fp8_v_mgpu(v, 1.0 / ref.v_scale, s_pad=ref.k8.shape[1])
+  np.testing.assert_array_equal(np.asarray(vt8.astype(jnp.float32)),
+                                np.asarray(am.prepare_vt(ref.v8).astype(jnp.float32)))
   out = A._int8_mosaic(q, k, v, prepass="mosaic")
   xla = A.attention(q, k, v, precision="int8", implementation="xla")
   cos, rel_l1 = _metrics(out, np.asarray(jnp.asarray(xla, jnp.float32), np.float64))

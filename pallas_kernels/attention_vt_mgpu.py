@@ -1,0 +1,125 @@
+"""The int8 attention kernel's V^T operand from bf16 V in one pass (Mosaic GPU).
+
+  transposed_fp8_v_mgpu(v bf16[B, S, H, D], inv_scale f32[B, H, D], s_pad)
+    -> vt8 f8e4m3[B, H, D + 8, s_pad]
+
+equals attention_mosaic.prepare_vt(e4m3(v * inv_scale) zero-padded to s_pad tokens): V scaled
+per channel, rounded to FP8 e4m3, transposed (8-bit wgmma needs the PV operand K-major), the
+tokens permuted inside each group of 16 (attention_mosaic.permute_kv_tokens, matching how the
+kernel reinterprets P's registers), and 8 extra rows, ones then zeros (PV then also sums P).
+
+XLA does this as a chain of fusions (0.95-1.2 ms at the CogVideoX-2B shape on an H200, NOTES.md);
+here one CTA takes 256 tokens of one batch and walks the heads with a TMA pipeline. Both the
+transpose and the token permutation are done by the tensor cores: each [64 tokens, D] bf16 tile
+T is read from shared memory transposed as the wgmma A operand and multiplied by the 0/1
+permutation matrix Pm (exact: one nonzero product per output), acc[D, 64] = T^T Pm, whose rows
+are channels: the per-channel scale is then one value per accumulator row.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from pallas_kernels.attention_mosaic import V_EXTRA_ROWS, permute_kv_tokens
+from pallas_kernels.attention_quant_mgpu import pad_tokens_to_8
+from pallas_kernels.int8_quant_mgpu import ROWS, bf16_tile_transforms, load_rotation
+from pallas_kernels.w8a8_matmul import smem_transforms
+
+HEAD_DIMS = (64, 128)
+BLOCK_TOKENS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class VtConfig:
+  max_concurrent_steps: int = 2  # [256, D] bf16 tiles in flight per CTA
+
+
+def supported(v: jax.Array) -> bool:
+  return v.ndim == 4 and v.dtype == jnp.bfloat16 and v.shape[-1] in HEAD_DIMS
+
+
+def permutation_matrix() -> np.ndarray:
+  """bf16-exact 0/1 [64, 64]: (T^T Pm)[:, c] = T^T[:, src(c)], permute_kv_tokens on 64 tokens."""
+  with jax.ensure_compile_time_eval():  # a constant, also when called under jit
+    src = np.asarray(permute_kv_tokens(jnp.arange(ROWS), axis=0))
+  pm = np.zeros((ROWS, ROWS), np.float32)
+  pm[src, np.arange(ROWS)] = 1.0
+  return pm
+
+
+def transposed_fp8_v_mgpu(v: jax.Array, inv_scale: jax.Array, *, s_pad: int,
+                          config: VtConfig = VtConfig(), interpret=None) -> jax.Array:
+  """See the module docstring. v bf16[B, S, H, D] (D in HEAD_DIMS), inv_scale f32[B, H, D] (1 /
+  the per-channel scale), s_pad >= S a multiple of 256. interpret: plgpu.InterpretGPUParams."""
+  if not supported(v):
+    raise ValueError(f"transposed_fp8_v_mgpu needs bf16 [B, S, H, D] with D in {HEAD_DIMS}; "
+                     f"got {v.dtype} {v.shape}")
+  b, s, h, d = v.shape
+  if s_pad < s or s_pad % BLOCK_TOKENS:
+    raise ValueError(f"transposed_fp8_v_mgpu: s_pad={s_pad} must be >= S={s} and a multiple "
+                     f"of {BLOCK_TOKENS}")
+  if inv_scale.shape != (b, h, d):
+    raise ValueError(f"transposed_fp8_v_mgpu: inv_scale must be [B, H, D] = {(b, h, d)}, "
+                     f"got {inv_scale.shape}")
+  interp = interpret is not None
+  subs = BLOCK_TOKENS // ROWS
+  f8 = jnp.float8_e4m3fn
+  v3 = pad_tokens_to_8(v).reshape(b, -1, h * d)
+  inv2 = inv_scale.astype(jnp.float32).reshape(b, h * d)
+  pm = jnp.asarray(permutation_matrix(), jnp.bfloat16)
+  extra = np.zeros((V_EXTRA_ROWS, ROWS), np.float32)
+  extra[0] = 1.0
+  extra = jnp.asarray(extra, f8)  # the rows after the D channel rows: ones, then zeros
+  out_tr = smem_transforms(ROWS, 8)  # 64 one-byte tokens per row
+  steps = min(config.max_concurrent_steps, h)
+
+  def attention_vt_kernel(v_g, inv_g, pm_g, extra_g, vt_g, pm_s, extra_s, o_s, bar):
+    bi, ti = lax.axis_index("b"), lax.axis_index("t")
+    t0 = ti * BLOCK_TOKENS
+    load_rotation(pm_g, pm_s, bar.at[0])  # any [64, 64] bf16 operand: here the permutation
+    load_rotation(extra_g, extra_s, bar.at[1])
+
+    def body(idx, v_s, inv_s):
+      (hh,) = idx
+      if interp:
+        inv = inv_s[...]
+      else:
+        inv = plgpu.load(inv_s, layout=plgpu.Layout.WGMMA.reduce(1))
+      for i in range(subs):
+        def mm(acc_ref):
+          plgpu.wgmma(acc_ref, v_s.at[pl.ds(i * ROWS, ROWS)].T, pm_s)
+          return acc_ref[...]
+        vt = pl.run_scoped(mm, plgpu.ACC((d, ROWS), jnp.float32))  # [channels, tokens]
+        vt = (vt * lax.broadcast_in_dim(inv, (d, ROWS), [0])).astype(f8)
+        slot = lax.rem(hh * subs + i, 2)
+        plgpu.wait_smem_to_gmem(2, wait_read_only=True)  # the 2 stores that used this slot
+        o_s[slot] = vt
+        plgpu.commit_smem()
+        cols = pl.ds(t0 + i * ROWS, ROWS)
+        plgpu.copy_smem_to_gmem(o_s.at[slot], vt_g.at[bi, hh, pl.ds(0, d), cols])
+        plgpu.copy_smem_to_gmem(extra_s, vt_g.at[bi, hh, pl.ds(d, V_EXTRA_ROWS), cols])
+
+    plgpu.emit_pipeline(
+        body, grid=(h,), max_concurrent_steps=steps,
+        in_specs=[plgpu.BlockSpec((BLOCK_TOKENS, d), lambda hh: (0, hh),
+                                  transforms=bf16_tile_transforms()),
+                  plgpu.BlockSpec((d,), lambda hh: (hh,))],
+    )(v_g.at[bi, pl.ds(t0, BLOCK_TOKENS)], inv_g.at[bi])
+    plgpu.wait_smem_to_gmem(0)
+
+  f = plgpu.kernel(
+      attention_vt_kernel,
+      out_type=jax.ShapeDtypeStruct((b, h, d + V_EXTRA_ROWS, s_pad), f8),
+      grid=(b, s_pad // BLOCK_TOKENS), grid_names=("b", "t"),
+      scratch_types=[plgpu.SMEM((ROWS, ROWS), jnp.bfloat16, transforms=bf16_tile_transforms()),
+                     plgpu.SMEM((V_EXTRA_ROWS, ROWS), f8, transforms=out_tr),
+                     plgpu.SMEM((2, d, ROWS), f8, transforms=out_tr),
+                     plgpu.Barrier(num_barriers=2)],
+      interpret=interpret)
+  return f(v3, inv2, pm, extra)
