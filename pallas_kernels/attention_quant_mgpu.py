@@ -45,6 +45,19 @@ def supported(x: jax.Array, block_rows: int) -> bool:
           and block_rows % ROWS == 0)
 
 
+def check_padding_and_channels(fn: str, x: jax.Array, pad: tuple[str, int], multiple: int,
+                               per_channel: tuple[str, jax.Array | None]):
+  """The pre-pass kernels' argument checks: x [B, T, H, D] is padded to pad = (name, length),
+  >= T and a multiple of `multiple`; per_channel = (name, f32 [B, H, D] or None)."""
+  b, t, h, d = x.shape
+  (pad_name, length), (pc_name, pc) = pad, per_channel
+  if length < t or length % multiple:
+    raise ValueError(f"{fn}: {pad_name}={length} must be >= the length {t} and a multiple of "
+                     f"{multiple}")
+  if pc is not None and pc.shape != (b, h, d):
+    raise ValueError(f"{fn}: {pc_name} must be [B, H, D] = {(b, h, d)}, got {pc.shape}")
+
+
 def pad_tokens_to_8(x: jax.Array) -> jax.Array:
   """[B, T, H, D] -> T zero-padded to a multiple of 8: TMA tiles of the [B, T, H * D] view need
   it (the kernels zero or mask the rows past T anyway; real lengths are multiples of 8, so
@@ -73,13 +86,9 @@ def quantize_blocks_mgpu(x: jax.Array, center: jax.Array | None, *, block_rows: 
   if not supported(x, block_rows):
     raise ValueError(f"quantize_blocks_mgpu needs bf16 [B, T, H, D] with D in {HEAD_DIMS} and "
                      f"block_rows % {ROWS} == 0; got {x.dtype} {x.shape}, block_rows={block_rows}")
+  check_padding_and_channels("quantize_blocks_mgpu", x, ("t_pad", t_pad), block_rows,
+                             ("center", center))
   b, t, h, d = x.shape
-  if t_pad < t or t_pad % block_rows:
-    raise ValueError(f"quantize_blocks_mgpu: t_pad={t_pad} must be >= T={t} and a multiple of "
-                     f"block_rows={block_rows}")
-  if center is not None and center.shape != (b, h, d):
-    raise ValueError(f"quantize_blocks_mgpu: center must be [B, H, D] = {(b, h, d)}, "
-                     f"got {center.shape}")
   centered = center is not None
   n_blocks = t_pad // block_rows
   subs = block_rows // ROWS

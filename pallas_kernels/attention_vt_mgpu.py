@@ -27,7 +27,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mosaic import V_EXTRA_ROWS, permute_kv_tokens
-from pallas_kernels.attention_quant_mgpu import pad_tokens_to_8
+from pallas_kernels.attention_quant_mgpu import check_padding_and_channels, pad_tokens_to_8
 from pallas_kernels.int8_quant_mgpu import ROWS, bf16_tile_transforms, load_rotation
 from pallas_kernels.w8a8_matmul import smem_transforms
 
@@ -60,13 +60,9 @@ def transposed_fp8_v_mgpu(v: jax.Array, inv_scale: jax.Array, *, s_pad: int,
   if not supported(v):
     raise ValueError(f"transposed_fp8_v_mgpu needs bf16 [B, S, H, D] with D in {HEAD_DIMS}; "
                      f"got {v.dtype} {v.shape}")
+  check_padding_and_channels("transposed_fp8_v_mgpu", v, ("s_pad", s_pad), BLOCK_TOKENS,
+                             ("inv_scale", inv_scale))
   b, s, h, d = v.shape
-  if s_pad < s or s_pad % BLOCK_TOKENS:
-    raise ValueError(f"transposed_fp8_v_mgpu: s_pad={s_pad} must be >= S={s} and a multiple "
-                     f"of {BLOCK_TOKENS}")
-  if inv_scale.shape != (b, h, d):
-    raise ValueError(f"transposed_fp8_v_mgpu: inv_scale must be [B, H, D] = {(b, h, d)}, "
-                     f"got {inv_scale.shape}")
   interp = interpret is not None
   subs = BLOCK_TOKENS // ROWS
   f8 = jnp.float8_e4m3fn
