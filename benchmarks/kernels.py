@@ -131,7 +131,7 @@ def make_problem(m, k, n, seed):
 def nv_cfg_name(c: nvmm.NVFP4MatmulConfig) -> str:
   return (f"n{c.tile_n}m{c.tile_m}k{c.tile_k}s{c.max_concurrent_steps}"
           f"g{c.grid_minor_dim.name}{c.grid_tile_width}e{c.epi_tile_m}ks{c.k_splits}{c.decode}"
-          + ("pp" if c.pingpong else ""))
+          + ("pp" if c.pingpong else "") + ("smem" if c.smem_decode else ""))
 
 
 def nvfp4_configs(m: int, n: int, k: int, tune: bool):
@@ -144,9 +144,11 @@ def nvfp4_configs(m: int, n: int, k: int, tune: bool):
   # grid minor M (same), tile_m 128 (0.74x the default) and the int4 decode (0.55x); run 2:
   # ping-pong (0.90x the default)
   if m > 128:
-    c = [base, rep(pingpong=not base.pingpong)]
+    c = [base, rep(pingpong=not base.pingpong), rep(smem_decode=True),
+         rep(smem_decode=True, max_concurrent_steps=3)]
   else:
-    c = [base, rep(k_splits=max(1, base.k_splits // 2)), rep(pingpong=not base.pingpong)]
+    c = [base, rep(k_splits=max(1, base.k_splits // 2)), rep(pingpong=not base.pingpong),
+         rep(smem_decode=True)]
   out = []
   for x in c:
     if x not in out and nvmm.supported(m, n, k, x):
