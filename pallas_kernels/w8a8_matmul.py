@@ -91,7 +91,7 @@ def pick_config(m: int, n: int, k: int, sms: int | None = None) -> W8A8Config:
 def _check(a, b, cfg: W8A8Config):
   if a.dtype != jnp.int8 or b.dtype != jnp.int8:
     raise ValueError(f"w8a8_matmul needs int8 operands, got {a.dtype} and {b.dtype}")
-  (m, k), (n, k2) = a.shape, b.shape
+  (_, k), (n, k2) = a.shape, b.shape  # any M: TMA handles ragged tiles
   if k != k2:
     raise ValueError(f"w8a8_matmul: a is {a.shape} but b is {b.shape}; K must match")
   if n % cfg.cta_tile_n:
