@@ -163,3 +163,24 @@ def test_gpu_kernel_real_shapes(rng, decode, smem_decode, m, k, n):
   assert rel_err(got, float64_product(x, t, bias)) <= 4e-3
 
 
+
+
+def test_e2m1_round_equals_the_formats_encoding():
+  """The QDQ kernel's step-size rounding gives formats' e2m1 values everywhere: every tie
+  between e2m1 neighbours and its f32 neighbours, a dense grid, saturation, 0, inf and NaN."""
+  e2m1 = np.asarray(formats.e2m1_decode(jnp.arange(8, dtype=jnp.uint8)))
+  ties = (e2m1[:-1] + e2m1[1:]) / 2
+  near = np.concatenate([np.nextafter(ties, 0), ties, np.nextafter(ties, np.inf)])
+  a = np.concatenate([near, np.linspace(0, 8, 8193), e2m1, [6.5, 7.0, 100.0, np.inf, np.nan]])
+  a = jnp.asarray(a, jnp.float32)
+  got = np.asarray(nvfp4_quant._e2m1_round(a))
+  want = np.asarray(formats.e2m1_decode(formats.e2m1_encode(a)))
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("block", [0, 128])
+def test_qdq_kernels_lower_for_hopper(block):
+  """Both QDQ quantizer launches pass Mosaic GPU's lowering for CUDA (from the CPU)."""
+  f = jax.jit(lambda x: nvfp4_quant.quantize_qdq_mgpu(x, nvfp4_quant.NVFP4QuantConfig(block)))
+  x = jax.ShapeDtypeStruct((1024, 1920), jnp.bfloat16)
+  assert "mosaic_gpu" in jax.export.export(f, platforms=["cuda"])(x).mlir_module()
