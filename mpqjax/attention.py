@@ -167,12 +167,13 @@ def _quantize_blocks(x: jax.Array, center: jax.Array | None, *, block_rows: int,
                      prepass: str, interpret: bool) -> tuple[jax.Array, jax.Array]:
   if prepass not in PREPASSES:
     raise ValueError(f"attention prepass must be one of {PREPASSES}, got {prepass!r}")
-  from pallas_kernels import attention_quant_mgpu as aq
-  if prepass == "mosaic" and aq.supported(x, block_rows):
+  if prepass == "mosaic":
+    from pallas_kernels import attention_quant_mgpu as aq
     from pallas_kernels import qlinear_mosaic
-    return aq.quantize_blocks_mgpu(x, center, block_rows=block_rows, t_pad=t_pad,
-                                   interpret=qlinear_mosaic.interpret_params() if interpret
-                                   else None)
+    if aq.supported(x, block_rows):
+      return aq.quantize_blocks_mgpu(x, center, block_rows=block_rows, t_pad=t_pad,
+                                     interpret=qlinear_mosaic.interpret_params() if interpret
+                                     else None)
   return quantize_blocks_xla(x, center, block_rows=block_rows, t_pad=t_pad)
 
 
@@ -282,13 +283,14 @@ def _vt_operand(v: jax.Array, ops: Int8Operands, *, pv: str, prepass: str,
   "mosaic" and fp8 PV straight from bf16 v by pallas_kernels.attention_vt_mgpu (one pass;
   ops.v8 is then dead code)."""
   from pallas_kernels import attention_mosaic as am
-  from pallas_kernels import attention_vt_mgpu as av
-  s_pad = ops.k8.shape[1]
-  if prepass == "mosaic" and pv == "fp8" and av.supported(v) and s_pad % av.BLOCK_TOKENS == 0:
+  if prepass == "mosaic" and pv == "fp8":
+    from pallas_kernels import attention_vt_mgpu as av
     from pallas_kernels import qlinear_mosaic
-    return av.transposed_fp8_v_mgpu(v, 1.0 / ops.v_scale, s_pad=s_pad,
-                                    interpret=qlinear_mosaic.interpret_params() if interpret
-                                    else None)
+    s_pad = ops.k8.shape[1]
+    if av.supported(v) and s_pad % av.BLOCK_TOKENS == 0:
+      return av.transposed_fp8_v_mgpu(v, 1.0 / ops.v_scale, s_pad=s_pad,
+                                      interpret=qlinear_mosaic.interpret_params() if interpret
+                                      else None)
   return am.prepare_vt(ops.v8)
 
 
