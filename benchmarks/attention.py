@@ -63,7 +63,7 @@ def prepass_variants(A, am, q, k, v):
     return ops._replace(v8=A._vt_operand(v, ops, pv="fp8", prepass=prepass, interpret=False))
 
   def q_part(q):
-    return A._quantize_int8_blocks(A._pad_seq(A._rotate(q), t_p), A.BLOCK_Q)
+    return A.quantize_blocks_xla(q, None, block_rows=A.BLOCK_Q, t_pad=t_p)
 
   def k_part(k):  # the pre-pass with Q and V left out by the compiler
     ops = A.quantize_operands(k, k, k)

@@ -169,12 +169,16 @@ def _quantize_blocks(x: jax.Array, center: jax.Array | None, *, block_rows: int,
     raise ValueError(f"attention prepass must be one of {PREPASSES}, got {prepass!r}")
   if prepass == "mosaic":
     from pallas_kernels import attention_quant_mgpu as aq
-    from pallas_kernels import qlinear_mosaic
     if aq.supported(x, block_rows):
       return aq.quantize_blocks_mgpu(x, center, block_rows=block_rows, t_pad=t_pad,
-                                     interpret=qlinear_mosaic.interpret_params() if interpret
-                                     else None)
+                                     interpret=_interpret_params(interpret))
   return quantize_blocks_xla(x, center, block_rows=block_rows, t_pad=t_pad)
+
+
+def _interpret_params(interpret: bool):
+  """The pre-pass kernels' interpret argument for attention's interpret flag."""
+  from pallas_kernels import qlinear_mosaic
+  return qlinear_mosaic.interpret_params() if interpret else None
 
 
 def quantize_operands(q: jax.Array, k: jax.Array, v: jax.Array, *, block_kv: int = BLOCK_KV,
@@ -285,12 +289,10 @@ def _vt_operand(v: jax.Array, ops: Int8Operands, *, pv: str, prepass: str,
   from pallas_kernels import attention_mosaic as am
   if prepass == "mosaic" and pv == "fp8":
     from pallas_kernels import attention_vt_mgpu as av
-    from pallas_kernels import qlinear_mosaic
     s_pad = ops.k8.shape[1]
     if av.supported(v) and s_pad % av.BLOCK_TOKENS == 0:
       return av.transposed_fp8_v_mgpu(v, 1.0 / ops.v_scale, s_pad=s_pad,
-                                      interpret=qlinear_mosaic.interpret_params() if interpret
-                                      else None)
+                                      interpret=_interpret_params(interpret))
   return am.prepare_vt(ops.v8)
 
 

@@ -27,8 +27,9 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from pallas_kernels.int8_quant_mgpu import (HALF, ROWS, bf16_tile_transforms, load_rotation,
-                                            rotate_tile, rotation_operands, rotation_smem)
+from pallas_kernels.int8_quant_mgpu import (HALF, ROWS, bf16_tile_transforms, load_to_smem,
+                                            rotate_tile, rotation_operands, rotation_smem,
+                                            wgmma_f32)
 from pallas_kernels.w8a8_matmul import smem_transforms
 
 HEAD_DIMS = (64, 128)
@@ -40,15 +41,23 @@ class PrepassConfig:
   max_concurrent_steps: int = 2  # [block_rows, D] bf16 tiles in flight per CTA
 
 
+def supported_operand(x: jax.Array) -> bool:
+  """Whether the pre-pass kernels (this one and attention_vt_mgpu) take x [B, T, H, D]."""
+  return x.ndim == 4 and x.dtype == jnp.bfloat16 and x.shape[-1] in HEAD_DIMS
+
+
 def supported(x: jax.Array, block_rows: int) -> bool:
-  return (x.ndim == 4 and x.dtype == jnp.bfloat16 and x.shape[-1] in HEAD_DIMS
-          and block_rows % ROWS == 0)
+  return supported_operand(x) and block_rows % ROWS == 0
 
 
-def check_padding_and_channels(fn: str, x: jax.Array, pad: tuple[str, int], multiple: int,
-                               per_channel: tuple[str, jax.Array | None]):
-  """The pre-pass kernels' argument checks: x [B, T, H, D] is padded to pad = (name, length),
-  >= T and a multiple of `multiple`; per_channel = (name, f32 [B, H, D] or None)."""
+def check_operand(fn: str, x: jax.Array, pad: tuple[str, int], multiple: int,
+                  per_channel: tuple[str, jax.Array | None]):
+  """The pre-pass kernels' argument checks: x bf16 [B, T, H, D] with D in HEAD_DIMS, padded to
+  pad = (name, length), >= T and a multiple of `multiple`; per_channel = (name, f32 [B, H, D]
+  or None)."""
+  if not supported_operand(x):
+    raise ValueError(f"{fn} needs bf16 [B, T, H, D] with D in {HEAD_DIMS}; got {x.dtype} "
+                     f"{x.shape}")
   b, t, h, d = x.shape
   (pad_name, length), (pc_name, pc) = pad, per_channel
   if length < t or length % multiple:
@@ -71,11 +80,7 @@ def _rotate_rows(x_s, h_s, d: int):
   (d = 64: one wgmma against the 64-block matrix; d = 128: rotate_tile's two halves)."""
   if d == 2 * HALF:
     return rotate_tile(x_s, h_s, np.float32(1.0))
-
-  def mm(acc_ref):
-    plgpu.wgmma(acc_ref, x_s, h_s)
-    return acc_ref[...]
-  return pl.run_scoped(mm, plgpu.ACC((ROWS, d), jnp.float32))
+  return wgmma_f32(x_s, h_s, (ROWS, d))
 
 
 def quantize_blocks_mgpu(x: jax.Array, center: jax.Array | None, *, block_rows: int, t_pad: int,
@@ -83,11 +88,10 @@ def quantize_blocks_mgpu(x: jax.Array, center: jax.Array | None, *, block_rows: 
   """See the module docstring. x bf16[B, T, H, D] (D in HEAD_DIMS), center f32[B, H, D] or None
   (no centering), block_rows a multiple of 64, t_pad >= T a multiple of block_rows.
   interpret: a plgpu.InterpretGPUParams to run on CPU."""
-  if not supported(x, block_rows):
-    raise ValueError(f"quantize_blocks_mgpu needs bf16 [B, T, H, D] with D in {HEAD_DIMS} and "
-                     f"block_rows % {ROWS} == 0; got {x.dtype} {x.shape}, block_rows={block_rows}")
-  check_padding_and_channels("quantize_blocks_mgpu", x, ("t_pad", t_pad), block_rows,
-                             ("center", center))
+  if block_rows % ROWS:
+    raise ValueError(f"quantize_blocks_mgpu: block_rows={block_rows} must be a multiple of "
+                     f"{ROWS}")
+  check_operand("quantize_blocks_mgpu", x, ("t_pad", t_pad), block_rows, ("center", center))
   b, t, h, d = x.shape
   centered = center is not None
   n_blocks = t_pad // block_rows
@@ -102,7 +106,7 @@ def quantize_blocks_mgpu(x: jax.Array, center: jax.Array | None, *, block_rows: 
   def attention_quant_kernel(x_g, c_g, h_g, q_g, s_g, h_s, q_s, s_s, bar):
     bi, ti = lax.axis_index("b"), lax.axis_index("t")
     t0 = ti * block_rows
-    load_rotation(h_g, h_s, bar)
+    load_to_smem(h_g, h_s, bar)
 
     def body(idx, x_s, c_s):
       (hh,) = idx

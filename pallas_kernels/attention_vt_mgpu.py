@@ -27,11 +27,10 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mosaic import V_EXTRA_ROWS, permute_kv_tokens
-from pallas_kernels.attention_quant_mgpu import check_padding_and_channels, pad_tokens_to_8
-from pallas_kernels.int8_quant_mgpu import ROWS, bf16_tile_transforms, load_rotation
+from pallas_kernels.attention_quant_mgpu import check_operand, pad_tokens_to_8, supported_operand
+from pallas_kernels.int8_quant_mgpu import ROWS, bf16_tile_transforms, load_to_smem, wgmma_f32
 from pallas_kernels.w8a8_matmul import smem_transforms
 
-HEAD_DIMS = (64, 128)
 BLOCK_TOKENS = 256
 
 
@@ -40,8 +39,7 @@ class VtConfig:
   max_concurrent_steps: int = 2  # [256, D] bf16 tiles in flight per CTA
 
 
-def supported(v: jax.Array) -> bool:
-  return v.ndim == 4 and v.dtype == jnp.bfloat16 and v.shape[-1] in HEAD_DIMS
+supported = supported_operand  # bf16 [B, S, H, D], D in attention_quant_mgpu.HEAD_DIMS
 
 
 def permutation_matrix() -> np.ndarray:
@@ -55,13 +53,10 @@ def permutation_matrix() -> np.ndarray:
 
 def transposed_fp8_v_mgpu(v: jax.Array, inv_scale: jax.Array, *, s_pad: int,
                           config: VtConfig = VtConfig(), interpret=None) -> jax.Array:
-  """See the module docstring. v bf16[B, S, H, D] (D in HEAD_DIMS), inv_scale f32[B, H, D] (1 /
+  """See the module docstring. v bf16[B, S, H, D] (D = 64 or 128), inv_scale f32[B, H, D] (1 /
   the per-channel scale), s_pad >= S a multiple of 256. interpret: plgpu.InterpretGPUParams."""
-  if not supported(v):
-    raise ValueError(f"transposed_fp8_v_mgpu needs bf16 [B, S, H, D] with D in {HEAD_DIMS}; "
-                     f"got {v.dtype} {v.shape}")
-  check_padding_and_channels("transposed_fp8_v_mgpu", v, ("s_pad", s_pad), BLOCK_TOKENS,
-                             ("inv_scale", inv_scale))
+  check_operand("transposed_fp8_v_mgpu", v, ("s_pad", s_pad), BLOCK_TOKENS,
+                ("inv_scale", inv_scale))
   b, s, h, d = v.shape
   interp = interpret is not None
   subs = BLOCK_TOKENS // ROWS
@@ -78,8 +73,8 @@ def transposed_fp8_v_mgpu(v: jax.Array, inv_scale: jax.Array, *, s_pad: int,
   def attention_vt_kernel(v_g, inv_g, pm_g, extra_g, vt_g, pm_s, extra_s, o_s, bar):
     bi, ti = lax.axis_index("b"), lax.axis_index("t")
     t0 = ti * BLOCK_TOKENS
-    load_rotation(pm_g, pm_s, bar.at[0])  # any [64, 64] bf16 operand: here the permutation
-    load_rotation(extra_g, extra_s, bar.at[1])
+    load_to_smem(pm_g, pm_s, bar.at[0])
+    load_to_smem(extra_g, extra_s, bar.at[1])
 
     def body(idx, v_s, inv_s):
       (hh,) = idx
@@ -88,10 +83,7 @@ def transposed_fp8_v_mgpu(v: jax.Array, inv_scale: jax.Array, *, s_pad: int,
       else:
         inv = plgpu.load(inv_s, layout=plgpu.Layout.WGMMA.reduce(1))
       for i in range(subs):
-        def mm(acc_ref):
-          plgpu.wgmma(acc_ref, v_s.at[pl.ds(i * ROWS, ROWS)].T, pm_s)
-          return acc_ref[...]
-        vt = pl.run_scoped(mm, plgpu.ACC((d, ROWS), jnp.float32))  # [channels, tokens]
+        vt = wgmma_f32(v_s.at[pl.ds(i * ROWS, ROWS)].T, pm_s, (d, ROWS))  # [channels, tokens]
         vt = (vt * lax.broadcast_in_dim(inv, (d, ROWS), [0])).astype(f8)
         slot = lax.rem(hh * subs + i, 2)
         plgpu.wait_smem_to_gmem(2, wait_read_only=True)  # the 2 stores that used this slot

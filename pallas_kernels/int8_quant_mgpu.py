@@ -76,10 +76,19 @@ def rotation_smem():
   return plgpu.SMEM((HALF, HALF), jnp.bfloat16, transforms=bf16_tile_transforms())
 
 
-def load_rotation(h_g, h_s, bar):
-  """Copies the rotation matrix into SMEM and waits for it (inside a kernel)."""
-  plgpu.copy_gmem_to_smem(h_g, h_s, bar)
+def load_to_smem(src_g, dst_s, bar):
+  """Copies a constant operand (the rotation matrix, ...) into SMEM and waits for it (inside a
+  kernel)."""
+  plgpu.copy_gmem_to_smem(src_g, dst_s, bar)
   plgpu.barrier_wait(bar)
+
+
+def wgmma_f32(a_s, b_s, shape):
+  """f32[shape] = a_s @ b_s, one wgmma of SMEM operands into a fresh accumulator."""
+  def mm(acc_ref):
+    plgpu.wgmma(acc_ref, a_s, b_s)
+    return acc_ref[...]
+  return pl.run_scoped(mm, plgpu.ACC(shape, jnp.float32))
 
 
 def rotate_tile(x_s, h_s, post):
@@ -135,7 +144,7 @@ def row_amax_mgpu(x: jax.Array, hadamard_block: int, max_concurrent_steps: int =
 
   def amax_kernel(x_g, h_g, amax_g, bad_g, h_s, r_s, bar):
     row0 = lax.axis_index("rows") * ROWS
-    load_rotation(h_g, h_s, bar)
+    load_to_smem(h_g, h_s, bar)
     amax, bad = rotated_row_amax(x_g.at[pl.ds(row0, ROWS)], h_s, post, nk, steps)
     for val, dst in ((amax, amax_g), (bad, bad_g)):
       r_s[...] = val
@@ -171,7 +180,7 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
 
   def int8_quant_kernel(x_g, h_g, q_g, s_g, h_s, s_s, q_s, bar):
     row0 = lax.axis_index("rows") * ROWS
-    load_rotation(h_g, h_s, bar)
+    load_to_smem(h_g, h_s, bar)
     amax, bad = rotated_row_amax(x_g.at[pl.ds(row0, ROWS)], h_s, post, nk, steps)
     scale = jnp.where(amax == 0, jnp.float32(1.0), amax / jnp.float32(127.0))
     scale = jnp.where(bad == 0, scale, jnp.float32(jnp.nan))

@@ -338,15 +338,6 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
             wdec_smem[wg] = _decoded_values_jnp(w_s[ns], ws_s[:, ns], cfg.decode)
             plgpu.commit_smem()
             plgpu.wgmma(acc_ref, wdec_smem.at[wg], x_s.T)
-          elif smem_decode:
-            w4 = plgpu.load(w_s.at[ns], layout=plgpu.Layout.WGMMA_UPCAST_4X)
-            w4 = plgpu.layout_cast(w4, plgpu.Layout.WGMMA)
-            decode = _decode_bits if cfg.decode == "bits" else _decode_int4
-            # the buffer of two steps ago: its wgmma was waited for at the end of the last step
-            buf = 2 * wg + lax.rem(idx[0], 2)
-            wdec_smem[buf] = decode(w4, ws_s.at[:, ns])
-            plgpu.commit_smem()
-            plgpu.wgmma(acc_ref, wdec_smem.at[buf], x_s.T)
           else:
             # pingpong: warpgroup 1 decodes while 0's wgmma runs, and the other way round
             if pingpong:
@@ -355,6 +346,12 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
             w4 = plgpu.layout_cast(w4, plgpu.Layout.WGMMA)
             decode = _decode_bits if cfg.decode == "bits" else _decode_int4
             wv = decode(w4, ws_s.at[:, ns])
+            if smem_decode:
+              # the buffer of two steps ago: its wgmma was waited for at the end of the last step
+              buf = 2 * wg + lax.rem(idx[0], 2)
+              wdec_smem[buf] = wv
+              plgpu.commit_smem()
+              wv = wdec_smem.at[buf]
             if pingpong:
               schedule()
             plgpu.wgmma(acc_ref, wv, x_s.T)

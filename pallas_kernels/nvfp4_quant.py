@@ -39,7 +39,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from mpqjax import formats
 from pallas_kernels import int8_quant
-from pallas_kernels.int8_quant_mgpu import (COLS, ROWS, bf16_tile_transforms, load_rotation,
+from pallas_kernels.int8_quant_mgpu import (COLS, ROWS, bf16_tile_transforms, load_to_smem,
                                             rotate_tile, rotation_operands, rotation_smem,
                                             row_amax_mgpu, row_tiles_spec)
 
@@ -173,7 +173,7 @@ def quantize_qdq_mgpu(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig(
 
   def qdq_kernel(x_g, h_g, g_g, v_g, h_s, v_s, bar):
     row0 = lax.axis_index("rows") * ROWS
-    load_rotation(h_g, h_s, bar)
+    load_to_smem(h_g, h_s, bar)
     gs, six_g = g_g[0], g_g[1]
 
     def body(idx, x_s):
