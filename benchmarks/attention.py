@@ -83,6 +83,18 @@ def prepass_variants(A, am, q, k, v):
           "int8_postpass": (post, (o, v_scale))}
 
 
+def run_metadata() -> dict:
+  """device, device_short (for the file name), jax_version, date, command, flops_formula."""
+  import jax
+  kind = jax.devices()[0].device_kind
+  short = kind.lower().replace("nvidia", "").strip().split()[0] if kind else "cpu"
+  print(f"device {kind}, jax {jax.__version__}", flush=True)
+  return {"device": kind, "device_short": short, "jax_version": jax.__version__,
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+          "flops_formula": "4*B*H*T*T*D (unpadded T)"}
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
@@ -102,17 +114,8 @@ def main(argv=None) -> int:
   from mpqjax import attention as A
   from pallas_kernels import attention_mosaic as am
 
-  dev = jax.devices()[0]
-  device_kind = dev.device_kind
-  short = device_kind.lower().replace("nvidia", "").strip().split()[0] if device_kind else "cpu"
-  result = {
-      "device": device_kind, "device_short": short, "jax_version": jax.__version__,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-      "flops_formula": "4*B*H*T*T*D (unpadded T)",
-      "accuracy": [], "timing": [], "errors": [],
-  }
-  print(f"device {device_kind}, jax {jax.__version__}", flush=True)
+  result = {**run_metadata(), "accuracy": [], "timing": [], "errors": []}
+  short = result["device_short"]
 
   impls = [("bf16", "xla"), ("bf16", "cudnn"), ("bf16", "mosaic"), ("int8", "xla"),
            ("int8", "mosaic"), ("int8", "mosaic_magic_init"), ("int8", "xla_pv_bf16"),
@@ -178,8 +181,10 @@ def main(argv=None) -> int:
         "mosaic_bf16": (lambda q, k, v: A.attention(q, k, v, implementation="mosaic"), (q, k, v)),
         "mosaic_int8": (lambda q, k, v: A.attention(q, k, v, precision="int8",
                                                     implementation="mosaic"), (q, k, v)),
-        "mosaic_int8_prepass_mosaic": (lambda q, k, v: A._int8_mosaic(q, k, v, prepass="mosaic"),
-                                       (q, k, v)),
+        "mosaic_int8_prepass_xla": (lambda q, k, v: A._int8_mosaic(q, k, v, prepass="xla"),
+                                    (q, k, v)),
+        "mosaic_int8_pp_on": (lambda q, k, v: A._int8_mosaic(q, k, v, pingpong=True), (q, k, v)),
+        "mosaic_bf16_pp_off": (lambda q, k, v: A._bf16_mosaic(q, k, v, pingpong=False), (q, k, v)),
         "mosaic_int8_pv_bf16": (lambda q, k, v: A.attention(
             q, k, v, precision="int8", implementation="mosaic", int8_pv="bf16"), (q, k, v)),
     }
@@ -189,7 +194,7 @@ def main(argv=None) -> int:
     for bkv in (128, 256):
       s_p = -(-t // max(A.SEQ_MULTIPLE, bkv)) * max(A.SEQ_MULTIPLE, bkv)
       if d == 64 or bkv == 128:
-        cfg_b = am.AttentionConfig(precision="bf16", block_kv=bkv)
+        cfg_b = A.kernel_config("bf16", d, block_kv=bkv)
         padded = tuple(jnp.pad(x, ((0, 0), (0, s_p - t), (0, 0), (0, 0))) for x in (q, k, v))
         variants[f"mosaic_bf16_kernel_only_bkv{bkv}"] = (
             lambda q, k, v, cfg_b=cfg_b: am.flash_attention(q, k, v, kv_len=t, config=cfg_b),
@@ -197,7 +202,7 @@ def main(argv=None) -> int:
       ops = A.quantize_operands(q, k, v, block_kv=bkv)
       vt8 = am.prepare_vt(ops.v8)
       for conv in ("magic", "magic_init"):
-        cfg_i = am.AttentionConfig(precision="int8", block_kv=bkv, int8_convert=conv)
+        cfg_i = A.kernel_config("int8", d, block_kv=bkv, int8_convert=conv)
         variants[f"mosaic_int8_kernel_only_bkv{bkv}_{conv}"] = (
             lambda *o, cfg_i=cfg_i: am.flash_attention(*o, kv_len=t, config=cfg_i),
             (ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale))
@@ -205,8 +210,7 @@ def main(argv=None) -> int:
         ops = A.quantize_operands(q, k, v, block_kv=bkv, pv="bf16")
         vt16 = am.prepare_vt(ops.v8)
         for conv in ("magic", "magic_init"):
-          cfg_i = am.AttentionConfig(precision="int8", block_kv=bkv, int8_convert=conv,
-                                     pv_dtype="bfloat16")
+          cfg_i = A.kernel_config("int8", d, pv="bf16", block_kv=bkv, int8_convert=conv)
           variants[f"mosaic_int8_pv_bf16_kernel_only_bkv{bkv}_{conv}"] = (
               lambda *o, cfg_i=cfg_i: am.flash_attention(*o, kv_len=t, config=cfg_i),
               (ops.q8, ops.k8, vt16, ops.q_scale, ops.k_scale))

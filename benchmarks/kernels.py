@@ -85,9 +85,15 @@ def tune_configs(m: int, n: int, k: int):
          dataclasses.replace(base, max_concurrent_steps=3, epi_tile_n=64),
          dataclasses.replace(base, grid_minor_dim=w8a8.Dim.M, max_concurrent_steps=3,
                              epi_tile_n=64, grid_tile_width=4)]
-  else:
+  else:  # memory-bound: fewer weight re-reads (wider CTA tiles) vs more CTAs (split K)
+    sms = w8a8.num_sms()
+    wide = lambda **kw: w8a8.with_k_splits(dataclasses.replace(base, **kw), m, n, k, sms)
     c = [base, dataclasses.replace(base, k_splits=1),
-         dataclasses.replace(base, k_splits=base.k_splits * 2)]
+         dataclasses.replace(base, k_splits=base.k_splits * 2),
+         wide(max_concurrent_steps=4), wide(max_concurrent_steps=8),
+         wide(tile_n=128, max_concurrent_steps=4),  # CTA 64 x 256
+         wide(wg_dimension=w8a8.Dim.M),  # CTA 128 x 64
+         wide(tile_m=128, wg_dimension=w8a8.Dim.M, max_concurrent_steps=4)]  # CTA 256 x 64
   seen, out = set(), []
   for x in c:
     if x not in seen and n % x.cta_tile_n == 0 and k % (x.tile_k * x.k_splits) == 0:

@@ -157,10 +157,10 @@ def quantize_blocks_xla(x: jax.Array, center: jax.Array | None, *, block_rows: i
 
 
 PREPASSES = ("xla", "mosaic")
-# The operand pre-pass of the Mosaic int8 path. "mosaic" (one read of Q, K and V:
-# pallas_kernels.attention_quant_mgpu and attention_vt_mgpu) is tested in interpret mode and
-# lowered for CUDA but not yet run on a GPU: "xla" until it is timed.
-PREPASS_DEFAULT = "xla"
+# The operand pre-pass of the Mosaic int8 path. "mosaic" reads Q, K and V once each
+# (pallas_kernels.attention_quant_mgpu and attention_vt_mgpu): 1.06 vs 1.97 ms for XLA's at
+# the 2B shape on an H200 (benchmarks/results/attention-h200.prepass-mosaic.json).
+PREPASS_DEFAULT = "mosaic"
 
 
 def _quantize_blocks(x: jax.Array, center: jax.Array | None, *, block_rows: int, t_pad: int,
@@ -272,9 +272,13 @@ def kernel_config(precision: str, head_dim: int, *, pv: str = INT8_PV_DEFAULT,
     # Measured on H200 (benchmarks/results/attention-h200.json): the accumulator-init
     # int->float wins with fp8 PV at D = 64 (1.14x cuDNN vs 1.07x) but takes 2.4x longer
     # (spills) at D = 128, and with bf16 PV at block_kv 256 (25 ms vs 11.9 ms at 2B).
+    # No ping-pong: the softmax, not the tensor cores, bounds the int8 kernel, so the two
+    # warpgroups' softmaxes should overlap each other (2B: 8.30 vs 9.97 ms kernel alone,
+    # head_dim 128: 13.86 vs 15.60 ms; attention-h200.pingpong.json). bf16 keeps it (1.18x vs
+    # 1.07x cuDNN at 2B).
     config = {"block_kv": _int8_block_kv(head_dim, pv),
               "int8_convert": "magic_init" if head_dim == 64 and pv == "fp8" else "magic",
-              "pv_dtype": jnp.dtype(_PV_DTYPES[pv]).name}
+              "pv_dtype": jnp.dtype(_PV_DTYPES[pv]).name, "pingpong": False}
   else:
     config = {"block_kv": _bf16_block_kv(head_dim)}
   return am.AttentionConfig(precision=precision, block_q=BLOCK_Q, interpret=interpret,

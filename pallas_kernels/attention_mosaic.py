@@ -69,6 +69,8 @@ class AttentionConfig:
     |q8 . k8| <= 127^2 * 128 guarantees; the 1.5 * 2^23 offset is folded into the softmax max)
     or "magic_init" (the same value with no per-element op: the int32 wgmma accumulator starts
     at 0x4B400000; interpret mode, which cannot run pl.run_state, does the add instead).
+  pingpong: the two compute warpgroups take turns on the tensor cores (one's softmax overlaps
+    the other's wgmmas, as in the example and FA3); False lets both run freely.
   interpret: run through Mosaic GPU's interpret mode (CPU tests).
   """
   precision: str = "bf16"
@@ -78,6 +80,7 @@ class AttentionConfig:
   int8_convert: str = "magic"
   interpret: bool = False
   pv_dtype: str = "float8_e4m3fn"
+  pingpong: bool = True
 
   def __post_init__(self):
     if self.precision not in PRECISIONS:
@@ -235,8 +238,9 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
         (k_consumed, v_consumed), schedule_barrier = scoped
 
     def perform_schedule_barrier():
-      plgpu.barrier_arrive(schedule_barrier)
-      plgpu.barrier_wait(schedule_barrier)
+      if cfg.pingpong:
+        plgpu.barrier_arrive(schedule_barrier)
+        plgpu.barrier_wait(schedule_barrier)
 
     def kv_slice(step):
       return pl.ds(step * block_kv, block_kv)
@@ -328,9 +332,11 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
           p_op = p.astype(in_dtype)
 
         def end_softmax_barriers():
-          plgpu.barrier_arrive(schedule_barrier)  # Done with softmax.
+          if cfg.pingpong:
+            plgpu.barrier_arrive(schedule_barrier)  # Done with softmax.
           plgpu.barrier_wait(v_barriers.at[slot])
-          plgpu.barrier_wait(schedule_barrier)  # Wait until the tensor cores are free.
+          if cfg.pingpong:
+            plgpu.barrier_wait(schedule_barrier)  # Wait until the tensor cores are free.
         # The example found this ordering matters for speed at head_dim <= 128.
         acc, l_i, m_i, alpha, p_op = lax.optimization_barrier((acc, l_i, m_i, alpha, p_op))
         end_softmax_barriers()

@@ -80,6 +80,11 @@ def pick_config(m: int, n: int, k: int, sms: int | None = None) -> W8A8Config:
   # Memory-bound: weight streaming. Small tiles along N, split K until the SMs are busy.
   cfg = W8A8Config(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=6,
                    epi_tile_n=64, epi_tile_m=64, grid_minor_dim=Dim.M, grid_tile_width=1)
+  return with_k_splits(cfg, m, n, k, sms)
+
+
+def with_k_splits(cfg: W8A8Config, m: int, n: int, k: int, sms: int) -> W8A8Config:
+  """cfg with K split in powers of two until the (M, N) tiles x splits fill the SMs."""
   tiles = pl.cdiv(m, cfg.cta_tile_m) * pl.cdiv(n, cfg.cta_tile_n)
   k_iters = k // cfg.tile_k
   splits = 1

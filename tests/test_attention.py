@@ -204,6 +204,17 @@ def test_int8_mosaic_interpret_matches_xla(pv):
   assert cos >= BAR_COS and rel_l1 <= BAR_REL_L1
 
 
+def test_int8_mosaic_interpret_pingpong_same_output():
+  """The int8 default runs the warpgroups free (no ping-pong); the ping-pong schedule gives
+  the same values."""
+  q, k, v = _inputs(10, (1, 190, 1, 64), magnitude=6.0)
+  assert not A.kernel_config("int8", 64).pingpong and A.kernel_config("bf16", 64).pingpong
+  on = A._int8_mosaic(q, k, v, interpret=True, pingpong=True)
+  off = A._int8_mosaic(q, k, v, interpret=True)
+  assert np.all(np.isfinite(np.asarray(off, np.float32)))
+  np.testing.assert_array_equal(np.asarray(on, np.float32), np.asarray(off, np.float32))
+
+
 @pytest.mark.parametrize("d,block_rows,centered", [(64, 64, False), (64, 256, True),
                                                    (128, 64, False), (128, 256, True)])
 def test_prepass_kernel_interpret_matches_xla(d, block_rows, centered):
@@ -267,10 +278,11 @@ def test_prepass_rejects_bad_input():
     A.quantize_operands(q, k, v, prepass="cuda")
 
 
-def test_int8_mosaic_with_mosaic_prepass_interpret_matches_xla():
-  """The whole int8 pipeline with the Mosaic Q/K pre-pass against the xla path."""
+def test_int8_mosaic_with_xla_prepass_interpret_matches_xla():
+  """The whole int8 pipeline with the XLA pre-pass (the default is the Mosaic one) against
+  the xla path."""
   q, k, v = _inputs(9, (1, 190, 1, 64), magnitude=6.0)
-  out = A._int8_mosaic(q, k, v, interpret=True, prepass="mosaic")
+  out = A._int8_mosaic(q, k, v, interpret=True, prepass="xla")
   xla = A.attention(q, k, v, precision="int8", implementation="xla")
   cos, rel_l1 = _metrics(out, np.asarray(jnp.asarray(xla, jnp.float32), np.float64))
   assert cos > 0.99999 and rel_l1 < 0.003
@@ -367,6 +379,18 @@ def test_mosaic_gpu_prepass_matches_xla(d, h):
   xla = A.attention(q, k, v, precision="int8", implementation="xla")
   cos, rel_l1 = _metrics(out, np.asarray(jnp.asarray(xla, jnp.float32), np.float64))
   assert cos > 0.9999 and rel_l1 < 0.01
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_mosaic_gpu_pingpong_does_not_change_the_output(precision):
+  """The warpgroup schedule (ping-pong or free) only reorders whole wgmmas: same bits."""
+  q, k, v = _inputs(41, (2, 1500, 3, 64))
+  fn = A._int8_mosaic if precision == "int8" else A._bf16_mosaic
+  on, off = fn(q, k, v, pingpong=True), fn(q, k, v, pingpong=False)
+  assert np.all(np.isfinite(np.asarray(on, np.float32)))
+  np.testing.assert_array_equal(np.asarray(on, np.float32), np.asarray(off, np.float32))
 
 
 @pytest.mark.gpu
