@@ -118,18 +118,23 @@ def main(argv=None) -> int:
   short = result["device_short"]
 
   impls = [("bf16", "xla"), ("bf16", "cudnn"), ("bf16", "mosaic"), ("int8", "xla"),
-           ("int8", "mosaic"), ("int8", "mosaic_magic_init"), ("int8", "xla_pv_bf16"),
-           ("int8", "mosaic_pv_bf16")]
+           ("int8", "mosaic"), ("int8", "mosaic_magic_init"), ("int8", "xla_pv_fp8x2"),
+           ("int8", "mosaic_pv_fp8x2"), ("int8", "xla_pv_bf16"), ("int8", "mosaic_pv_bf16")]
   impl_fns = {
       "mosaic_magic_init": lambda q, k, v, prec: A._int8_mosaic(q, k, v,
                                                                 int8_convert="magic_init"),
       "xla_pv_bf16": lambda q, k, v, prec: A.attention(q, k, v, precision=prec,
                                                        implementation="xla", int8_pv="bf16"),
+      "xla_pv_fp8x2": lambda q, k, v, prec: A.attention(q, k, v, precision=prec,
+                                                        implementation="xla", int8_pv="fp8x2"),
+      "mosaic_pv_fp8x2": lambda q, k, v, prec: A.attention(q, k, v, precision=prec,
+                                                           implementation="mosaic",
+                                                           int8_pv="fp8x2"),
       "mosaic_pv_bf16": lambda q, k, v, prec: A.attention(q, k, v, precision=prec,
                                                           implementation="mosaic",
                                                           int8_pv="bf16"),
   }
-  xla_of = {"mosaic_pv_bf16": "xla_pv_bf16"}  # the xla path with the same numerics
+  xla_of = {"mosaic_pv_bf16": "xla_pv_bf16", "mosaic_pv_fp8x2": "xla_pv_fp8x2"}  # the xla path with the same numerics
   if jax.default_backend() != "gpu":  # cuDNN and Mosaic GPU need the GPU
     impls = [(p, i) for p, i in impls if i.startswith("xla")]
     result["note"] = f"backend {jax.default_backend()}: xla implementations only"
@@ -187,6 +192,8 @@ def main(argv=None) -> int:
         "mosaic_bf16_pp_off": (lambda q, k, v: A._bf16_mosaic(q, k, v, pingpong=False), (q, k, v)),
         "mosaic_int8_pv_bf16": (lambda q, k, v: A.attention(
             q, k, v, precision="int8", implementation="mosaic", int8_pv="bf16"), (q, k, v)),
+        "mosaic_int8_pv_fp8x2": (lambda q, k, v: A.attention(
+            q, k, v, precision="int8", implementation="mosaic", int8_pv="fp8x2"), (q, k, v)),
     }
     variants.update(prepass_variants(A, am, q, k, v))
     # Kernel alone on pre-padded / pre-quantized operands, per block_kv (256 x 128 bf16 K+V

@@ -19,6 +19,9 @@ precision:
     block; then PV in `int8_pv` (default INT8_PV_DEFAULT = "fp8"):
       "fp8": P is rounded to FP8 e4m3 (scaled by 448 against the running max) and V to FP8 e4m3
         with one scale per channel (fp8 tensor cores, promoted to fp32 every KV block);
+      "fp8x2": as "fp8", with V as the sum of two e4m3 terms (hi = e4m3(V / s), lo =
+        e4m3(V / s - hi)), one fp8 wgmma per term with the same P: V's rounding error drops
+        from 2^-4 to ~2^-8 relative for one more fp8 wgmma per block;
       "bf16": P and V in bf16 (bf16 tensor cores, fp32 accumulation).
     The softmax denominator is the sum of the rounded P (so the output is an exact convex
     combination of the rounded V). Accuracy (pallas_kernels/NOTES.md): e4m3 P and V alone cost
@@ -56,9 +59,10 @@ IMPLEMENTATIONS = ("xla", "cudnn", "mosaic")
 BLOCK_Q = 64     # query rows per INT8 scale (one kernel warpgroup tile)
 BLOCK_KV = 256   # keys per INT8 scale (one kernel pipeline step; 256 measured faster than 128)
 SEQ_MULTIPLE = 128  # both sequence axes are padded to a multiple of this (and of block_kv)
-INT8_PVS = ("fp8", "bf16")  # the PV operand formats of precision "int8"
+INT8_PVS = ("fp8", "fp8x2", "bf16")  # the PV operand formats of precision "int8"
 INT8_PV_DEFAULT = "fp8"
-_PV_DTYPES = {"fp8": jnp.float8_e4m3fn, "bf16": jnp.bfloat16}
+_PV_DTYPES = {"fp8": jnp.float8_e4m3fn, "fp8x2": jnp.float8_e4m3fn, "bf16": jnp.bfloat16}
+_V_TERMS = {"fp8": 1, "fp8x2": 2, "bf16": 1}
 
 
 def _bf16_block_kv(head_dim: int) -> int:
@@ -89,7 +93,8 @@ class Int8Operands(NamedTuple):
     1/sqrt(D) and log2(e), so q8 . k8 * q_scale * k_scale is the score in base-2 logits.
   k8: s8 [B, Sp, H, D] of the mean-smoothed, rotated K; k_scale: f32 [B, H, Sp/block_kv].
   v8: the PV operand [B, Sp, H, D]: f8e4m3 with v_scale f32 [B, H, D] one scale per channel
-    (V ~= v8 * v_scale), or bf16 V with v_scale = 1.
+    (V ~= v8 * v_scale), or bf16 V with v_scale = 1; for "fp8x2" [B, Sp, H, 2 D], the e4m3
+    terms hi and lo concatenated (V ~= (hi + lo) * v_scale).
   """
   q8: jax.Array
   q_scale: jax.Array
@@ -183,12 +188,14 @@ def _interpret_params(interpret: bool):
 
 def quantize_operands(q: jax.Array, k: jax.Array, v: jax.Array, *, block_kv: int = BLOCK_KV,
                       pv: str = INT8_PV_DEFAULT, prepass: str = "xla",
-                      interpret: bool = False) -> Int8Operands:
+                      interpret: bool = False,
+                      q_multiple: int | None = None) -> Int8Operands:
   """Smooths K, rotates Q and K, quantizes them to INT8 per block and V to the PV format
   `pv` (FP8 per channel, or bf16; see Int8Operands).
 
   block_kv: keys per K scale (the kernel's block_kv); both sequence axes are padded to
-  max(SEQ_MULTIPLE, block_kv). prepass: "xla", or "mosaic" for Q and K through
+  max(SEQ_MULTIPLE, block_kv), or the queries to q_multiple (a multiple of BLOCK_Q) if given
+  (the kernel's CTA query tile). prepass: "xla", or "mosaic" for Q and K through
   pallas_kernels.attention_quant_mgpu where it applies (bf16, D = 64 or 128); interpret: run
   that kernel in Mosaic GPU's interpret mode (CPU tests).
   """
@@ -196,7 +203,7 @@ def quantize_operands(q: jax.Array, k: jax.Array, v: jax.Array, *, block_kv: int
     f32 = jnp.float32
     d = q.shape[-1]
     mult = max(SEQ_MULTIPLE, block_kv)
-    t_p = _round_up(q.shape[1], mult)
+    t_p = _round_up(q.shape[1], q_multiple or mult)
     s_p = _round_up(k.shape[1], mult)
     # Smoothing: the per-(batch, head) token mean of K, rotated (rotation is linear: the mean
     # of the rotated K) and subtracted from the rotated K; padding rows stay 0.
@@ -213,7 +220,12 @@ def quantize_operands(q: jax.Array, k: jax.Array, v: jax.Array, *, block_kv: int
       vf = v.astype(f32)
       v_scale = jnp.maximum(jnp.max(jnp.abs(vf), axis=1), 1e-30) / _E4M3_MAX  # [B, H, D]
       # times the reciprocal, spelled out (as the Mosaic V^T kernel computes it)
-      v8 = _pad_seq(formats.narrowed(vf * (1.0 / v_scale)[:, None], jnp.float8_e4m3fn), s_p)
+      x = vf * (1.0 / v_scale)[:, None]
+      v8 = formats.narrowed(x, jnp.float8_e4m3fn)
+      if pv == "fp8x2":  # the rounding error of hi, itself in e4m3
+        lo = formats.narrowed(x - v8.astype(f32), jnp.float8_e4m3fn)
+        v8 = jnp.concatenate([v8, lo], axis=-1)
+      v8 = _pad_seq(v8, s_p)
     return Int8Operands(q8, q_scale, k8, k_scale, v8, v_scale)
 
 
@@ -243,9 +255,9 @@ def int8_probabilities(q8: jax.Array, k8: jax.Array, q_scale: jax.Array, k_scale
 
 
 def _int8_block_kv(head_dim: int, pv: str) -> int:
-  """int8 kernel keys per step: 256 (measured faster than 128 with fp8 PV); with bf16 PV at
-  D = 128 a 256-key bf16 V^T ring does not fit SMEM next to K."""
-  return 128 if pv == "bf16" and head_dim > 64 else BLOCK_KV
+  """int8 kernel keys per step: 256 (measured faster than 128 with fp8 PV); with bf16 or
+  two-term fp8 PV at D = 128 a 256-key V^T ring does not fit SMEM next to K."""
+  return 128 if pv in ("bf16", "fp8x2") and head_dim > 64 else BLOCK_KV
 
 
 def _int8_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, pv: str = INT8_PV_DEFAULT
@@ -257,8 +269,8 @@ def _int8_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, pv: str = INT8_PV_DEF
   p8 = int8_probabilities(ops.q8, ops.k8, ops.q_scale, ops.k_scale, kv_len=s_len,
                           block_kv=block_kv, p_dtype=_PV_DTYPES[pv])
   l = p8.sum(axis=-1)  # [B, H, Tp]; the kernel gets it from V^T's row of ones
-  o = jnp.einsum("bhts,bshd->bthd", p8, ops.v8.astype(jnp.float32),
-                 precision=lax.Precision.HIGHEST)
+  v_terms = jnp.split(ops.v8.astype(jnp.float32), _V_TERMS[pv], axis=-1)
+  o = jnp.einsum("bhts,bshd->bthd", p8, sum(v_terms), precision=lax.Precision.HIGHEST)
   o = formats.narrowed(o / jnp.moveaxis(l, 1, 2)[..., None], jnp.bfloat16)  # the kernel's output
   return (o[:, :t].astype(jnp.float32) * ops.v_scale[:, None]).astype(q.dtype)
 
@@ -277,8 +289,10 @@ def kernel_config(precision: str, head_dim: int, *, pv: str = INT8_PV_DEFAULT,
     # head_dim 128: 13.86 vs 15.60 ms; attention-h200.pingpong.json). bf16 keeps it (1.18x vs
     # 1.07x cuDNN at 2B).
     config = {"block_kv": _int8_block_kv(head_dim, pv),
-              "int8_convert": "magic_init" if head_dim == 64 and pv == "fp8" else "magic",
-              "pv_dtype": jnp.dtype(_PV_DTYPES[pv]).name, "pingpong": False}
+              "int8_convert": ("magic_init" if head_dim == 64 and pv in ("fp8", "fp8x2")
+                               else "magic"),
+              "pv_dtype": jnp.dtype(_PV_DTYPES[pv]).name, "pingpong": False,
+              "v_terms": _V_TERMS[pv]}
   else:
     config = {"block_kv": _bf16_block_kv(head_dim)}
   return am.AttentionConfig(precision=precision, block_q=BLOCK_Q, interpret=interpret,
@@ -287,17 +301,17 @@ def kernel_config(precision: str, head_dim: int, *, pv: str = INT8_PV_DEFAULT,
 
 def _vt_operand(v: jax.Array, ops: Int8Operands, *, pv: str, prepass: str,
                 interpret: bool) -> jax.Array:
-  """The int8 kernel's V^T operand [B, H, D + 8, Sp]: from ops.v8 in XLA, or with prepass
-  "mosaic" and fp8 PV straight from bf16 v by pallas_kernels.attention_vt_mgpu (one pass;
-  ops.v8 is then dead code)."""
+  """The int8 kernel's V^T operand [B, H, terms * (D + 8), Sp]: from ops.v8 in XLA, or with
+  prepass "mosaic" and fp8 PV straight from bf16 v by pallas_kernels.attention_vt_mgpu (one
+  pass; ops.v8 is then dead code)."""
   from pallas_kernels import attention_mosaic as am
-  if prepass == "mosaic" and pv == "fp8":
+  if prepass == "mosaic" and pv in ("fp8", "fp8x2"):
     from pallas_kernels import attention_vt_mgpu as av
     s_pad = ops.k8.shape[1]
     if av.supported(v) and s_pad % av.BLOCK_TOKENS == 0:
-      return av.transposed_fp8_v_mgpu(v, 1.0 / ops.v_scale, s_pad=s_pad,
+      return av.transposed_fp8_v_mgpu(v, 1.0 / ops.v_scale, s_pad=s_pad, terms=_V_TERMS[pv],
                                       interpret=_interpret_params(interpret))
-  return am.prepare_vt(ops.v8)
+  return am.prepare_vt(ops.v8, _V_TERMS[pv])
 
 
 def _int8_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False,
@@ -307,7 +321,7 @@ def _int8_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = 
   t, s_len = q.shape[1], k.shape[1]
   cfg = kernel_config("int8", q.shape[-1], pv=pv, interpret=interpret, **config)
   ops = quantize_operands(q, k, v, block_kv=cfg.block_kv, pv=pv, prepass=prepass,
-                          interpret=interpret)
+                          interpret=interpret, q_multiple=cfg.q_multiple)
   with jax.named_scope("attention_quantize"):
     vt8 = _vt_operand(v, ops, pv=pv, prepass=prepass, interpret=interpret)
   o = am.flash_attention(ops.q8, ops.k8, vt8, ops.q_scale, ops.k_scale, kv_len=s_len, config=cfg)

@@ -70,7 +70,10 @@ class AttentionConfig:
     or "magic_init" (the same value with no per-element op: the int32 wgmma accumulator starts
     at 0x4B400000; interpret mode, which cannot run pl.run_state, does the add instead).
   pingpong: the two compute warpgroups take turns on the tensor cores (one's softmax overlaps
-    the other's wgmmas, as in the example and FA3); False lets both run freely.
+    the other's wgmmas, as in the example and FA3); False lets them run freely.
+  v_terms (int8 with fp8 PV): 1, or 2 when V^T holds V as the sum of two e4m3 terms (rows
+    [0, D + 8) and [D + 8, 2 D + 16), see prepare_vt): the PV step then issues a second fp8
+    wgmma with the same P registers, which cuts V's rounding error from 2^-4 to ~2^-8.
   interpret: run through Mosaic GPU's interpret mode (CPU tests).
   """
   precision: str = "bf16"
@@ -81,6 +84,7 @@ class AttentionConfig:
   interpret: bool = False
   pv_dtype: str = "float8_e4m3fn"
   pingpong: bool = True
+  v_terms: int = 1
 
   def __post_init__(self):
     if self.precision not in PRECISIONS:
@@ -97,6 +101,10 @@ class AttentionConfig:
       raise ValueError(f"pv_dtype must be one of {PV_DTYPES}, got {self.pv_dtype!r}")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
+    if self.v_terms not in (1, 2) or (self.v_terms == 2 and (
+        self.precision != "int8" or jnp.dtype(self.pv_dtype).itemsize != 1)):
+      raise ValueError(f"v_terms must be 1, or 2 for int8 with fp8 PV; got {self.v_terms} "
+                       f"({self.precision}, {self.pv_dtype})")
 
   @property
   def q_multiple(self) -> int:
@@ -117,15 +125,19 @@ def permute_kv_tokens(x: jax.Array, axis: int) -> jax.Array:
   return y.reshape(shp)
 
 
-def prepare_vt(v8: jax.Array) -> jax.Array:
-  """V [B, S, H, D] in the PV dtype (FP8 e4m3 or bf16) -> the int8 kernel's V^T operand
-  [B, H, D + 8, S]: transposed (8-bit wgmma needs B K-major), one extra row of ones and 7 of
-  zeros (PV then also yields sum(P), the softmax denominator); for FP8 the tokens are permuted
-  by `permute_kv_tokens` (bf16 P is already a wgmma operand). S must be a multiple of 16."""
+def prepare_vt(v8: jax.Array, terms: int = 1) -> jax.Array:
+  """V [B, S, H, terms * D] in the PV dtype (FP8 e4m3 or bf16; with terms = 2, V as the sum of
+  two e4m3 terms, concatenated along the last axis) -> the int8 kernel's V^T operand
+  [B, H, terms * (D + 8), S]: per term, transposed (8-bit wgmma needs B K-major) and 8 extra
+  rows, for the first term a row of ones then zeros (PV then also yields sum(P), the softmax
+  denominator), zeros for the second; for FP8 the tokens are permuted by `permute_kv_tokens`
+  (bf16 P is already a wgmma operand). S must be a multiple of 16."""
   b, s, h, _ = v8.shape
-  vt = jnp.transpose(v8, (0, 2, 3, 1))
-  extra = jnp.zeros((b, h, V_EXTRA_ROWS, s), v8.dtype).at[:, :, 0].set(1)
-  vt = jnp.concatenate([vt, extra], axis=2)
+  parts = []
+  for i, v_term in enumerate(jnp.split(v8, terms, axis=-1)):
+    extra = jnp.zeros((b, h, V_EXTRA_ROWS, s), v8.dtype)
+    parts += [jnp.transpose(v_term, (0, 2, 3, 1)), extra.at[:, :, 0].set(1) if i == 0 else extra]
+  vt = jnp.concatenate(parts, axis=2)
   return permute_kv_tokens(vt, axis=-1) if jnp.dtype(v8.dtype).itemsize == 1 else vt
 
 
@@ -184,7 +196,7 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
     if (q.dtype, k.dtype, vt.dtype) != (jnp.int8, jnp.int8, jnp.dtype(cfg.pv_dtype)):
       raise ValueError(f"int8 attention wants s8 q, k and {cfg.pv_dtype} v^T, got {q.dtype}, "
                        f"{k.dtype}, {vt.dtype}")
-    want = (batch_size, num_heads, head_dim + V_EXTRA_ROWS, kv_len_p)
+    want = (batch_size, num_heads, cfg.v_terms * (head_dim + V_EXTRA_ROWS), kv_len_p)
     if vt.shape != want:
       raise ValueError(f"v^T shape {vt.shape} != {want} (see prepare_vt)")
     if q_scale.shape != (batch_size, num_heads, q_len_p // cfg.block_q):
@@ -362,7 +374,9 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
             p_op = p_smem2.at[wg_idx]
 
           def compute_pv(acc_ref):
-            plgpu.wgmma(acc_ref, p_op, v_op)
+            for term in range(cfg.v_terms):  # the same P registers against each V term
+              plgpu.wgmma(acc_ref, p_op, v_op if cfg.v_terms == 1 else
+                          v_smem.at[slot, pl.ds(term * dv, dv)].transpose((1, 0)))
             wait_next_k()
             return acc_ref[...]
           pv = pl.run_scoped(compute_pv, plgpu.ACC((block_q, dv), jnp.float32))
@@ -426,7 +440,7 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
   q_scratch = plgpu.SMEM((2, block_q, head_dim), in_dtype, transforms=qk_t)
   k_scratch = plgpu.SMEM((steps, block_kv, head_dim), in_dtype, transforms=qk_t)
   if quant:
-    v_scratch = plgpu.SMEM((steps, dv, block_kv), pv_dtype,
+    v_scratch = plgpu.SMEM((steps, cfg.v_terms * dv, block_kv), pv_dtype,
                            transforms=_smem_transforms(block_kv, pv_dtype.itemsize))
     o_scratch = plgpu.SMEM((2, block_q, head_dim), out_dtype,
                            transforms=_smem_transforms(head_dim, 2))
@@ -485,6 +499,7 @@ def reference(*operands, kv_len: int, config: AttentionConfig) -> jax.Array:
       p8 = permute_kv_tokens(p8, axis=-1)
     # V^T's row of ones makes the denominator sum(P8) (column d of the product).
     o = jnp.einsum("bhts,bhds->bthd", p8, vt8.astype(f32), precision=hi)
+    o = o.reshape(*o.shape[:-1], config.v_terms, -1).sum(axis=-2)  # the V terms add up
     d = o.shape[-1] - V_EXTRA_ROWS
     return (o[..., :d] / o[..., d:d + 1]).astype(jnp.bfloat16)
   q, k, v = operands

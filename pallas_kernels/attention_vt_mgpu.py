@@ -1,12 +1,13 @@
 """The int8 attention kernel's V^T operand from bf16 V in one pass (Mosaic GPU).
 
-  transposed_fp8_v_mgpu(v bf16[B, S, H, D], inv_scale f32[B, H, D], s_pad)
-    -> vt8 f8e4m3[B, H, D + 8, s_pad]
+  transposed_fp8_v_mgpu(v bf16[B, S, H, D], inv_scale f32[B, H, D], s_pad, terms=1)
+    -> vt8 f8e4m3[B, H, terms * (D + 8), s_pad]
 
-equals attention_mosaic.prepare_vt(e4m3(v * inv_scale) zero-padded to s_pad tokens): V scaled
-per channel, rounded to FP8 e4m3, transposed (8-bit wgmma needs the PV operand K-major), the
-tokens permuted inside each group of 16 (attention_mosaic.permute_kv_tokens, matching how the
-kernel reinterprets P's registers), and 8 extra rows, ones then zeros (PV then also sums P).
+equals attention_mosaic.prepare_vt(e4m3(v * inv_scale) zero-padded to s_pad tokens, terms): V
+scaled per channel, rounded to FP8 e4m3, transposed (8-bit wgmma needs the PV operand K-major),
+the tokens permuted inside each group of 16 (attention_mosaic.permute_kv_tokens, matching how
+the kernel reinterprets P's registers), and 8 extra rows, ones then zeros (PV then also sums P);
+with terms = 2 also the rounding error lo = e4m3(x - hi) and 8 zero rows.
 
 XLA does this as a chain of fusions (0.95-1.2 ms at the CogVideoX-2B shape on an H200, NOTES.md);
 here one CTA takes 256 tokens of one batch and walks the heads with a TMA pipeline. Both the
@@ -51,10 +52,13 @@ def permutation_matrix() -> np.ndarray:
   return pm
 
 
-def transposed_fp8_v_mgpu(v: jax.Array, inv_scale: jax.Array, *, s_pad: int,
+def transposed_fp8_v_mgpu(v: jax.Array, inv_scale: jax.Array, *, s_pad: int, terms: int = 1,
                           config: VtConfig = VtConfig(), interpret=None) -> jax.Array:
   """See the module docstring. v bf16[B, S, H, D] (D = 64 or 128), inv_scale f32[B, H, D] (1 /
-  the per-channel scale), s_pad >= S a multiple of 256. interpret: plgpu.InterpretGPUParams."""
+  the per-channel scale), s_pad >= S a multiple of 256, terms 1 or 2. interpret:
+  plgpu.InterpretGPUParams."""
+  if terms not in (1, 2):
+    raise ValueError(f"transposed_fp8_v_mgpu: terms must be 1 or 2, got {terms}")
   check_operand("transposed_fp8_v_mgpu", v, ("s_pad", s_pad), BLOCK_TOKENS,
                 ("inv_scale", inv_scale))
   b, s, h, d = v.shape
@@ -64,9 +68,10 @@ def transposed_fp8_v_mgpu(v: jax.Array, inv_scale: jax.Array, *, s_pad: int,
   v3 = pad_tokens_to_8(v).reshape(b, -1, h * d)
   inv2 = inv_scale.astype(jnp.float32).reshape(b, h * d)
   pm = jnp.asarray(permutation_matrix(), jnp.bfloat16)
-  extra = np.zeros((V_EXTRA_ROWS, ROWS), np.float32)
-  extra[0] = 1.0
-  extra = jnp.asarray(extra, f8)  # the rows after the D channel rows: ones, then zeros
+  extra = np.zeros((2, V_EXTRA_ROWS, ROWS), np.float32)
+  extra[0, 0] = 1.0
+  extra = jnp.asarray(extra, f8)  # the rows after hi's D channel rows: ones, then zeros; lo's: 0
+  dv = d + V_EXTRA_ROWS
   out_tr = smem_transforms(ROWS, 8)  # 64 one-byte tokens per row
   steps = min(config.max_concurrent_steps, h)
 
@@ -83,15 +88,22 @@ def transposed_fp8_v_mgpu(v: jax.Array, inv_scale: jax.Array, *, s_pad: int,
       else:
         inv = plgpu.load(inv_s, layout=plgpu.Layout.WGMMA.reduce(1))
       for i in range(subs):
-        vt = wgmma_f32(v_s.at[pl.ds(i * ROWS, ROWS)].T, pm_s, (d, ROWS))  # [channels, tokens]
-        vt = (vt * lax.broadcast_in_dim(inv, (d, ROWS), [0])).astype(f8)
+        x = wgmma_f32(v_s.at[pl.ds(i * ROWS, ROWS)].T, pm_s, (d, ROWS))  # [channels, tokens]
+        x = x * lax.broadcast_in_dim(inv, (d, ROWS), [0])
+        vt = x.astype(f8)
         slot = lax.rem(hh * subs + i, 2)
-        plgpu.wait_smem_to_gmem(2, wait_read_only=True)  # the 2 stores that used this slot
-        o_s[slot] = vt
+        # the 2 (hi, extra rows) or 4 (also lo, zero rows) stores that used this slot
+        plgpu.wait_smem_to_gmem(2 * terms, wait_read_only=True)
+        o_s[terms * slot] = vt
+        if terms == 2:
+          o_s[terms * slot + 1] = (x - vt.astype(jnp.float32)).astype(f8)
         plgpu.commit_smem()
         cols = pl.ds(t0 + i * ROWS, ROWS)
-        plgpu.copy_smem_to_gmem(o_s.at[slot], vt_g.at[bi, hh, pl.ds(0, d), cols])
-        plgpu.copy_smem_to_gmem(extra_s, vt_g.at[bi, hh, pl.ds(d, V_EXTRA_ROWS), cols])
+        for term in range(terms):
+          plgpu.copy_smem_to_gmem(o_s.at[terms * slot + term],
+                                  vt_g.at[bi, hh, pl.ds(term * dv, d), cols])
+          plgpu.copy_smem_to_gmem(extra_s.at[term],
+                                  vt_g.at[bi, hh, pl.ds(term * dv + d, V_EXTRA_ROWS), cols])
 
     plgpu.emit_pipeline(
         body, grid=(h,), max_concurrent_steps=steps,
@@ -103,11 +115,11 @@ def transposed_fp8_v_mgpu(v: jax.Array, inv_scale: jax.Array, *, s_pad: int,
 
   f = plgpu.kernel(
       attention_vt_kernel,
-      out_type=jax.ShapeDtypeStruct((b, h, d + V_EXTRA_ROWS, s_pad), f8),
+      out_type=jax.ShapeDtypeStruct((b, h, terms * dv, s_pad), f8),
       grid=(b, s_pad // BLOCK_TOKENS), grid_names=("b", "t"),
       scratch_types=[plgpu.SMEM((ROWS, ROWS), jnp.bfloat16, transforms=bf16_tile_transforms()),
-                     plgpu.SMEM((V_EXTRA_ROWS, ROWS), f8, transforms=out_tr),
-                     plgpu.SMEM((2, d, ROWS), f8, transforms=out_tr),
+                     plgpu.SMEM((2, V_EXTRA_ROWS, ROWS), f8, transforms=out_tr),
+                     plgpu.SMEM((2 * terms, d, ROWS), f8, transforms=out_tr),
                      plgpu.Barrier(num_barriers=2)],
       interpret=interpret)
   return f(v3, inv2, pm, extra)
