@@ -356,7 +356,8 @@ def worker(args) -> int:
       r.program_seconds = time.perf_counter() - t
       if clock.take() > 0:
         raise RuntimeError("the program timing recompiled: the timing would include it")
-    key = (steps, bool(kw.get("tdc")), kw.get("tdc_cache", "bf16"))
+    key = (steps, bool(kw.get("tdc")), kw.get("tdc_cache", "bf16"),
+           kw.get("attention_precision", "bf16"))
     if key not in programs:  # the compiled program's own buffers, independent of run order
       ma = G.generate_latents.lower(*seen["args"], **seen["kwargs"]).compile().memory_analysis()
       programs[key] = {f: getattr(ma, f, None) for f in (
@@ -422,6 +423,10 @@ def worker(args) -> int:
       out["first_call_overhead_seconds"] = wall0 - c - wall
     r, wall, c, prog = call(args.steps, precision="bf16", tdc=False)
     record("bf16", args.steps, r, wall, c, prog, True)
+    if args.int8_attention:  # its own program: the attention precision is static
+      r, wall, c, prog = call(args.steps, precision="bf16", tdc=False, attention_precision="int8")
+      record("bf16 (int8 attention)", args.steps, r, wall, c, prog, True,
+             {"attention_precision": "int8"})
     if args.profile and args.short_steps and args.bf16_short:
       profile("bf16", args.short_steps, exact=False, precision="bf16", tdc=False)
     return 0
@@ -461,6 +466,8 @@ def worker(args) -> int:
         tdc_run(name, False)
   if args.group == "quant" and args.int8_cache:  # its own program: the cache's dtype is static
     tdc_run("mixed+tdc", True, label="mixed+tdc (int8 cache)", tdc_cache="int8")
+  if args.group == "quant" and args.int8_attention:
+    tdc_run("mixed+tdc", True, label="mixed+tdc (int8 attention)", attention_precision="int8")
   if args.profile_tdc and args.short_steps and args.group == "quant":  # every block skips once
     profile("mixed+tdc", args.short_steps, warmup=True, precision="mixed", calibration=calib,
             **{k: v for k, v in tdc_schedule(1 / args.short_steps, args.short_steps).items()
@@ -645,8 +652,9 @@ def run(args) -> int:
       jobs.append(("diffusers", ["_diffusers", "--preset", preset, "--warmup", str(args.warmup),
                                  "--reps", str(args.reps)], None))
     prof = ["--profile"] if args.profile else []
-    jobs.append(("bf16", ["_worker", "--group", "bf16", "--preset", preset, *prof], None))
-    jobs.append(("quant", ["_worker", "--group", "quant", "--preset", preset, *prof]
+    attn8 = ["--int8-attention"] if args.int8_attention else []
+    jobs.append(("bf16", ["_worker", "--group", "bf16", "--preset", preset, *prof, *attn8], None))
+    jobs.append(("quant", ["_worker", "--group", "quant", "--preset", preset, *prof, *attn8]
                  + (["--all-tdc"] if args.all_tdc else [])
                  + (["--int8-cache"] if args.int8_cache else [])
                  + (["--profile-tdc"] if args.profile_tdc and preset == presets[0] else []), None))
@@ -762,6 +770,9 @@ def main(argv=None) -> int:
   r.add_argument("--reps", type=int, default=5, help="diffusers timed steps")
   r.add_argument("--int8-cache", action="store_true",
                  help="also mixed+TDC with the INT8 TDC cache (one more compile)")
+  r.add_argument("--int8-attention", action="store_true",
+                 help="also bf16 and mixed+TDC with INT8/FP8 attention (generate's "
+                      "attention_precision='int8'; one more compile each)")
   r.add_argument("--all-tdc", action="store_true",
                  help="also the DEMO_TDC_SETTINGS schedules (one more run at --steps each)")
   r.add_argument("--bf16-short", action=argparse.BooleanOptionalAction, default=True,
@@ -801,6 +812,7 @@ def main(argv=None) -> int:
       p.add_argument("--trace-dir", default="/tmp/e2e-traces")
       p.add_argument("--all-tdc", action="store_true")
       p.add_argument("--int8-cache", action="store_true")
+      p.add_argument("--int8-attention", action="store_true")
       p.add_argument("--warmup", type=int, default=2)
       p.add_argument("--reps", type=int, default=5)
   mk = sub.add_parser("markdown", help="print the RESULTS.md tables of an e2e JSON")
