@@ -37,13 +37,23 @@ def operands(rng, m, n, k):
     (SMALL, (96, 256, 256)),                                           # ragged M tile
     (dataclasses.replace(SMALL, wg_dimension=w8a8.Dim.M), (200, 128, 256)),
     (dataclasses.replace(SMALL, k_splits=2), (64, 128, 512)),         # split-K path
-], ids=["wgN-raggedM", "wgM", "splitK"])
+    (w8a8.pick_config(200, 128, 512, 132), (200, 128, 512)),          # small-M heuristic
+], ids=["wgN-raggedM", "wgM", "splitK", "picked-smallM"])
 def test_int32_path_exact(rng, cfg, shape):
   m, n, k = shape
   a, b, rs, cs, bias = operands(rng, m, n, k)
   got = w8a8.w8a8_matmul(a, b, rs, cs, config=cfg, out_dtype=jnp.int32, interpret=qlinear_mosaic.interpret_params())
   want = w8a8.reference(a, b, rs, cs, out_dtype=jnp.int32)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_pick_config_small_m():
+  """Below 1024 rows: 64 x 64 warpgroup tiles, split along M above 128 rows (the measured
+  choice), K split until the SMs are busy."""
+  assert w8a8.pick_config(64, 3072, 3072, 132).wg_dimension == w8a8.Dim.N
+  c = w8a8.pick_config(256, 3072, 3072, 132)
+  assert (c.wg_dimension, c.cta_tile_m, c.cta_tile_n) == (w8a8.Dim.M, 128, 64)
+  assert w8a8.pick_config(200, 128, 512, 132).k_splits == 2
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
