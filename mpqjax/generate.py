@@ -59,6 +59,7 @@ class GenerateStatic:
   collect_stats: bool = False
   implementation: str | None = None
   attention_precision: str = "bf16"
+  attention_pv: str = attention_lib.INT8_PV_DEFAULT
   progress: bool = False  # a jax.debug.callback per step (opt-in: it reaches the host)
 
 
@@ -79,7 +80,8 @@ def _denoiser(static: GenerateStatic, params, text_all, knobs: MethodKnobs):
   config = static.model_config
   routed = jnp.asarray(ROUTED)
   run_block = functools.partial(cog.block, config=config, collect_stats=static.collect_stats,
-                                implementation=static.implementation)
+                                implementation=static.implementation,
+                                attention_pv=static.attention_pv)
   int8_attention = static.attention_precision == "int8"
 
   def model_fn(state: tdc_lib.BlockState, x, t, i, num_steps):
@@ -307,6 +309,7 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
              collect_stats: bool = False, implementation: str | None = None,
              attention_precision: str = "bf16", attention_blocks=None,
              attention_edge_steps: int = DEFAULT_ATTENTION_EDGE_STEPS,
+             attention_pv: str = attention_lib.INT8_PV_DEFAULT,
              on_step=None) -> GenerateResult:
   """Run the method end to end on `model` (anything with .config and .params).
 
@@ -321,13 +324,18 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
   "int8" (per-token INT8: half the cache memory; see mpqjax.method.tdc).
   attention_precision "int8" runs the INT8/FP8 attention in `attention_blocks` (block indices,
   None = all) except during the first and last `attention_edge_steps` steps; both are knob
-  arrays, so changing them does not recompile.
+  arrays, so changing them does not recompile. attention_pv: its PV format, "fp8" (fastest),
+  "fp8x2" (V as two e4m3 terms: within the accuracy bars, 15-45% slower attention) or "bf16"
+  (see mpqjax.attention); static, so a new value compiles a new program.
   """
   if tdc_cache not in tdc_lib.TDC_CACHES:
     raise UserInputError(f"tdc_cache must be one of {tdc_lib.TDC_CACHES}, got {tdc_cache!r}")
   if attention_precision not in attention_lib.PRECISIONS:
     raise UserInputError(f"attention precision must be one of {attention_lib.PRECISIONS}, got "
                          f"{attention_precision!r}")
+  if attention_pv not in attention_lib.INT8_PVS:
+    raise UserInputError(f"attention_pv must be one of {attention_lib.INT8_PVS}, got "
+                         f"{attention_pv!r}")
   config, params = model.config, model.params
   text = _as_batch("text_emb", text_emb, config.text_embed_dim)
   neg = jnp.zeros_like(text) if negative_emb is None else _as_batch(
@@ -364,7 +372,8 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
                                    attention_edge_steps=attention_edge_steps)
   static = GenerateStatic(config, scheduler, tdc=tdc, tdc_cache=tdc_cache, do_cfg=do_cfg,
                           collect_stats=collect_stats, implementation=implementation,
-                          attention_precision=attention_precision, progress=on_step is not None)
+                          attention_precision=attention_precision, attention_pv=attention_pv,
+                          progress=on_step is not None)
   _ON_STEP[0] = on_step
   try:
     x, stats = generate_latents(params, text_all, latents, k_noise, knobs, sched, g,
@@ -381,7 +390,7 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
              "tdc_error_bound": tdc_error_bound, "tdc_max_skips": tdc_max_skips,
              "tdc_warmup": warm, "scheduler": scheduler.to_dict(), "steps": steps,
              "guidance": guidance, "dynamic_cfg": dynamic_cfg, "seed": seed,
-             "attention_precision": attention_precision,
+             "attention_precision": attention_precision, "attention_pv": attention_pv,
              "latents_shape": list(latents.shape)}
   for k, v in list(summary.items()):
     if isinstance(v, float) and not math.isfinite(v):

@@ -55,3 +55,21 @@ def test_bad_attention_arguments(model, text, capsys):
     _run(model, text, precision="int8", attention_precision="int8", attention_blocks=[5])
   assert cli.main(["generate", "--prompt-embeds", "x.npy", "--attention-edge-steps", "-1"]) == 2
   assert "--attention-edge-steps" in capsys.readouterr().err
+
+
+def test_attention_pv_reaches_the_int8_attention(model, text, capsys):
+  """attention_pv picks the INT8 attention's PV format: fp8x2 (two e4m3 terms of V) gives other
+  latents than fp8, both near bf16 attention; a bad value is a clear error (API and CLI)."""
+  base = _run(model, text, precision="int8", tdc=False)
+  fp8 = _run(model, text, precision="int8", tdc=False, attention_precision="int8")
+  x2 = _run(model, text, precision="int8", tdc=False, attention_precision="int8",
+            attention_pv="fp8x2")
+  assert (fp8.summary["attention_pv"], x2.summary["attention_pv"]) == ("fp8", "fp8x2")
+  assert 0 < rel(x2.latents, fp8.latents) < 0.1
+  assert 0 < rel(x2.latents, base.latents) < 0.1
+  with pytest.raises(ValueError, match="attention_pv"):
+    _run(model, text, attention_precision="int8", attention_pv="fp4")
+  with pytest.raises(SystemExit) as exit_info:  # argparse rejects the choice: exit code 2
+    cli.main(["generate", "--prompt-embeds", "x.npy", "--attention-pv", "fp4"])
+  assert exit_info.value.code == 2
+  assert "--attention-pv" in capsys.readouterr().err

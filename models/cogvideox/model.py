@@ -147,7 +147,8 @@ def _modulated_norm(p_l: dict, norm: str, idx: int, lin: _Linears, hidden, encod
 def block(params_l: dict, hidden: jax.Array, encoder_hidden: jax.Array, temb: jax.Array,
           rotary, modes_l, *, config: CogVideoXConfig, outlier_threshold=None,
           collect_stats: bool = False, implementation: str | None = None,
-          attention_precision="bf16", attention_implementation: str | None = None):
+          attention_precision="bf16", attention_implementation: str | None = None,
+          attention_pv: str | None = None):
   """One CogVideoXBlock. Pure; jit/scan/cond/switch friendly.
 
   params_l: the per-layer slice of params["transformer_blocks"].
@@ -157,7 +158,8 @@ def block(params_l: dict, hidden: jax.Array, encoder_hidden: jax.Array, temb: ja
   always run Mode.BF16). outlier_threshold: optional f32 scalar (may be traced; +inf
   disables): a quantized linear whose input has max|x|/mean|x| > threshold runs Mode.BF16.
   attention_precision: "bf16" | "int8", or a traced int32 index into mpqjax.attention.PRECISIONS
-  (then both attention precisions are compiled and lax.switch runs one).
+  (then both attention precisions are compiled and lax.switch runs one). attention_pv: the
+  INT8 attention's PV format (mpqjax.attention.INT8_PVS; None = its default).
   Returns (hidden', encoder_hidden', aux) with aux = {"modes": int32[8] actually used
   (UNQUANTIZED_MODE = Mode.BF16 for unquantized linears), "outlier_ratio": f32[8] (for
   unquantized linears only with collect_stats, else 0)} plus, when
@@ -189,10 +191,12 @@ def block(params_l: dict, hidden: jax.Array, encoder_hidden: jax.Array, temb: ja
     with jax.named_scope("attention"):
       if isinstance(attention_precision, str):
         o = attention_lib.attention(q, k, v, precision=attention_precision,
-                                    implementation=attention_implementation)
+                                    implementation=attention_implementation,
+                                    int8_pv=attention_pv)
       else:  # a traced index into attention.PRECISIONS, chosen per block and step
         o = attention_lib.attention_switch(q, k, v, attention_precision,
-                                           implementation=attention_implementation)
+                                           implementation=attention_implementation,
+                                           int8_pv=attention_pv)
     o = lin(4, o.reshape(b, -1, heads * dh))
   hidden = (hidden.astype(jnp.float32) + gate * o[:, n_txt:].astype(jnp.float32)).astype(dt_h)
   encoder_hidden = (encoder_hidden.astype(jnp.float32)
