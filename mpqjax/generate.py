@@ -325,7 +325,7 @@ def generate(model, text_emb, *, negative_emb=None, latents=None, latent_shape=N
   attention_precision "int8" runs the INT8/FP8 attention in `attention_blocks` (block indices,
   None = all) except during the first and last `attention_edge_steps` steps; both are knob
   arrays, so changing them does not recompile. attention_pv: its PV format, "fp8" (fastest),
-  "fp8x2" (V as two e4m3 terms: within the accuracy bars, 15-45% slower attention) or "bf16"
+  "fp8x2" (V as two e4m3 terms: within the accuracy bars, 17-45% slower attention) or "bf16"
   (see mpqjax.attention); static, so a new value compiles a new program.
   """
   if tdc_cache not in tdc_lib.TDC_CACHES:

@@ -83,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--attention-pv", choices=defaults.ATTENTION_PVS,
                  default=defaults.ATTENTION_PVS[0],
                  help="PV format of --attention int8: fp8 (fastest), fp8x2 (V as two e4m3 "
-                      "terms: more accurate, 15-45%% slower attention) or bf16 (default fp8)")
+                      "terms: more accurate, 17-45%% slower attention) or bf16 (default fp8)")
   p.add_argument("--attention-edge-steps", type=int, default=1,
                  help="first and last steps that keep bf16 attention with --attention int8 "
                       "(default 1)")
