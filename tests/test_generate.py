@@ -14,32 +14,11 @@ import numpy as np
 import pytest
 
 from models.cogvideox import model as cog
-from models.cogvideox.config import CogVideoXConfig
-from models.cogvideox.params import init_params, quantize_blocks
+from models.cogvideox.params import init_params
 from mpqjax import generate as G
 from mpqjax import sampler, schedulers
 from mpqjax.qlinear import Mode
-
-STEPS = 5
-CFG = CogVideoXConfig(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                      time_embed_dim=16, text_embed_dim=32, num_layers=2, sample_width=4,
-                      sample_height=4, sample_frames=5, max_text_seq_length=4)
-
-
-@pytest.fixture(scope="module")
-def model():
-  params = quantize_blocks(init_params(CFG, 7))
-  return types.SimpleNamespace(config=CFG, params=params)
-
-
-@pytest.fixture(scope="module")
-def text():
-  return np.random.default_rng(11).standard_normal((4, 32)).astype(np.float32)
-
-
-def _run(model, text, **kw):
-  kw = {"steps": STEPS, "seed": 5, "tdc_warmup": 2, **kw}
-  return G.generate(model, text, **kw)
+from tests.generate_tiny import CFG, STEPS, run as _run
 
 
 def test_tdc_threshold_zero_is_bit_identical_to_tdc_off(model, text):

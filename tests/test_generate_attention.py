@@ -5,7 +5,7 @@ import pytest
 
 from mpqjax import cli
 from mpqjax import generate as G
-from tests.test_generate import CFG, STEPS, _run, model, text  # noqa: F401 (fixtures)
+from tests.generate_tiny import CFG, STEPS, run as _run
 from mpqjax.testing import rel_err as rel
 
 

@@ -19,7 +19,7 @@ from models.cogvideox.params import init_params, quantize_blocks
 from mpqjax.attention import attention
 from mpqjax.qlinear import Mode, pick_hadamard_block, qlinear, quantize_linear
 from mpqjax.testing import attention_outlier_inputs, rel_err
-from tests.test_generate import CFG
+from tests.generate_tiny import CFG
 
 SELFTEST = os.environ.get("MPQJAX_CONSISTENCY_SELFTEST") == "1"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
