@@ -287,9 +287,9 @@ def kernel_config(precision: str, head_dim: int, *, pv: str = INT8_PV_DEFAULT,
     # int->float wins with fp8 PV at D = 64 (1.14x cuDNN vs 1.07x) but takes 2.4x longer
     # (spills) at D = 128, and with bf16 PV at block_kv 256 (25 ms vs 11.9 ms at 2B).
     # No ping-pong: the softmax, not the tensor cores, bounds the int8 kernel, so the two
-    # warpgroups' softmaxes should overlap each other (2B: 8.30 vs 9.97 ms kernel alone,
-    # head_dim 128: 13.86 vs 15.60 ms; attention-h200.pingpong.json). bf16 keeps it (1.18x vs
-    # 1.07x cuDNN at 2B).
+    # warpgroups' softmaxes should overlap each other (kernel alone, 2B: 8.24 vs 10.33 ms,
+    # head_dim 128: 13.84 vs 15.66 ms; attention_diag-h200.json). bf16 keeps it (1.18x vs
+    # 1.07x cuDNN at 2B; attention-h200.pingpong.json).
     config = {"block_kv": _int8_block_kv(head_dim, pv),
               "int8_convert": ("magic_init" if head_dim == 64 and pv in ("fp8", "fp8x2")
                                else "magic"),
