@@ -73,3 +73,22 @@ def test_attention_pv_reaches_the_int8_attention(model, text, capsys):
     cli.main(["generate", "--prompt-embeds", "x.npy", "--attention-pv", "fp4"])
   assert exit_info.value.code == 2
   assert "--attention-pv" in capsys.readouterr().err
+
+
+def test_forward_takes_the_attention_pv(model):
+  """cog.forward passes attention_pv to every block's INT8 attention (xla path on CPU)."""
+  import jax.numpy as jnp
+  from models.cogvideox import model as cog
+  rng = np.random.default_rng(3)
+  lat = jnp.asarray(rng.standard_normal((1, 2, CFG.in_channels, CFG.sample_height,
+                                         CFG.sample_width)), jnp.float32)
+  txt = jnp.asarray(rng.standard_normal((1, CFG.max_text_seq_length, CFG.text_embed_dim)),
+                    jnp.float32)
+  t = jnp.asarray([500])
+  outs = {pv: np.asarray(cog.forward(model.params, lat, t, txt, config=CFG,
+                                     attention_precision="int8", attention_pv=pv), np.float32)
+          for pv in ("fp8", "fp8x2")}
+  bf16 = np.asarray(cog.forward(model.params, lat, t, txt, config=CFG), np.float32)
+  assert np.all(np.isfinite(outs["fp8x2"]))
+  assert 0 < rel(outs["fp8x2"], outs["fp8"]) < 0.1
+  assert 0 < rel(outs["fp8x2"], bf16) < 0.1

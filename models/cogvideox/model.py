@@ -312,12 +312,13 @@ def modes_for_precision(config: CogVideoXConfig, precision: str) -> jax.Array:
 def forward(params: dict, latents: jax.Array, timestep: jax.Array, text_emb: jax.Array, *,
             config: CogVideoXConfig, modes=None, outlier_threshold=None,
             implementation: str | None = None, attention_precision: str = "bf16",
-            attention_implementation: str | None = None, collect_stats: bool = False,
-            return_aux: bool = False):
+            attention_implementation: str | None = None, attention_pv: str | None = None,
+            collect_stats: bool = False, return_aux: bool = False):
   """embed -> lax.scan(block) over the stacked layers -> unembed.
 
-  modes: int32[L, 8] (None: all Mode.BF16). Returns out [B, F, C_out, H, W] (the residual
-  stream's dtype), or (out, aux) with aux's leaves stacked [L, ...] when return_aux.
+  modes: int32[L, 8] (None: all Mode.BF16). attention_precision / attention_pv: as block().
+  Returns out [B, F, C_out, H, W] (the residual stream's dtype), or (out, aux) with aux's leaves
+  stacked [L, ...] when return_aux.
   """
   if modes is None:
     modes = modes_for_precision(config, "bf16")
@@ -329,7 +330,8 @@ def forward(params: dict, latents: jax.Array, timestep: jax.Array, text_emb: jax
   run_block = functools.partial(block, config=config, outlier_threshold=outlier_threshold,
                                 collect_stats=collect_stats, implementation=implementation,
                                 attention_precision=attention_precision,
-                                attention_implementation=attention_implementation)
+                                attention_implementation=attention_implementation,
+                                attention_pv=attention_pv)
 
   def body(carry, xs):
     params_l, modes_l = xs
