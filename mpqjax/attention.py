@@ -259,7 +259,8 @@ def int8_probabilities(q8: jax.Array, k8: jax.Array, q_scale: jax.Array, k_scale
 def _int8_block_kv(head_dim: int, pv: str) -> int:
   """int8 kernel keys per step: 256 (measured faster than 128 with fp8 PV); with bf16 or
   two-term fp8 PV at D = 128 a 256-key V^T ring does not fit SMEM next to K."""
-  return 128 if pv in ("bf16", "fp8x2") and head_dim > 64 else BLOCK_KV
+  v_bytes = jnp.dtype(_PV_DTYPES[pv]).itemsize * _V_TERMS[pv]  # per V element in the ring
+  return 128 if v_bytes > 1 and head_dim > 64 else BLOCK_KV
 
 
 def _int8_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, pv: str = INT8_PV_DEFAULT
@@ -291,8 +292,7 @@ def kernel_config(precision: str, head_dim: int, *, pv: str = INT8_PV_DEFAULT,
     # head_dim 128: 13.84 vs 15.66 ms; attention_diag-h200.json). bf16 keeps it (1.18x vs
     # 1.07x cuDNN at 2B; attention-h200.pingpong.json).
     config = {"block_kv": _int8_block_kv(head_dim, pv),
-              "int8_convert": ("magic_init" if head_dim == 64 and pv in ("fp8", "fp8x2")
-                               else "magic"),
+              "int8_convert": "magic_init" if head_dim == 64 and pv != "bf16" else "magic",
               "pv_dtype": jnp.dtype(_PV_DTYPES[pv]).name, "pingpong": False,
               "v_terms": _V_TERMS[pv]}
   else:
@@ -307,7 +307,7 @@ def _vt_operand(v: jax.Array, ops: Int8Operands, *, pv: str, prepass: str,
   prepass "mosaic" and fp8 PV straight from bf16 v by pallas_kernels.attention_vt_mgpu (one
   pass; ops.v8 is then dead code)."""
   from pallas_kernels import attention_mosaic as am
-  if prepass == "mosaic" and pv in ("fp8", "fp8x2"):
+  if prepass == "mosaic" and pv != "bf16":
     from pallas_kernels import attention_vt_mgpu as av
     s_pad = ops.k8.shape[1]
     if av.supported(v) and s_pad % av.BLOCK_TOKENS == 0:
