@@ -18,7 +18,10 @@ input sets rotated so that the weights do not sit in L2):
   nvfp4_kernel[cfg] the NVFP4 (W4A16) kernel alone, weight operands prepared (issue 7)
   nvfp4_weight_operands / rotate_bf16 / quant_nvfp4_qdq[_had][_xla]  per-call pre-passes
                     (the QDQ activation quantizer: Mosaic kernels, or _xla the XLA fusion)
+  nvfp4_to_bf16 / bf16_kernel  the large-M weight path: exact bf16 decode of the weight, and
+                    the bf16 form of the W8A8 kernel on it (scale and bias in its epilogue)
   mosaic_w4a16 / mosaic_w4a4   MOSAIC.w4a16 / w4a4 end to end (rotation / QDQ quantizer)
+  mosaic_w4a16_{regdec,dequant}  the same on the weight path the default does not take at this M
   xla_w4a16 / xla_w4a4         the xla implementation of the same
 and checks every kernel output against its XLA reference (exact int32 for the raw kernel).
 --only nvfp4 times XLA bf16, scaled_matmul and the NVFP4 rows alone.
@@ -162,7 +165,7 @@ def nvfp4_configs(m: int, n: int, k: int, tune: bool):
   return out
 
 
-NV_TUNE_SHAPES = {("8192^3", 8192), ("2B K1920 N7680", 64)}
+NV_TUNE_SHAPES = {("8192^3", 8192), ("5B K3072 N3072", 35552), ("2B K1920 N7680", 64)}
 
 
 def nvfp4_rows(args, name, m, k, n, probs, p0, row, bench):
@@ -181,6 +184,21 @@ def nvfp4_rows(args, name, m, k, n, probs, p0, row, bench):
     bench(f"nvfp4_kernel[{nv_cfg_name(c)}]", fn, lambda p, d=c.decode: pick(p, d), ref=ref_k)
   bench("nvfp4_weight_operands", lambda t: nvmm.weight_operands(t)[:2],
         lambda p: (p["layer"].weight,))
+  # the large-M weight path: decode to bf16 once per call, then the bf16 GEMM (scale + bias fused)
+  bench("nvfp4_to_bf16", qlinear_mosaic.weight_bf16, lambda p: (p["layer"],))
+  for p in probs:
+    p["nv_w_bf16"] = jax.jit(qlinear_mosaic.weight_bf16)(p["layer"])
+  bf16_args = lambda p: (p["x"], p["nv_w_bf16"], p["layer"].weight.global_scale, p["bias"])
+  bench("bf16_kernel", lambda x, w, cs, b: w8a8.bf16_matmul(x, w, cs, b), bf16_args, ref=ref_k)
+  if tune and m >= 1024:  # the bf16 GEMM's tiles against XLA's dot
+    base = w8a8.pick_config(m, n, k, dtype=jnp.bfloat16)
+    for c in (dataclasses.replace(base, grid_tile_width=4),
+              dataclasses.replace(base, grid_tile_width=16),
+              dataclasses.replace(base, grid_minor_dim=w8a8.Dim.M),
+              dataclasses.replace(base, epi_tile_n=64),
+              dataclasses.replace(base, max_concurrent_steps=3)):
+      bench(f"bf16_kernel[{cfg_name(c)}]",
+            lambda x, w, cs, b, c=c: w8a8.bf16_matmul(x, w, cs, b, config=c), bf16_args, ref=ref_k)
   had = p0["layer"].hadamard_block
   qc = nvfp4_quant.NVFP4QuantConfig(had)
   bench("rotate_bf16", lambda x: nvfp4_quant.rotate(x, had).astype(jnp.bfloat16),
@@ -211,10 +229,18 @@ def nvfp4_rows(args, name, m, k, n, probs, p0, row, bench):
   def ref_w4a4(x):
     v, g = nvfp4_quant.quantize_qdq(x, qc)
     return nvmm.reference(v, w4, ws, cs * g, lay.bias)
-  bench("mosaic_w4a16", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]),
-        ref=jax.jit(ref_w4a16)(p0["x"]))
-  bench("mosaic_w4a4", qlinear_mosaic.w4a4, lambda p: (p["x"], p["layer"]),
-        ref=jax.jit(ref_w4a4)(p0["x"]))
+  want16, want4 = jax.jit(ref_w4a16)(p0["x"]), jax.jit(ref_w4a4)(p0["x"])
+  bench("mosaic_w4a16", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]), ref=want16)
+  bench("mosaic_w4a4", qlinear_mosaic.w4a4, lambda p: (p["x"], p["layer"]), ref=want4)
+  # the other weight path than the default at this M (register decode <-> dequant + bf16 GEMM)
+  other = "regdec" if m >= qlinear_mosaic.DEQUANT_MIN_ROWS else "dequant"
+  default_rows = qlinear_mosaic.DEQUANT_MIN_ROWS
+  qlinear_mosaic.DEQUANT_MIN_ROWS = 1 << 62 if other == "regdec" else 1
+  try:  # bench traces under the switched threshold
+    bench(f"mosaic_w4a16_{other}", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]), ref=want16)
+    bench(f"mosaic_w4a4_{other}", qlinear_mosaic.w4a4, lambda p: (p["x"], p["layer"]), ref=want4)
+  finally:
+    qlinear_mosaic.DEQUANT_MIN_ROWS = default_rows
   if m <= 128:  # the xla path for comparison (slow at large M)
     bench("xla_w4a16", qlinear_xla.w4a16, lambda p: (p["x"], p["layer"]))
     bench("xla_w4a4", qlinear_xla.w4a4, lambda p: (p["x"], p["layer"]))
@@ -412,9 +438,10 @@ def summary(res: dict) -> str:
 
 def summary_nvfp4(res: dict) -> str:
   nan = float("nan")
-  lines = ["NVFP4 (issue 7), us | x XLA bf16 | W4A4 / scaled_matmul",
+  lines = ["NVFP4 (issue 7), us | x XLA bf16 (bf16k: our bf16 GEMM) | W4A4 / scaled_matmul",
            f"{'shape':17s} {'M':>5s} {'bf16':>7s} {'nvsm':>7s} {'kern':>7s} {'TF/s':>5s} {'w4a16':>7s} "
-           f"{'qdqH':>6s} {'w4a4':>7s} | {'kern':>5s} {'w4a16':>5s} {'w4a4':>5s} | {'w4a4/sm':>7s}"]
+           f"{'qdqH':>6s} {'w4a4':>7s} | {'kern':>5s} {'bf16k':>5s} {'w4a16':>5s} {'w4a4':>5s} | "
+           f"{'w4a4/sm':>7s}"]
   for r in res["results"]:
     t = r["times_ms"]
     kern = min((v for key, v in t.items() if key.startswith("nvfp4_kernel[")), default=nan)
@@ -425,7 +452,7 @@ def summary_nvfp4(res: dict) -> str:
         f"{r['shape']:17s} {r['M']:5d} {us(b):7.1f} {us(g('xla_nvfp4_sm')):7.1f} {us(kern):7.1f} "
         f"{r['flops'] / kern / 1e9:5.0f} {us(g('mosaic_w4a16')):7.1f} "
         f"{us(g('quant_nvfp4_qdq_had')):6.1f} {us(g('mosaic_w4a4')):7.1f} | {b / kern:5.2f} "
-        f"{b / g('mosaic_w4a16'):5.2f} {b / g('mosaic_w4a4'):5.2f} | "
+        f"{b / g('bf16_kernel'):5.2f} {b / g('mosaic_w4a16'):5.2f} {b / g('mosaic_w4a4'):5.2f} | "
         f"{g('xla_nvfp4_sm') / g('mosaic_w4a4'):7.2f}")
   return "\n".join(lines)
 

@@ -9,10 +9,10 @@ CTA per 64 rows streams x, rotates each 64 x 128 tile on the tensor cores (the +
 the identity: exact) and keeps the per-row absmax of the f32 result; XLA reduces the rows to g
 exactly as formats.nvfp4_global_scale. Kernel 2 (`qdq_kernel`): streams x again, rotates the
 same way (bit-identical y), takes each 16-element block's absmax in registers (two registers
-and a quad of lanes: 2 shuffles, inline Mosaic GPU), and applies formats.quantize_nvfp4's
-arithmetic elementwise: s = e4m3(min(amax / (6 g), 448)), q = y / (f32(s) g) (true division, as
-formats.exact_div), e2m1 round-half-even by the formats thresholds, v = e2m1 * f32(s) -> bf16,
-written by TMA. HBM: 2 reads + 1 write of bf16.
+and a quad of lanes: 2 shuffles, inline Mosaic GPU) and its scale there, once per block:
+s = e4m3(min(amax / (6 g), 448)); then elementwise q = y / (f32(s) g) (true division, as
+formats.exact_div), e2m1 round-half-even, v = e2m1 * f32(s) -> bf16, written by TMA.
+HBM: 2 reads + 1 write of bf16.
 `quantize_qdq_xla` is the same function as one XLA fusion chain (any shape or dtype).
 
 W4A4 on Hopper multiplies bf16 anyway (no FP4 tensor cores), so the matmul can take the
@@ -90,31 +90,53 @@ def reference(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig()):
 
 
 # --------------------------------------------------------------------------- Mosaic kernels
-def _block_amax(a: jax.Array, interpret: bool) -> jax.Array:
-  """|y| [64, 128] f32 (wgmma layout) -> the absmax of each element's 16-wide row block,
-  broadcast back to [64, 128]."""
+def _block_scales(a: jax.Array, g_ref, interpret: bool):
+  """|y| [64, 128] f32 (wgmma layout), g_ref f32[4] = (g, 6 g, pad) -> (s32, d), each [64, 128]
+  f32 holding the value of the element's 16-wide row block: s32 = f32(e4m3(min(amax / 6g,
+  448))) (formats.quantize_nvfp4's block scale) and d = s32 * g (the divisor of its values).
+
+  On the GPU each thread computes them once per 4 elements it holds of a block (its quad
+  holds the 16) instead of once per element: the division and the e4m3 round trip are most
+  of the quantizer's per-element work (NOTES.md)."""
   rows, cols = a.shape
+  f = np.float32
   if interpret:
     m = a.reshape(rows, cols // 16, 16).max(axis=-1, keepdims=True)
-    return jnp.broadcast_to(m, (rows, cols // 16, 16)).reshape(rows, cols)
+    m = jnp.broadcast_to(m, (rows, cols // 16, 16)).reshape(rows, cols)
+    s = jnp.minimum(m / g_ref[1], f(formats.E4M3_MAX))
+    s32 = s.astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    return s32, s32 * g_ref[0]
   from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, vector
+  from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-  @plgpu.inline_mgpu(
-      arg_types=(plgpu.Layout.WGMMA,),
-      return_type=plgpu.ShapeDtypeStruct((rows, cols), jnp.float32, layout=plgpu.Layout.WGMMA))
-  def f(_, arr):
+  out_ty = plgpu.ShapeDtypeStruct((rows, cols), jnp.float32, layout=plgpu.Layout.WGMMA)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+                     return_type=(out_ty, out_ty))
+  def fn(_, arr, g_smem):
     regs = arr.registers
     # wgmma layout: register (i, j, 0, 0, h, ...) holds columns 8j + 2 (lane % 4) + {0, 1} of
     # one row: block b = registers j = 2b, 2b + 1 of the 4 lanes of a quad.
     assert regs.shape[1] == cols // 8 and regs.shape[4] == 2, regs.shape
-    f32 = ir.F32Type.get()
+    f32, i16, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
     v2 = ir.VectorType.get((2,), f32)
+    idx_c = lambda i: arith.constant(ir.IndexType.get(), i)
+    g, six_g = memref.load(g_smem, [idx_c(0)]), memref.load(g_smem, [idx_c(1)])
+    e4m3_max = arith.constant(f32, float(formats.E4M3_MAX))
     elem = lambda r, e: vector.extract(r, dynamic_position=[],
                                        static_position=ir.DenseI64ArrayAttr.get([e]))
-    out = np.empty(regs.shape, dtype=object)
+
+    def e4m3_round_trip(v):  # f32 -> e4m3 (RNE, satfinite as Mosaic's astype) -> f32
+      packed = llvm.inline_asm(i16, [v], "cvt.rn.satfinite.e4m3x2.f32 $0, $1, $1;", "=h,f")
+      halves = llvm.inline_asm(i32, [packed], "cvt.rn.f16x2.e4m3x2 $0, $1;", "=r,h")
+      return llvm.inline_asm(f32, [halves],
+                             "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $1; cvt.f32.f16 $0, lo; }",
+                             "=f,r")
+
+    out_s = np.empty(regs.shape, dtype=object)
+    out_d = np.empty(regs.shape, dtype=object)
     for idx in np.ndindex(regs.shape):
       if idx[1] % 2:
         continue
@@ -126,10 +148,13 @@ def _block_amax(a: jax.Array, interpret: bool) -> jax.Array:
           m = v if m is None else arith.maximumf(m, v)
       m = arith.maximumf(m, mgpu_utils.shfl_bfly(m, 1))
       m = arith.maximumf(m, mgpu_utils.shfl_bfly(m, 2))
-      out[idx] = out[nxt] = vector.broadcast(v2, m)
-    return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+      s32 = e4m3_round_trip(arith.minimumf(arith.divf(m, six_g), e4m3_max))
+      out_s[idx] = out_s[nxt] = vector.broadcast(v2, s32)
+      out_d[idx] = out_d[nxt] = vector.broadcast(v2, arith.mulf(s32, g))
+    wrap = lambda o: mgpu.FragmentedArray(_registers=o, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+    return wrap(out_s), wrap(out_d)
 
-  return f(a)
+  return fn(a, g_ref)
 
 
 def _e2m1_round(a: jax.Array) -> jax.Array:
@@ -169,20 +194,19 @@ def quantize_qdq_mgpu(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig(
   g = formats.exact_div(amax, jnp.float32(formats.E2M1_MAX * formats.E4M3_MAX))
   g = jnp.where(amax == 0, jnp.float32(1.0), g)
   g = jnp.where(jnp.any(row_bad > 0) | ~jnp.isfinite(amax), jnp.float32(jnp.nan), g)
-  g_in = jnp.stack([g, jnp.float32(formats.E2M1_MAX) * g])  # g, 6 g (formats' order of ops)
+  # g, 6 g (formats' order of ops), padded to the 16 bytes a TMA copy needs at least
+  g_in = jnp.stack([g, jnp.float32(formats.E2M1_MAX) * g, jnp.float32(0), jnp.float32(0)])
 
-  def qdq_kernel(x_g, h_g, g_g, v_g, h_s, v_s, bar):
+  def qdq_kernel(x_g, h_g, g_g, v_g, h_s, v_s, g_s, bar):
     row0 = lax.axis_index("rows") * ROWS
     load_to_smem(h_g, h_s, bar)
-    gs, six_g = g_g[0], g_g[1]
+    load_to_smem(g_g, g_s, bar)
 
     def body(idx, x_s):
       (kb,) = idx
       y = rotate_tile(x_s, h_s, post)
-      bam = _block_amax(jnp.abs(y), interp)
-      s = jnp.minimum(bam / six_g, np.float32(formats.E4M3_MAX))
-      s32 = s.astype(jnp.float8_e4m3fn).astype(jnp.float32)
-      q = y / (s32 * gs)
+      s32, d = _block_scales(jnp.abs(y), g_s, interp)
+      q = y / d
       mag = _e2m1_round(jnp.abs(q))
       v = jnp.where(q < 0, -mag, mag) * s32
       slot = lax.rem(kb, 2)
@@ -200,6 +224,7 @@ def quantize_qdq_mgpu(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig(
       grid=(m // ROWS,), grid_names=("rows",),
       scratch_types=[rotation_smem(),
                      plgpu.SMEM((2, ROWS, COLS), jnp.bfloat16, transforms=bf16_tr),
+                     plgpu.SMEM((4,), jnp.float32),
                      plgpu.Barrier()],
       interpret=interpret)
   return qdq_f(x, h, g_in), g

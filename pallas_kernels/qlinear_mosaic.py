@@ -9,6 +9,12 @@
   MOSAIC.w4a4(x2d, layer): activations quantized to NVFP4 and handed over as their exact bf16
       block values (pallas_kernels.nvfp4_quant), then the same kernel with both tensor scales
       in its epilogue.
+  From DEQUANT_MIN_ROWS rows both NVFP4 paths instead decode the whole weight once per call
+  to its exact bf16 values (one XLA fusion, 2.56 B per weight element of traffic, a transient
+  bf16 copy of one layer's weight) and run the bf16 form of the W8A8 kernel
+  (w8a8_matmul.bf16_matmul, scale and bias in its epilogue): with many rows the decode is
+  amortised and a plain bf16 GEMM beats decoding every tile in registers (NOTES.md).
+  Same arithmetic either way: exact bf16 products, f32 accumulation, f32 epilogue.
 
 The NVFP4 weight is converted to INT8 by one XLA fusion on every call (weight_int8): only
 the NVFP4 copy stays resident (0.5625 B per weight element); pallas_kernels/NOTES.md compares
@@ -20,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mpqjax import qlinear_xla
+from mpqjax import formats, qlinear_xla
 from pallas_kernels import hopper_unavailable_reason
 from pallas_kernels import int8_quant, int8_quant_mgpu, nvfp4_quant, nvfp4_to_int8
 from pallas_kernels import nvfp4_matmul as nvmm
@@ -83,7 +89,11 @@ def w4a8(x: jax.Array, layer) -> jax.Array:
 
 
 def nvfp4_kernel_fits(m: int, n: int, k: int) -> bool:
-  """Whether the NVFP4 kernel tiles this problem (else the xla path runs)."""
+  """Whether the NVFP4 kernel (or, from DEQUANT_MIN_ROWS, the bf16 GEMM) tiles this problem
+  (else the xla path runs)."""
+  if m >= DEQUANT_MIN_ROWS:
+    cfg = w8a8.pick_config(m, n, k, dtype=jnp.bfloat16)
+    return n % cfg.cta_tile_n == 0 and k % (cfg.tile_k * cfg.k_splits) == 0
   return m > 0 and nvmm.supported(m, n, k, nvmm.pick_config(m, n, k))
 
 
@@ -93,10 +103,37 @@ def _nvfp4_ok(x: jax.Array, layer) -> bool:
           and nvfp4_kernel_fits(m, n, k))
 
 
+# Rows from which decoding the weight to bf16 once per call (then a bf16 GEMM) beats the
+# in-register decode of every tile. H200: 6-8% faster at M = 8192 (8192^3) and M = 35552
+# (CogVideoX shapes); the decode (~2.9 TB/s) costs about what the register decode loses to
+# the bf16 GEMM (~10%) at M ~ 3600 (NOTES.md, "NVFP4 at large M").
+DEQUANT_MIN_ROWS = 4096
+
+
+def weight_bf16(layer) -> jax.Array:
+  """bf16[N, K]: the NVFP4 weight's exact block values (e2m1 x e4m3; no tensor scale), equal
+  to formats.nvfp4_block_values(layer.weight).astype(bf16).
+
+  One elementwise fusion over the packed bytes: both nibbles' f32 values (at most 4
+  significant bits, so their top 16 bits are the exact bf16) go into one uint32 that is
+  bitcast to the bf16 pair, instead of interleaving two decoded halves (which XLA:GPU ran at
+  ~1 TB/s: 159 us at 8192^2)."""
+  t = layer.weight
+  with jax.named_scope("nvfp4_to_bf16"):
+    n, kh = t.codes.shape
+    s = jnp.repeat(t.scales.astype(jnp.float32), formats.NVFP4_BLOCK // 2, axis=-1)  # per byte
+    bits = lambda c: jax.lax.bitcast_convert_type(formats.e2m1_decode(c) * s, jnp.uint32)
+    pair = (bits(t.codes >> 4) & jnp.uint32(0xFFFF0000)) | (bits(t.codes) >> 16)
+    return jax.lax.bitcast_convert_type(pair, jnp.bfloat16).reshape(n, 2 * kh)
+
+
 def _nvfp4_matmul(xv: jax.Array, layer, act_scale) -> jax.Array:
+  scale = act_scale * layer.weight.global_scale
+  if xv.shape[0] >= DEQUANT_MIN_ROWS:
+    return w8a8.bf16_matmul(xv, weight_bf16(layer), scale, layer.bias,
+                            interpret=interpret_params())
   w4, ws, gain = nvmm.weight_operands(layer.weight)
-  return nvmm.nvfp4_matmul(xv, w4, ws, act_scale * layer.weight.global_scale * gain, layer.bias,
-                           interpret=interpret_params())
+  return nvmm.nvfp4_matmul(xv, w4, ws, scale * gain, layer.bias, interpret=interpret_params())
 
 
 def w4a16(x: jax.Array, layer) -> jax.Array:

@@ -3,6 +3,9 @@
   y[m, n] = bf16(f32(sum_k a[m, k] * b[n, k]) * row_scale[m] * col_scale[n] + bias[n])
 
 which is exactly mpqjax.qlinear_xla's INT8 arithmetic (int32 accumulation, f32 epilogue).
+The same kernel takes bf16 operands (f32 accumulation; `bf16_matmul`): the NVFP4 paths at
+large M multiply the exactly decoded bf16 weight with it, so that their f32 scale and bias
+stay in the epilogue (XLA's dot would write an f32 [M, N] for a separate epilogue pass).
 
 Structure (after jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py): a persistent grid of
 one CTA per SM walks the output tiles; each CTA has one TMA producer warpgroup and two wgmma
@@ -11,9 +14,9 @@ The weight B is K-major ([N, K] as stored), which is what s8 wgmma requires. The
 column scales and bias of a tile are fetched by TMA while its K loop runs.
 
 Split-K (`k_splits > 1`, for small M where the tile grid is smaller than the SM count):
-the kernel writes raw int32 partial sums [k_splits, M, N]; `w8a8_matmul` adds them in int32
-(exact) and applies the same epilogue in XLA. `out_dtype=jnp.int32` with one split returns
-the raw accumulator (used to test the int32 path bit for bit).
+the kernel writes raw partial sums [k_splits, M, N] (int32, or f32 for bf16); `w8a8_matmul`
+adds them (exactly, in int32) and applies the same epilogue in XLA. `out_dtype=jnp.int32` with
+one split returns the raw accumulator (used to test the int32 path bit for bit).
 
 M need not be a multiple of the tile: TMA zero-fills out-of-bounds loads and drops
 out-of-bounds stores (M % 8 != 0 is padded to a multiple of 8 first: swizzled TMA stores need it).
@@ -43,7 +46,7 @@ class W8A8Config:
   """Tiling of one kernel launch.
 
   tile_m x tile_n is one consumer warpgroup's accumulator; the CTA tile doubles it along
-  `wg_dimension`. tile_k is in int8 elements (128 = one 128-byte swizzle row).
+  `wg_dimension`. tile_k is in elements: 128 int8 or 64 bf16 = one 128-byte swizzle row.
   """
   tile_m: int = 128
   tile_n: int = 128
@@ -69,9 +72,16 @@ def num_sms() -> int:
   return jax.devices()[0].core_count if jax.default_backend() == "gpu" else 132
 
 
-def pick_config(m: int, n: int, k: int, sms: int | None = None) -> W8A8Config:
-  """Heuristic tile choice (see pallas_kernels/NOTES.md for the measurements behind it)."""
+def pick_config(m: int, n: int, k: int, sms: int | None = None,
+                dtype=jnp.int8) -> W8A8Config:
+  """Heuristic tile choice (see pallas_kernels/NOTES.md for the measurements behind it).
+  dtype: the operands' (int8, or bfloat16 with half the tile_k)."""
   sms = sms or num_sms()
+  if jnp.dtype(dtype) == jnp.bfloat16:  # the example's bf16 tiles, 128-byte K rows
+    cfg = W8A8Config(tile_k=64)
+    if n % cfg.cta_tile_n:
+      cfg = dataclasses.replace(cfg, wg_dimension=Dim.M)
+    return cfg if m >= 1024 else with_k_splits(cfg, m, n, k, sms)
   if m >= 1024:
     cfg = W8A8Config()
     if n % cfg.cta_tile_n:  # e.g. N=1920: split the CTA tile along M instead (256 x 128)
@@ -97,9 +107,18 @@ def with_k_splits(cfg: W8A8Config, m: int, n: int, k: int, sms: int) -> W8A8Conf
   return dataclasses.replace(cfg, k_splits=splits)
 
 
+_OPERAND_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.bfloat16))
+
+
+def acc_dtype(dtype):
+  """The wgmma accumulator (and raw output) dtype for an operand dtype."""
+  return jnp.int32 if jnp.dtype(dtype) == jnp.int8 else jnp.float32
+
+
 def _check(a, b, cfg: W8A8Config):
-  if a.dtype != jnp.int8 or b.dtype != jnp.int8:
-    raise ValueError(f"w8a8_matmul needs int8 operands, got {a.dtype} and {b.dtype}")
+  if a.dtype != b.dtype or a.dtype not in _OPERAND_DTYPES:
+    raise ValueError(f"w8a8_matmul needs two int8 or two bfloat16 operands, got {a.dtype} "
+                     f"and {b.dtype}")
   (_, k), (n, k2) = a.shape, b.shape  # any M: TMA handles ragged tiles
   if k != k2:
     raise ValueError(f"w8a8_matmul: a is {a.shape} but b is {b.shape}; K must match")
@@ -131,9 +150,11 @@ def persistent_tile(lin, m_iters: int, n_iters: int, cfg):
 
 def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, interpret,
                  sms: int):
-  """One launch. out_dtype int32 -> raw partial sums [k_splits, M, N]; else the epilogue."""
+  """One launch. out_dtype = the accumulator's (int32 or f32) -> raw partial sums
+  [k_splits, M, N]; else the epilogue."""
   (m, k), (n, _) = a.shape, b.shape
-  raw = out_dtype == jnp.int32
+  acc_type = acc_dtype(a.dtype)
+  raw = jnp.dtype(out_dtype) == jnp.dtype(acc_type)
   tile_m, tile_n, tile_k = cfg.tile_m, cfg.tile_n, cfg.tile_k
   cta_m, cta_n = cfg.cta_tile_m, cfg.cta_tile_n
   m_iters, n_iters = pl.cdiv(m, cta_m), n // cta_n
@@ -142,7 +163,8 @@ def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, i
   k_iters = k_per_split // tile_k
   epi_m, epi_n = cfg.epi_tile_m, cfg.epi_tile_n
   out_bits = jnp.dtype(out_dtype).itemsize * 8
-  in_tr = smem_transforms(tile_k, 8)
+  in_bits = jnp.dtype(a.dtype).itemsize * 8
+  in_tr = smem_transforms(tile_k * in_bits // 8, in_bits)
   out_tr = smem_transforms(epi_n * out_bits // 8, out_bits)
   n_epi = (tile_m // epi_m) * (tile_n // epi_n)
   num_slots = min(2, n_epi)
@@ -191,7 +213,7 @@ def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, i
             plgpu.copy_gmem_to_smem(bias_g.at[pl.ds(wg_n0, tile_n)], bias_smem.at[wg],
                                     bar.at[wg])
 
-          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.int32))
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), acc_type))
           def _acc(acc_ref):
             eval_pipeline(acc_ref)
             acc = acc_ref[...]
@@ -248,15 +270,15 @@ def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, i
 def w8a8_matmul(a: jax.Array, b: jax.Array, row_scale: jax.Array, col_scale: jax.Array,
                 bias: jax.Array | None = None, *, config: W8A8Config | None = None,
                 out_dtype=jnp.bfloat16, interpret=None, sms: int | None = None) -> jax.Array:
-  """a s8[M, K], b s8[N, K], row_scale f32[M], col_scale f32[N], bias f32[N] | None.
+  """a s8[M, K], b s8[N, K] (or both bf16), row_scale f32[M], col_scale f32[N], bias f32[N] | None.
 
   Returns out_dtype[M, N] = (a @ b.T) * row_scale[:, None] * col_scale + bias, or with
-  out_dtype=int32 the raw int32 a @ b.T (scales and bias ignored).
-  interpret: a plgpu.InterpretGPUParams to run on CPU.
+  out_dtype = the accumulator's dtype (int32 for int8, float32 for bf16) the raw a @ b.T
+  (scales and bias ignored). interpret: a plgpu.InterpretGPUParams to run on CPU.
   """
   m, k = a.shape
   n = b.shape[0]
-  cfg = config or pick_config(m, n, k, sms)
+  cfg = config or pick_config(m, n, k, sms, a.dtype)
   _check(a, b, cfg)
   sms = sms or num_sms()
   if m % 8:  # TMA stores of the swizzled output tiles need M % 8 == 0: pad, then slice
@@ -268,20 +290,36 @@ def w8a8_matmul(a: jax.Array, b: jax.Array, row_scale: jax.Array, col_scale: jax
   row_scale = row_scale.reshape(m).astype(jnp.float32)
   col_scale = col_scale.reshape(n).astype(jnp.float32)
   bias = jnp.zeros((n,), jnp.float32) if bias is None else bias.reshape(n).astype(jnp.float32)
-  if out_dtype == jnp.int32 or cfg.k_splits > 1:
-    parts = _kernel_call(a, b, row_scale, col_scale, bias, cfg, jnp.int32, interpret, sms)
-    acc = parts.sum(axis=0, dtype=jnp.int32)
-    if out_dtype == jnp.int32:
+  acc_type = acc_dtype(a.dtype)
+  raw = jnp.dtype(out_dtype) == jnp.dtype(acc_type)
+  if raw or cfg.k_splits > 1:
+    parts = _kernel_call(a, b, row_scale, col_scale, bias, cfg, acc_type, interpret, sms)
+    acc = parts.sum(axis=0, dtype=acc_type)  # exact in int32
+    if raw:
       return acc
     y = acc.astype(jnp.float32) * row_scale[:, None] * col_scale + bias
     return y.astype(out_dtype)
   return _kernel_call(a, b, row_scale, col_scale, bias, cfg, out_dtype, interpret, sms)
 
 
+def bf16_matmul(a: jax.Array, b: jax.Array, col_scale: jax.Array, bias: jax.Array | None = None,
+                *, config: W8A8Config | None = None, interpret=None,
+                sms: int | None = None) -> jax.Array:
+  """a bf16[M, K], b bf16[N, K], col_scale f32[N] or scalar, bias f32[N] | None ->
+  bf16[M, N] = bf16(f32(a @ b.T) * col_scale + bias): XLA's bf16 dot with the epilogue fused."""
+  m, n = a.shape[0], b.shape[0]
+  col_scale = jnp.broadcast_to(jnp.asarray(col_scale, jnp.float32).reshape(-1), (n,))
+  return w8a8_matmul(a, b, jnp.ones((m,), jnp.float32), col_scale, bias, config=config,
+                     interpret=interpret, sms=sms)
+
+
 def reference(a, b, row_scale, col_scale, bias=None, out_dtype=jnp.bfloat16):
-  """The same function in plain jnp (XLA's int dot)."""
-  acc = qlinear_xla.dot_int8(a, b)
-  if out_dtype == jnp.int32:
+  """The same function in plain jnp (XLA's int dot, or its bf16 dot with f32 accumulation)."""
+  if a.dtype == jnp.int8:
+    acc = qlinear_xla.dot_int8(a, b)
+  else:
+    acc = lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  if jnp.dtype(out_dtype) == acc.dtype:
     return acc
   y = acc.astype(jnp.float32) * row_scale.reshape(-1, 1) * col_scale.reshape(1, -1)
   if bias is not None:

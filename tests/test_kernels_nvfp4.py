@@ -125,10 +125,19 @@ def test_qdq_equals_decoded_packed_codes(rng, block, path):
 
 @pytest.mark.parametrize("mode", [Mode.NVFP4, Mode.BF16])
 @pytest.mark.parametrize("hadamard", [True, False])
-def test_mosaic_qlinear_matches_xla_on_cpu(rng, mode, hadamard):
-  """MOSAIC.w4a4 / w4a16 (QDQ + kernel) against qlinear_xla computed on the host CPU.
+@pytest.mark.parametrize("path", ["register-decode", "dequant"])
+def test_mosaic_qlinear_matches_xla_on_cpu(rng, monkeypatch, mode, hadamard, path):
+  """MOSAIC.w4a4 / w4a16 (QDQ + kernel) against qlinear_xla computed on the host CPU, on both
+  weight paths: the in-register decode, and (from DEQUANT_MIN_ROWS rows, lowered here to 64)
+  the bf16 decode + bf16 GEMM.
   (M = 64: Mosaic GPU's interpreter sometimes stalls on partial 128-row tiles.)"""
   m, k, n = 64, 256, 128
+  if path == "dequant":
+    monkeypatch.setattr(qlinear_mosaic, "DEQUANT_MIN_ROWS", m)
+    calls = []
+    real = qlinear_mosaic.w8a8.bf16_matmul
+    monkeypatch.setattr(qlinear_mosaic.w8a8, "bf16_matmul",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
   w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
   b = rng.standard_normal(n).astype(np.float32) * 0.1
   layer = quantize_linear(w, b, hadamard=hadamard)
@@ -140,6 +149,21 @@ def test_mosaic_qlinear_matches_xla_on_cpu(rng, mode, hadamard):
     want = getattr(qlinear_xla, fn)(x, layer)
   assert got.shape == (m, n) and got.dtype == jnp.bfloat16
   assert rel_err(got, want) <= 2e-3
+  if path == "dequant":
+    assert calls, "the dequant path did not run the bf16 GEMM"
+
+
+def test_weight_bf16_is_the_exact_block_values(rng):
+  """The large-M path's one-fusion decode equals formats' block values bit for bit (signed
+  zeros, every code, scales over six decades)."""
+  w = rng.standard_normal((64, 512)).astype(np.float32) * rng.uniform(1e-3, 1e3, (64, 1))
+  w[3, :32] = 0.0
+  layer = quantize_linear(w, None, hadamard=False)
+  got = np.asarray(jax.jit(qlinear_mosaic.weight_bf16)(layer)).view(np.uint16)
+  want = np.asarray(formats.nvfp4_block_values(layer.weight).astype(jnp.bfloat16)).view(np.uint16)
+  assert got.shape == (64, 512)
+  np.testing.assert_array_equal(got, want)
+  assert len(np.unique(np.asarray(layer.weight.codes) & 15)) == 16  # every code was decoded
 
 
 def test_qdq_nonfinite_input_poisons_the_scale(rng):

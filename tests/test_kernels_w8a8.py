@@ -70,6 +70,47 @@ def test_fused_epilogue_matches_xla(rng, with_bias):
   assert np.linalg.norm(g - w) / np.linalg.norm(w) < 1e-3
 
 
+SMALL_BF16 = dataclasses.replace(SMALL, tile_k=64)
+
+
+@pytest.mark.parametrize("cfg,with_bias", [(SMALL_BF16, True), (SMALL_BF16, False),
+                                           (dataclasses.replace(SMALL_BF16, k_splits=2), True)],
+                         ids=["bias", "no-bias", "splitK"])
+def test_bf16_operands_match_xla_dot(rng, cfg, with_bias):
+  """The bf16 form (the NVFP4 paths' dequantized GEMM): f32 accumulation, f32 epilogue."""
+  m, n, k = 96, 256, 256
+  a = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  b = jnp.asarray(rng.standard_normal((n, k)) * rng.uniform(0.1, 3, (n, 1)), jnp.bfloat16)
+  cs = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32) if with_bias else None
+  got = w8a8.bf16_matmul(a, b, cs, bias, config=cfg, interpret=qlinear_mosaic.interpret_params())
+  want = w8a8.reference(a, b, jnp.ones((m,), jnp.float32), cs, bias)
+  assert got.dtype == jnp.bfloat16 and got.shape == (m, n)
+  exact = np.asarray(a, np.float64) @ np.asarray(b, np.float64).T * np.asarray(cs, np.float64)
+  exact = exact + (np.asarray(bias, np.float64) if with_bias else 0)
+  assert rel_err(got, want) < 1e-3 and rel_err(got, exact) < 4e-3
+  raw = w8a8.w8a8_matmul(a, b, jnp.ones((m,), jnp.float32), cs, config=cfg, out_dtype=jnp.float32,
+                         interpret=qlinear_mosaic.interpret_params())  # the f32 accumulator
+  product = np.asarray(a, np.float64) @ np.asarray(b, np.float64).T
+  assert raw.dtype == jnp.float32 and rel_err(raw, product) < 1e-6
+
+
+def test_bf16_kernel_lowers_for_hopper():
+  """The picked bf16 configs (N = 1920 splits M between the warpgroups) pass Mosaic GPU's
+  lowering for CUDA, exported from the CPU."""
+  for n in (1920, 3072):
+    f = jax.jit(lambda a, b, s: w8a8.bf16_matmul(a, b, s))
+    args = (jax.ShapeDtypeStruct((4096, 1920), jnp.bfloat16),
+            jax.ShapeDtypeStruct((n, 1920), jnp.bfloat16), jax.ShapeDtypeStruct((), jnp.float32))
+    assert "mosaic_gpu" in jax.export.export(f, platforms=["cuda"])(*args).mlir_module()
+
+
+def test_mixed_operand_dtypes_are_rejected(rng):
+  a = jnp.zeros((64, 256), jnp.int8)
+  with pytest.raises(ValueError, match="two int8 or two bfloat16"):
+    w8a8.w8a8_matmul(a, a.astype(jnp.bfloat16), jnp.ones(64), jnp.ones(64))
+
+
 def test_bad_shapes_are_rejected(rng):
   a, b, rs, cs, _ = operands(rng, 64, 128, 256)
   with pytest.raises(ValueError, match="K must match"):
@@ -144,9 +185,13 @@ def test_gpu_kernel_real_shapes(rng, m, k, n):
 @pytest.mark.parametrize("mode, xla_on_cpu, tol", [(Mode.INT8, False, 1e-3),
                                                    (Mode.NVFP4, True, 2e-3),
                                                    (Mode.BF16, True, 2e-3)])
-def test_gpu_qlinear_mosaic_vs_xla(rng, mode, xla_on_cpu, tol):
+@pytest.mark.parametrize("dequant_min_rows", [None, 1024], ids=["default", "dequant"])
+def test_gpu_qlinear_mosaic_vs_xla(rng, monkeypatch, mode, xla_on_cpu, tol, dequant_min_rows):
   """Each Mosaic qlinear path end to end against the xla implementation (the NVFP4 paths
-  against it on the host CPU, so the GPU's own XLA does not judge its kernels)."""
+  against it on the host CPU, so the GPU's own XLA does not judge its kernels); "dequant"
+  lowers the NVFP4 paths' threshold so that these 2222 rows take the bf16 decode + GEMM."""
+  if dequant_min_rows:
+    monkeypatch.setattr(qlinear_mosaic, "DEQUANT_MIN_ROWS", dequant_min_rows)
   k, n = 1920, 7680
   w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
   b = rng.standard_normal(n).astype(np.float32) * 0.1
