@@ -188,6 +188,8 @@ def main(argv=None) -> int:
                                                     implementation="mosaic"), (q, k, v)),
         "mosaic_int8_prepass_xla": (lambda q, k, v: A._int8_mosaic(q, k, v, prepass="xla"),
                                     (q, k, v)),
+        "mosaic_int8_vscale_xla": (lambda q, k, v: A._int8_mosaic(q, k, v, fold_v_scale=False),
+                                   (q, k, v)),
         "mosaic_int8_pp_on": (lambda q, k, v: A._int8_mosaic(q, k, v, pingpong=True), (q, k, v)),
         "mosaic_bf16_pp_off": (lambda q, k, v: A._bf16_mosaic(q, k, v, pingpong=False), (q, k, v)),
         "mosaic_int8_pv_bf16": (lambda q, k, v: A.attention(

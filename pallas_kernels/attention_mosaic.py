@@ -14,8 +14,8 @@ Changes against the example, each for a reason:
   * precision="int8": S = (Q8 K8^T) on s8 wgmma with an int32 accumulator, dequantized by one
     scalar per (query block, key block) = q_scale * k_scale (softmax scale and log2(e) folded into
     q_scale); P is quantized to FP8 e4m3 (times 448, so it uses the whole e4m3 range) and fed to an
-    fp8 wgmma straight from registers, against V^T in FP8 with per-channel scales (applied by the
-    caller after the kernel). The fp8 wgmma result of every KV block is added to the fp32 output
+    fp8 wgmma straight from registers, against V^T in FP8 with per-channel scales (`v_scale`,
+    applied in the epilogue). The fp8 wgmma result of every KV block is added to the fp32 output
     accumulator on the CUDA cores ("promotion"), so Hopper's reduced-precision FP8 accumulator
     only ever sums one block of 128 products.
 
@@ -29,7 +29,10 @@ Shapes (T padded to the block grid by the caller, see mpqjax.attention):
   bf16: q [B, Tq, H, D], k, v [B, Tk, H, D] (bf16) -> out [B, Tq, H, D] bf16
   int8: q8 [B, Tq, H, D] s8, k8 [B, Tk, H, D] s8, vt8 [B, H, D, Tk] f8e4m3 (token-permuted),
         q_scale [B, H, Tq/block_q] f32, k_scale [B, H, Tk/block_kv] f32
-        -> out [B, Tq, H, D] bf16 equal to softmax(QK^T/sqrt(D)) (V / v_scale)
+        -> out [B, Tq, H, D] bf16 equal to softmax(QK^T/sqrt(D)) (V / v_scale), or with
+        v_scale f32 [B, H, D] given, softmax(QK^T/sqrt(D)) V rounded to bf16 once
+  q_len (optional, <= Tq): the output keeps only the first q_len query rows (the TMA stores
+  drop the padded rows; when q_len % 8 != 0 the last < 8 are cropped after the kernel).
 """
 from __future__ import annotations
 
@@ -182,10 +185,14 @@ def _smem_transforms(minor_elems: int, itemsize: int):
   return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Array:
-  """Runs the kernel on padded operands (see the module docstring); returns [B, Tq, H, D] bf16.
+def flash_attention(*operands, kv_len: int, config: AttentionConfig,
+                    v_scale: jax.Array | None = None, q_len: int | None = None) -> jax.Array:
+  """Runs the kernel on padded operands (see the module docstring); returns [B, q_len, H, D]
+  bf16 (q_len defaults to the padded Tq).
 
   kv_len: number of valid keys (<= padded Tk); keys at positions >= kv_len are masked out.
+  v_scale: int8 only, f32 [B, H, D]: V's per-channel scales, multiplied in before the output's
+  bf16 rounding.
   """
   cfg = config
   quant = cfg.precision == "int8"
@@ -221,6 +228,17 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
                      f"{cfg.q_multiple}, {cfg.block_kv}")
   if not 0 < kv_len <= kv_len_p:
     raise ValueError(f"kv_len={kv_len} must be in (0, {kv_len_p}]")
+  q_len = q_len_p if q_len is None else q_len
+  if not 0 < q_len <= q_len_p:
+    raise ValueError(f"q_len={q_len} must be in (0, {q_len_p}]")
+  scale_v = v_scale is not None
+  if scale_v:
+    if not quant:
+      raise ValueError("v_scale is for precision='int8' (the bf16 kernel's V is not scaled)")
+    if v_scale.shape != (batch_size, num_heads, head_dim) or v_scale.dtype != jnp.float32:
+      raise ValueError(f"v_scale must be f32 {(batch_size, num_heads, head_dim)}, got "
+                       f"{v_scale.dtype} {v_scale.shape}")
+    operands = (*operands, v_scale)
 
   block_q, block_kv = cfg.block_q, cfg.block_kv
   kv_steps = pl.cdiv(kv_len, block_kv)
@@ -240,7 +258,7 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
 
   def kernel(*refs):
     if quant:
-      q_ref, k_ref, v_ref, qs_ref, ks_ref, out_ref, scoped = refs
+      q_ref, k_ref, v_ref, qs_ref, ks_ref, *vs_ref, out_ref, scoped = refs
     else:
       q_ref, k_ref, v_ref, out_ref, scoped = refs
     batch = lax.axis_index("batch")
@@ -404,6 +422,11 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
         l_i = acc[:, head_dim:].sum(axis=1)
         acc = acc[:, :head_dim]
       acc /= lax.broadcast_in_dim(l_i, (block_q, head_dim), [0])
+      if scale_v:  # V's channel scales: one rounding to bf16 for the whole product
+        vs = vs_ref[0].at[batch, head]
+        vs = vs[...] if cfg.interpret else plgpu.load(vs, layout=plgpu.Layout.WGMMA.reduce(0),
+                                                      optimized=False)
+        acc *= lax.broadcast_in_dim(vs, (block_q, head_dim), [1])
       o_smem[...] = acc.astype(out_dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, pl.ds(q_seq_base, block_q), head])
@@ -465,13 +488,15 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
         collective_axes="wg",
     )
 
+  # swizzled TMA stores need whole 8-row tiles: keep up to 7 padded rows, crop them below
+  out_len = min(q_len_p, -(-q_len // 8) * 8)
   kwargs = {}
   if cfg.interpret:
     from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params
     kwargs["interpret"] = interpret_params.InterpretGPUParams()
-  return plgpu.kernel(
+  out = plgpu.kernel(
       entry,
-      out_type=jax.ShapeDtypeStruct((batch_size, q_len_p, num_heads, head_dim), out_dtype),
+      out_type=jax.ShapeDtypeStruct((batch_size, out_len, num_heads, head_dim), out_dtype),
       grid=(num_heads, q_len_p // (2 * block_q), batch_size),
       grid_names=("heads", "q_seq", "batch"),
       num_threads=3,
@@ -479,10 +504,13 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig) -> jax.Arra
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **kwargs,
   )(*operands)
+  return out if out_len == q_len else out[:, :q_len]
 
 
-def reference(*operands, kv_len: int, config: AttentionConfig) -> jax.Array:
-  """jnp reference taking the kernel's exact (padded) inputs; f32 math with a materialized S.
+def reference(*operands, kv_len: int, config: AttentionConfig,
+              v_scale: jax.Array | None = None, q_len: int | None = None) -> jax.Array:
+  """jnp reference taking the kernel's exact (padded) inputs (and its v_scale / q_len); f32 math
+  with a materialized S.
 
   int8: the kernel's softmax numerics (e4m3 P against the running max of each block of
   config.block_kv keys) come from mpqjax.attention.int8_probabilities, the one copy shared with
@@ -501,7 +529,10 @@ def reference(*operands, kv_len: int, config: AttentionConfig) -> jax.Array:
     o = jnp.einsum("bhts,bhds->bthd", p8, vt8.astype(f32), precision=hi)
     o = o.reshape(*o.shape[:-1], config.v_terms, -1).sum(axis=-2)  # the V terms add up
     d = o.shape[-1] - V_EXTRA_ROWS
-    return (o[..., :d] / o[..., d:d + 1]).astype(jnp.bfloat16)
+    o = o[..., :d] / o[..., d:d + 1]
+    if v_scale is not None:
+      o = o * v_scale[:, None]
+    return o[:, :q_len].astype(jnp.bfloat16)
   q, k, v = operands
   s = jnp.einsum("bthd,bshd->bhts", q.astype(f32), k.astype(f32), precision=hi)
   s = s * (q.shape[-1] ** -0.5 * LOG2E)
@@ -509,4 +540,4 @@ def reference(*operands, kv_len: int, config: AttentionConfig) -> jax.Array:
   p = jnp.exp2(s - s.max(axis=-1, keepdims=True))
   o = jnp.einsum("bhts,bshd->bthd", p, v.astype(f32), precision=hi)
   o = o / jnp.moveaxis(p.sum(axis=-1), 1, 2)[..., None]
-  return o.astype(q.dtype)
+  return o[:, :q_len].astype(q.dtype)

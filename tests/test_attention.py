@@ -188,8 +188,11 @@ def test_kernel_interpret_matches_reference(precision, d, convert, block_kv, pv)
     # Same rounded P against the same running max: only f32 rounding order differs ("magic"
     # turns a few P values into the neighbouring e4m3 value; "cvt" is bit-equal on CPU).
     tol = 0.003
-  out = am.flash_attention(*ops, kv_len=kv_len, config=cfg)
-  ref = am.reference(*ops, kv_len=kv_len, config=cfg)
+  # int8: V's scales and a crop of the padded query rows go into the epilogue, as the API runs it
+  extra = {} if precision == "bf16" else {"v_scale": qo.v_scale, "q_len": kv_len - 3}
+  out = am.flash_attention(*ops, kv_len=kv_len, config=cfg, **extra)
+  ref = am.reference(*ops, kv_len=kv_len, config=cfg, **extra)
+  assert out.shape == ref.shape == (1, extra.get("q_len", t), 1, d)
   o, r = np.asarray(out, np.float32), np.asarray(ref, np.float32)
   assert np.all(np.isfinite(o))
   assert np.linalg.norm(o - r) / np.linalg.norm(r) < tol
@@ -343,9 +346,13 @@ def _export_for_cuda(cfg, d, h=2):
                              jnp.dtype(cfg.pv_dtype)),
         jax.ShapeDtypeStruct((1, h, t // cfg.block_q), jnp.float32),
         jax.ShapeDtypeStruct((1, h, t // cfg.block_kv), jnp.float32))
+    # as the API calls it: V's scales and the crop to the real query rows in the epilogue
+    f = jax.jit(lambda *ops: am.flash_attention(*ops[:-1], kv_len=t - 50, config=cfg,
+                                                v_scale=ops[-1], q_len=t - 50))
+    args += (jax.ShapeDtypeStruct((1, h, d), jnp.float32),)
   else:
     args = (jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16),) * 3
-  f = jax.jit(lambda *ops: am.flash_attention(*ops, kv_len=t - 50, config=cfg))
+    f = jax.jit(lambda *ops: am.flash_attention(*ops, kv_len=t - 50, config=cfg))
   return jax.export.export(f, platforms=["cuda"])(*args).mlir_module()
 
 
