@@ -59,11 +59,8 @@ class NVFP4MatmulConfig:
   tile_m: activation rows per CTA (wgmma N, multiple of 8 up to 256). tile_k: multiple of 64.
   pingpong: stagger the two consumer warpgroups (a 2-arrival barrier around the decode) so
   that one decodes while the other's wgmma runs; measured 10% slower on an H200 (NOTES.md), off.
-  smem_decode: each warpgroup stores its decoded weight tile to one of two bf16 SMEM buffers and
-  leaves that wgmma in flight, so the next tile decodes while this one multiplies (the inputs'
-  SMEM slots are released one step late). The register-operand version of this overlap is
-  unsafe (the next decode may reuse registers the running wgmma reads; NOTES.md, variant 9).
-  Not yet run on a GPU: off.
+  (A double-buffered SMEM copy of the decoded tile with one wgmma in flight was measured 9%
+  slower too and removed in session 6; NOTES.md, "SMEM decode".)
   """
   tile_n: int = 64
   tile_m: int = 256
@@ -75,7 +72,6 @@ class NVFP4MatmulConfig:
   k_splits: int = 1
   decode: str = "bits"
   pingpong: bool = False
-  smem_decode: bool = False
 
   @property
   def cta_tile_n(self) -> int:
@@ -120,8 +116,6 @@ def _check(x, w4, cfg: NVFP4MatmulConfig):
     raise ValueError(f"nvfp4_matmul: bad tiles {cfg}")
   if cfg.k_splits > 1 and cfg.tile_m % 32:
     raise ValueError(f"nvfp4_matmul: split-K needs tile_m % 32 == 0, got {cfg}")
-  if cfg.smem_decode and (cfg.pingpong or cfg.max_concurrent_steps < 2):
-    raise ValueError(f"nvfp4_matmul: smem_decode needs pingpong off and >= 2 stages, got {cfg}")
   if cfg.decode not in ("bits", "int4"):
     raise ValueError(f"nvfp4_matmul: decode must be 'bits' or 'int4', got {cfg.decode!r}")
 
@@ -241,8 +235,6 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
   num_slots = min(2, n_epi)
   interp = interpret is not None
   n_scale = tile_k // 16
-  smem_decode = cfg.smem_decode and not interp
-  in_flight = 1 if smem_decode else 0  # wgmmas left running at the end of a step
 
   def nvfp4_matmul_kernel(x_g, w_g, ws_g, cs_g, bias_g, out_g):
     def get_pipeline(body, ctx):
@@ -250,11 +242,10 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
           body, grid=(k_iters,), memory_registers=40,
           in_specs=[
               plgpu.BlockSpec((tile_m, tile_k), lambda kk: (0, kk), transforms=x_tr,
-                              memory_space=plgpu.SMEM, delay_release=in_flight),
+                              memory_space=plgpu.SMEM),
               plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=w_tr,
-                              memory_space=plgpu.SMEM, delay_release=in_flight),
-              plgpu.BlockSpec((n_scale, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM,
-                              delay_release=in_flight),
+                              memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((n_scale, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
           ],
           wg_axis="wg", num_compute_wgs=2,
           max_concurrent_steps=min(cfg.max_concurrent_steps, k_iters), compute_context=ctx)
@@ -270,8 +261,8 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
     pingpong = cfg.pingpong and not interp
     if pingpong:
       scratch["sched"] = plgpu.Barrier(num_arrivals=2)
-    if interp or smem_decode:  # the interpreter's wgmma reads A from SMEM only
-      scratch["wdec_smem"] = plgpu.SMEM((2 * (2 if smem_decode else 1), tile_n, tile_k),
+    if interp:  # the interpreter's wgmma reads A from SMEM only
+      scratch["wdec_smem"] = plgpu.SMEM((2, tile_n, tile_k),
                                         jnp.bfloat16, transforms=smem_transforms(tile_k * 2, 16))
 
     @functools.partial(pl.run_scoped, collective_axes="wg", **scratch)
@@ -332,7 +323,7 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
                   out_smem.at[wg, slot],
                   out_g.at[pl.ds(m0 + e * epi_m, epi_m), pl.ds(n0, tile_n)])
 
-        def mma(idx, x_s, w_s, ws_s, acc_ref):
+        def mma(_, x_s, w_s, ws_s, acc_ref):
           ns = pl.ds(wg * tile_n, tile_n)
           if interp:
             wdec_smem[wg] = _decoded_values_jnp(w_s[ns], ws_s[:, ns], cfg.decode)
@@ -346,18 +337,12 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
             w4 = plgpu.layout_cast(w4, plgpu.Layout.WGMMA)
             decode = _decode_bits if cfg.decode == "bits" else _decode_int4
             wv = decode(w4, ws_s.at[:, ns])
-            if smem_decode:
-              # the buffer of two steps ago: its wgmma was waited for at the end of the last step
-              buf = 2 * wg + lax.rem(idx[0], 2)
-              wdec_smem[buf] = wv
-              plgpu.commit_smem()
-              wv = wdec_smem.at[buf]
             if pingpong:
               schedule()
             plgpu.wgmma(acc_ref, wv, x_s.T)
             if pingpong:
               pl.when(wg == 1)(schedule)
-          plgpu.wgmma_wait(in_flight)
+          plgpu.wgmma_wait(0)
           return acc_ref
 
         get_pipeline(mma, ctx)(

@@ -81,21 +81,6 @@ def test_bad_inputs_are_rejected(rng):
     nm.nvfp4_matmul(x, w4[:64], ws[:, :64], cs, config=SMALL)
   with pytest.raises(ValueError, match="bf16"):
     nm.nvfp4_matmul(x.astype(jnp.float32), w4, ws, cs, config=SMALL)
-  with pytest.raises(ValueError, match="smem_decode"):
-    nm.nvfp4_matmul(x, w4, ws, cs, config=dataclasses.replace(SMALL, smem_decode=True,
-                                                               pingpong=True))
-
-
-@pytest.mark.parametrize("m,k,n", [(8192, 1024, 1024), (35552, 1920, 1920), (64, 3072, 3072)])
-def test_smem_decode_lowers_for_hopper(m, k, n):
-  """The SMEM-decode variant (double-buffered decoded tiles, one wgmma in flight) passes Mosaic
-  GPU's lowering for CUDA at the heuristic's large- and small-M configs, shared-memory budget
-  included; interpret mode runs a different decode path, so this is what the CPU can check."""
-  cfg = dataclasses.replace(nm.pick_config(m, n, k, 132), smem_decode=True)
-  args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.int4),
-          jax.ShapeDtypeStruct((k // 16, n), jnp.bfloat16), jax.ShapeDtypeStruct((n,), jnp.float32))
-  f = jax.jit(lambda x, w4, ws, cs: nm.nvfp4_matmul(x, w4, ws, cs, cs, config=cfg, sms=132))
-  assert "mosaic_gpu" in jax.export.export(f, platforms=["cuda"])(*args).mlir_module()
 
 
 @pytest.mark.parametrize("block", [0, 128])
@@ -175,12 +160,12 @@ def test_qdq_nonfinite_input_poisons_the_scale(rng):
 # ------------------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("decode,smem_decode", [("bits", False), ("int4", False), ("bits", True)])
+@pytest.mark.parametrize("decode", ["bits", "int4"])
 @pytest.mark.parametrize("m,k,n", [(2048, 1920, 1920), (35552 // 8, 3072, 1536), (64, 1920, 7680),
                                    (16, 3072, 3072)])
-def test_gpu_kernel_real_shapes(rng, decode, smem_decode, m, k, n):
+def test_gpu_kernel_real_shapes(rng, decode, m, k, n):
   x, t, w4, ws, cs, bias = problem(rng, m, n, k, decode)
-  cfg = dataclasses.replace(nm.pick_config(m, n, k), decode=decode, smem_decode=smem_decode)
+  cfg = dataclasses.replace(nm.pick_config(m, n, k), decode=decode)
   got = nm.nvfp4_matmul(x, w4, ws, cs, bias, config=cfg)
   want = nm.reference(x, w4, ws, cs, bias, decode=decode)
   assert rel_err(got, want) <= 2e-3
