@@ -205,6 +205,10 @@ def nvfp4_rows(args, name, m, k, n, probs, p0, row, bench):
   bench("quant_nvfp4_qdq_had_xla", lambda x: nvfp4_quant.quantize_qdq_xla(x, qc),
         lambda p: (p["x"],))
   bench("quant_nvfp4_qdq", lambda x: nvfp4_quant.quantize_qdq(x), lambda p: (p["x"],))
+  if m >= qlinear_mosaic.MGPU_QUANT_MIN_ROWS and int8_quant_mgpu.pick_k_splits(m, k) > 1:
+    q1 = dataclasses.replace(qc, k_splits=1)  # the grid before K was split across CTAs
+    bench("quant_nvfp4_qdq_had[ks1]", lambda x: nvfp4_quant.quantize_qdq(x, q1),
+          lambda p: (p["x"],))
   if tune and m >= 1024:
     for st in QUANT_STEPS:
       qs = dataclasses.replace(qc, max_concurrent_steps=st)

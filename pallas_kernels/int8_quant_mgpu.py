@@ -133,32 +133,50 @@ def rotated_row_amax(x_rows, h_s, post, nk: int, steps: int):
                              max_concurrent_steps=steps, init_carry=(zeros, zeros))(x_rows)
 
 
+def pick_k_splits(m: int, k: int, sms: int | None = None) -> int:
+  """K chunks per 64-row block for passes whose tiles are independent along K (the NVFP4
+  quantizer): enough CTAs for ~8 per SM (a 64-row CTA is one warpgroup, so few resident CTAs
+  leave the SM latency-bound, and a short last wave idles it), keeping >= 4 tiles per CTA."""
+  sms = sms or num_sms()
+  rows, nk, splits = pl.cdiv(m, ROWS), k // COLS, 1
+  while (rows * splits < 8 * sms and nk % (2 * splits) == 0 and nk // (2 * splits) >= 4):
+    splits *= 2
+  return splits
+
+
 def row_amax_mgpu(x: jax.Array, hadamard_block: int, max_concurrent_steps: int = 4,
-                  interpret=None):
+                  interpret=None, k_splits: int = 1):
   """Pass 1 alone, one launch: x bf16[M, K] (M % 64 == 0, K % 128 == 0) -> (max |x h| * post,
-  non-finite flag), f32[M] each (the NVFP4 quantizer's first kernel)."""
+  non-finite flag), f32[M] each (the NVFP4 quantizer's first kernel). k_splits: CTAs per row
+  block, each over K / k_splits columns (their partial maxima are combined in XLA)."""
   m, k = x.shape
   nk = k // COLS
+  if nk % k_splits:
+    raise ValueError(f"row_amax_mgpu: {nk} column tiles do not split into {k_splits}")
+  nk_cta = nk // k_splits
   h, post = rotation_operands(hadamard_block)
-  steps = min(max_concurrent_steps, nk)
+  steps = min(max_concurrent_steps, nk_cta)
 
   def amax_kernel(x_g, h_g, amax_g, bad_g, h_s, r_s, bar):
     row0 = lax.axis_index("rows") * ROWS
+    split = lax.axis_index("k")
     load_to_smem(h_g, h_s, bar)
-    amax, bad = rotated_row_amax(x_g.at[pl.ds(row0, ROWS)], h_s, post, nk, steps)
+    x_part = x_g.at[pl.ds(row0, ROWS), pl.ds(split * nk_cta * COLS, nk_cta * COLS)]
+    amax, bad = rotated_row_amax(x_part, h_s, post, nk_cta, steps)
     for val, dst in ((amax, amax_g), (bad, bad_g)):
       r_s[...] = val
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(r_s, dst.at[pl.ds(row0, ROWS)])
+      plgpu.copy_smem_to_gmem(r_s, dst.at[split, pl.ds(row0, ROWS)])
       plgpu.wait_smem_to_gmem(0)
 
+  part = jax.ShapeDtypeStruct((k_splits, m), jnp.float32)
   f = plgpu.kernel(
-      amax_kernel,
-      out_type=(jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((m,), jnp.float32)),
-      grid=(m // ROWS,), grid_names=("rows",),
+      amax_kernel, out_type=(part, part),
+      grid=(m // ROWS, k_splits), grid_names=("rows", "k"),
       scratch_types=[rotation_smem(), plgpu.SMEM((ROWS,), jnp.float32), plgpu.Barrier()],
       interpret=interpret)
-  return f(x, h)
+  amax, bad = f(x, h)
+  return amax.max(axis=0), bad.max(axis=0)
 
 
 def supported(x: jax.Array, config: QuantMgpuConfig) -> bool:

@@ -4,10 +4,11 @@
   v = formats.nvfp4_block_values(formats.quantize_nvfp4(rotate(x)))   e2m1 * f32(s), exact in bf16
   g = the tensor scale, applied by the matmul's epilogue
 
-Kernel 1 (int8_quant_mgpu.row_amax_mgpu, the INT8 quantizer's pass 1 alone): one
-CTA per 64 rows streams x, rotates each 64 x 128 tile on the tensor cores (the +-1 matrix, or
-the identity: exact) and keeps the per-row absmax of the f32 result; XLA reduces the rows to g
-exactly as formats.nvfp4_global_scale. Kernel 2 (`qdq_kernel`): streams x again, rotates the
+Both launches run one CTA per 64 rows and K chunk (`k_splits`; by default enough CTAs for ~8
+per SM, since the tiles are independent along K once g is known). Kernel 1
+(int8_quant_mgpu.row_amax_mgpu, the INT8 quantizer's pass 1 alone) streams x, rotates each
+64 x 128 tile on the tensor cores (the +-1 matrix, or the identity: exact) and keeps the
+per-row absmax of the f32 result; XLA reduces them to g exactly as formats.nvfp4_global_scale. Kernel 2 (`qdq_kernel`): streams x again, rotates the
 same way (bit-identical y), takes each 16-element block's absmax in registers (two registers
 and a quad of lanes: 2 shuffles, inline Mosaic GPU) and its scale there, once per block:
 s = e4m3(min(amax / (6 g), 448)); then elementwise q = y / (f32(s) g) (true division, as
@@ -40,16 +41,18 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 from mpqjax import formats
 from pallas_kernels import int8_quant
 from pallas_kernels.int8_quant_mgpu import (COLS, ROWS, bf16_tile_transforms, load_to_smem,
-                                            rotate_tile, rotation_operands, rotation_smem,
-                                            row_amax_mgpu, row_tiles_spec)
+                                            pick_k_splits, rotate_tile, rotation_operands,
+                                            rotation_smem, row_amax_mgpu, row_tiles_spec)
 
 
 @dataclasses.dataclass(frozen=True)
 class NVFP4QuantConfig:
   """hadamard_block: 0 for none, else a power of two dividing K (128 in mpqjax; the Mosaic
-  kernels take 0 or 128)."""
+  kernels take 0 or 128). k_splits: CTAs per 64-row block along K in both launches (None:
+  int8_quant_mgpu.pick_k_splits)."""
   hadamard_block: int = 0
   max_concurrent_steps: int = 4
+  k_splits: int | None = None
 
 
 def rotate(x: jax.Array, hadamard_block: int) -> jax.Array:
@@ -182,13 +185,17 @@ def quantize_qdq_mgpu(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig(
     v, g = quantize_qdq_mgpu(jnp.pad(x, ((0, -m % ROWS), (0, 0))), config, interpret)
     return v[:m], g
   nk = k // COLS
+  splits = config.k_splits or pick_k_splits(m, k)
+  if nk % splits:
+    raise ValueError(f"quantize_qdq_mgpu: {nk} column tiles do not split into {splits}")
+  nk_cta = nk // splits
   interp = interpret is not None
   h, post = rotation_operands(config.hadamard_block)
   bf16_tr = bf16_tile_transforms()
-  steps = min(config.max_concurrent_steps, nk)
+  steps = min(config.max_concurrent_steps, nk_cta)
 
   row_amax, row_bad = row_amax_mgpu(x, config.hadamard_block, config.max_concurrent_steps,
-                                    interpret)
+                                    interpret, k_splits=splits)
   # formats.nvfp4_global_scale on the kernel's per-row absmax
   amax = jnp.max(row_amax)
   g = formats.exact_div(amax, jnp.float32(formats.E2M1_MAX * formats.E4M3_MAX))
@@ -199,6 +206,7 @@ def quantize_qdq_mgpu(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig(
 
   def qdq_kernel(x_g, h_g, g_g, v_g, h_s, v_s, g_s, bar):
     row0 = lax.axis_index("rows") * ROWS
+    kb0 = lax.axis_index("k") * nk_cta  # this CTA's first column tile
     load_to_smem(h_g, h_s, bar)
     load_to_smem(g_g, g_s, bar)
 
@@ -213,15 +221,17 @@ def quantize_qdq_mgpu(x: jax.Array, config: NVFP4QuantConfig = NVFP4QuantConfig(
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that used this slot
       v_s[slot] = v.astype(jnp.bfloat16)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(v_s.at[slot], v_g.at[pl.ds(row0, ROWS), pl.ds(kb * COLS, COLS)])
+      plgpu.copy_smem_to_gmem(v_s.at[slot],
+                              v_g.at[pl.ds(row0, ROWS), pl.ds((kb0 + kb) * COLS, COLS)])
 
-    plgpu.emit_pipeline(body, grid=(nk,), in_specs=[row_tiles_spec()],
-                        max_concurrent_steps=steps)(x_g.at[pl.ds(row0, ROWS)])
+    plgpu.emit_pipeline(body, grid=(nk_cta,), in_specs=[row_tiles_spec()],
+                        max_concurrent_steps=steps)(
+        x_g.at[pl.ds(row0, ROWS), pl.ds(kb0 * COLS, nk_cta * COLS)])
     plgpu.wait_smem_to_gmem(0)
 
   qdq_f = plgpu.kernel(
       qdq_kernel, out_type=jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
-      grid=(m // ROWS,), grid_names=("rows",),
+      grid=(m // ROWS, splits), grid_names=("rows", "k"),
       scratch_types=[rotation_smem(),
                      plgpu.SMEM((2, ROWS, COLS), jnp.bfloat16, transforms=bf16_tr),
                      plgpu.SMEM((4,), jnp.float32),

@@ -84,15 +84,17 @@ def test_bad_inputs_are_rejected(rng):
 
 
 @pytest.mark.parametrize("block", [0, 128])
-@pytest.mark.parametrize("path", ["mgpu", "xla"])
+@pytest.mark.parametrize("path", ["mgpu", "mgpu-ksplit", "xla"])
 def test_qdq_equals_decoded_packed_codes(rng, block, path):
   """QDQ is exact: the bf16 block values equal decoding the packed codes of the same
-  quantization bit for bit, and the tensor scale is the same (Mosaic kernels and XLA fusion)."""
-  x = jnp.asarray(rng.standard_normal((72, 256)) * rng.uniform(0.1, 10, (72, 1)), jnp.bfloat16)
+  quantization bit for bit, and the tensor scale is the same (Mosaic kernels, also with K
+  split across CTAs, and XLA fusion)."""
+  x = jnp.asarray(rng.standard_normal((72, 512)) * rng.uniform(0.1, 10, (72, 1)), jnp.bfloat16)
   x = x.at[3, 5].set(jnp.bfloat16(0.0))  # an exact zero and a tiny block
   x = x.at[7, 16:32].set(jnp.bfloat16(1e-30))
-  cfg = nvfp4_quant.NVFP4QuantConfig(block)
-  if path == "mgpu":
+  x = x.at[11, 300].set(jnp.bfloat16(90.0))  # the global amax in the second K chunk
+  cfg = nvfp4_quant.NVFP4QuantConfig(block, k_splits=2 if path == "mgpu-ksplit" else 1)
+  if path.startswith("mgpu"):
     assert nvfp4_quant.supported(x, cfg)
     v, g = nvfp4_quant.quantize_qdq_mgpu(x, cfg, interpret=qlinear_mosaic.interpret_params())
   else:
@@ -188,8 +190,11 @@ def test_e2m1_round_equals_the_formats_encoding():
 
 
 @pytest.mark.parametrize("block", [0, 128])
-def test_qdq_kernels_lower_for_hopper(block):
+@pytest.mark.parametrize("k", [1920, 4096])  # K split across 1 and 8 CTAs per row block
+def test_qdq_kernels_lower_for_hopper(block, k):
   """Both QDQ quantizer launches pass Mosaic GPU's lowering for CUDA (from the CPU)."""
+  from pallas_kernels.int8_quant_mgpu import pick_k_splits
+  assert pick_k_splits(1024, k, 132) == {1920: 1, 4096: 8}[k]
   f = jax.jit(lambda x: nvfp4_quant.quantize_qdq_mgpu(x, nvfp4_quant.NVFP4QuantConfig(block)))
-  x = jax.ShapeDtypeStruct((1024, 1920), jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((1024, k), jnp.bfloat16)
   assert "mosaic_gpu" in jax.export.export(f, platforms=["cuda"])(x).mlir_module()
