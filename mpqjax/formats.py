@@ -149,6 +149,15 @@ def dequantize_nvfp4(t: NVFP4Tensor, dtype=jnp.float32) -> jax.Array:
   return (nvfp4_block_values(t) * t.global_scale).astype(dtype)
 
 
+def nvfp4_nibble_values(t: NVFP4Tensor) -> tuple[jax.Array, jax.Array]:
+  """The block values of each packed byte's two elements, float32[..., K/2] each: (element
+  2i from the low nibble, element 2i + 1 from the high one), without the tensor scale. The
+  same numbers as nvfp4_block_values without interleaving them (the kernels' weight
+  conversions pack the pair into one wider word instead)."""
+  s = jnp.repeat(t.scales.astype(jnp.float32), NVFP4_BLOCK // 2, axis=-1)  # per byte
+  return e2m1_decode(t.codes) * s, e2m1_decode(t.codes >> 4) * s
+
+
 def nvfp4_block_values(t: NVFP4Tensor) -> jax.Array:
   """e2m1(code) * f32(s), without the tensor scale, float32[..., K].
 

@@ -41,9 +41,10 @@ def interpret_params():
   return plgpu.InterpretGPUParams()
 
 
-def kernel_fits(m: int, n: int, k: int) -> bool:
-  """Whether the W8A8 kernel tiles this problem (else the xla path runs)."""
-  cfg = w8a8.pick_config(max(m, 1), n, k)
+def kernel_fits(m: int, n: int, k: int, dtype=jnp.int8) -> bool:
+  """Whether the W8A8 kernel (with int8 or bf16 operands) tiles this problem (else the xla
+  path runs)."""
+  cfg = w8a8.pick_config(max(m, 1), n, k, dtype=dtype)
   return m > 0 and n % cfg.cta_tile_n == 0 and k % (cfg.tile_k * cfg.k_splits) == 0
 
 
@@ -92,8 +93,7 @@ def nvfp4_kernel_fits(m: int, n: int, k: int) -> bool:
   """Whether the NVFP4 kernel (or, from DEQUANT_MIN_ROWS, the bf16 GEMM) tiles this problem
   (else the xla path runs)."""
   if m >= DEQUANT_MIN_ROWS:
-    cfg = w8a8.pick_config(m, n, k, dtype=jnp.bfloat16)
-    return n % cfg.cta_tile_n == 0 and k % (cfg.tile_k * cfg.k_splits) == 0
+    return kernel_fits(m, n, k, jnp.bfloat16)
   return m > 0 and nvmm.supported(m, n, k, nvmm.pick_config(m, n, k))
 
 
@@ -118,13 +118,11 @@ def weight_bf16(layer) -> jax.Array:
   significant bits, so their top 16 bits are the exact bf16) go into one uint32 that is
   bitcast to the bf16 pair, instead of interleaving two decoded halves (which XLA:GPU ran at
   ~1 TB/s: 159 us at 8192^2)."""
-  t = layer.weight
   with jax.named_scope("nvfp4_to_bf16"):
-    n, kh = t.codes.shape
-    s = jnp.repeat(t.scales.astype(jnp.float32), formats.NVFP4_BLOCK // 2, axis=-1)  # per byte
-    bits = lambda c: jax.lax.bitcast_convert_type(formats.e2m1_decode(c) * s, jnp.uint32)
-    pair = (bits(t.codes >> 4) & jnp.uint32(0xFFFF0000)) | (bits(t.codes) >> 16)
-    return jax.lax.bitcast_convert_type(pair, jnp.bfloat16).reshape(n, 2 * kh)
+    low, high = (jax.lax.bitcast_convert_type(v, jnp.uint32)
+                 for v in formats.nvfp4_nibble_values(layer.weight))
+    pair = (high & jnp.uint32(0xFFFF0000)) | (low >> 16)
+    return jax.lax.bitcast_convert_type(pair, jnp.bfloat16).reshape(layer.weight.shape)
 
 
 def _nvfp4_matmul(xv: jax.Array, layer, act_scale) -> jax.Array:

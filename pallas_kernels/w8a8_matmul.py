@@ -77,16 +77,13 @@ def pick_config(m: int, n: int, k: int, sms: int | None = None,
   """Heuristic tile choice (see pallas_kernels/NOTES.md for the measurements behind it).
   dtype: the operands' (int8, or bfloat16 with half the tile_k)."""
   sms = sms or num_sms()
-  if jnp.dtype(dtype) == jnp.bfloat16:  # the example's bf16 tiles, 128-byte K rows
-    cfg = W8A8Config(tile_k=64)
-    if n % cfg.cta_tile_n:
-      cfg = dataclasses.replace(cfg, wg_dimension=Dim.M)
-    return cfg if m >= 1024 else with_k_splits(cfg, m, n, k, sms)
-  if m >= 1024:
-    cfg = W8A8Config()
+  bf16 = jnp.dtype(dtype) == jnp.bfloat16
+  if m >= 1024 or bf16:
+    cfg = W8A8Config(tile_k=64 if bf16 else 128)  # 128-byte K rows either way
     if n % cfg.cta_tile_n:  # e.g. N=1920: split the CTA tile along M instead (256 x 128)
       cfg = dataclasses.replace(cfg, wg_dimension=Dim.M)
-    return cfg
+    # bf16 below 1024 rows (not a path qlinear takes): the same tiles, K split to fill the SMs
+    return cfg if m >= 1024 else with_k_splits(cfg, m, n, k, sms)
   # Memory-bound: weight streaming. Small tiles along N, split K until the SMs are busy.
   # Above 128 rows the two warpgroups split M (CTA 128 x 64): each weight tile is read half as
   # often (M = 256: 9.2 -> 8.7 us at K = N = 3072, 29.6 -> 25.3 us at N = 12288, H200,
