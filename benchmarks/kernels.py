@@ -24,7 +24,8 @@ input sets rotated so that the weights do not sit in L2):
   mosaic_w4a16_{regdec,dequant}  the same on the weight path the default does not take at this M
   xla_w4a16 / xla_w4a4         the xla implementation of the same
 and checks every kernel output against its XLA reference (exact int32 for the raw kernel).
---only nvfp4 times XLA bf16, scaled_matmul and the NVFP4 rows alone.
+--only nvfp4 times XLA bf16, scaled_matmul and the NVFP4 rows alone; --only quant the
+INT8 quantizer's variants (stages, cast) and W4A8 / W4A4.
 Writes benchmarks/results/kernels-<device>.json (or --out DIR) with device, JAX version,
 date and command; prints a table last.
 """
@@ -258,14 +259,34 @@ def nvfp4_rows(args, name, m, k, n, probs, p0, row, bench):
 QUANT_STEPS = (2, 3, 4)  # --tune: the Mosaic quantizers (Hadamard) per pipeline depth
 
 
-def quant_variants(bench):
-  """INT8 quantizer per stage count (the default picks by K), and its pass 1 alone (amax)."""
+def quant_variants(bench, p0, row):
+  """INT8 quantizer per stage count (the default picks by K), with jnp's division cast
+  ("div": on the GPU div.full.f32, up to 2 ulp off) instead of the default's correctly
+  rounded one, and its pass 1 alone (amax). Records the fraction of int8 values that differ
+  from int8_quant.reference computed on the host CPU (correctly rounded division) over the
+  first 1024 rows, for the default and "div" casts and the XLA fusion."""
   for st in QUANT_STEPS:
     qc = int8_quant_mgpu.QuantMgpuConfig(128, max_concurrent_steps=st)
     bench(f"quant_mgpu_had[steps{st}]", lambda x, qc=qc: int8_quant_mgpu.quantize_rows_mgpu(x, qc),
           lambda p: (p["x"],))
+  div = int8_quant_mgpu.QuantMgpuConfig(128, fast_cast=False)
+  bench("quant_mgpu_had[div]", lambda x: int8_quant_mgpu.quantize_rows_mgpu(x, div),
+        lambda p: (p["x"],))
   bench("quant_mgpu_had[amax]", lambda x: int8_quant_mgpu.row_amax_mgpu(x, 128),
         lambda p: (p["x"],))
+  try:
+    x = p0["x"][:1024]
+    cpu = jax.devices("cpu")[0]
+    want = np.asarray(jax.jit(lambda x: int8_quant.reference(x, int8_quant.QuantConfig(128))[0],
+                              device=cpu)(jax.device_put(x, cpu)))
+    for key, fn in (("default", lambda x: int8_quant_mgpu.quantize_rows_mgpu(
+                        x, int8_quant_mgpu.QuantMgpuConfig(128))),
+                    ("div", lambda x: int8_quant_mgpu.quantize_rows_mgpu(x, div)),
+                    ("xla", lambda x: int8_quant.quantize_rows(x, int8_quant.QuantConfig(128)))):
+      got = np.asarray(jax.jit(lambda x, fn=fn: fn(x)[0])(x))
+      row["check"][f"quant_{key}_vs_cpu_reference_frac"] = float(np.mean(got != want))
+  except Exception as e:
+    row["errors"]["quant_vs_cpu_reference"] = f"{type(e).__name__}: {str(e)[:400]}"
 
 
 def bf16_dot(x, w):
@@ -310,7 +331,8 @@ def run(args, out_dir=None) -> dict:
         if ref is not None:
           r = ref(*sets[0]) if callable(ref) else ref
           if exact:
-            ok = bool(np.array_equal(np.asarray(out), np.asarray(r)))
+            ok = all(np.array_equal(np.asarray(a), np.asarray(b))
+                     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(r), strict=True))
             row["check"][key] = "exact" if ok else "MISMATCH"
           else:
             row["check"][key] = rel_err(out, r)
@@ -325,13 +347,24 @@ def run(args, out_dir=None) -> dict:
 
     ref_bf16 = jax.jit(bf16_dot)(p0["x"], p0["w_bf16"])
     bench("xla_bf16", bf16_dot, lambda p: (p["x"], p["w_bf16"]))
-    if args.only != "nvfp4":
+    if args.only == "quant":  # the INT8 quantizer's variants, then W8A8 e2e and W4A8 with it
+      bench("quant_mgpu_had", lambda x: int8_quant_mgpu.quantize_rows_mgpu(
+          x, int8_quant_mgpu.QuantMgpuConfig(128)), lambda p: (p["x"],))
+      quant_variants(bench, p0, row)
+      def e2e_had(x, w8, ws, bias):
+        xq, xs = qlinear_mosaic.quantize_activations(x, 128)
+        return w8a8.w8a8_matmul(xq, w8, xs[:, 0], ws, bias)
+      bench("mosaic_w8a8_e2e_had", e2e_had, lambda p: (p["x"], p["w8"], p["ws"], p["bias"]))
+      bench("mosaic_w4a8", qlinear_mosaic.w4a8, lambda p: (p["x"], p["layer"]),
+            ref=jax.jit(qlinear_xla.w4a8)(p0["x"], p0["layer"]))
+    if args.only not in ("nvfp4", "quant"):
       ref_s8 = jax.jit(w8a8.reference)(p0["xq"], p0["w8"], p0["xs"], p0["ws"], p0["bias"])
       bench("xla_s8_scaled", w8a8.reference, lambda p: (p["xq"], p["w8"], p["xs"], p["ws"], p["bias"]))
-    bench("xla_nvfp4_sm",
-          lambda a, b, sa, sb: jax.nn.scaled_matmul(a, b, sa, sb, preferred_element_type=jnp.bfloat16),
-          lambda p: (p["nv_x"], p["nv_w"], p["nv_xs"], p["nv_ws"]))
-    if args.only != "nvfp4":
+    if args.only != "quant":
+      bench("xla_nvfp4_sm",
+            lambda a, b, sa, sb: jax.nn.scaled_matmul(a, b, sa, sb, preferred_element_type=jnp.bfloat16),
+            lambda p: (p["nv_x"], p["nv_w"], p["nv_xs"], p["nv_ws"]))
+    if args.only not in ("nvfp4", "quant"):
       ref_w4a8 = jax.jit(qlinear_xla.w4a8)(p0["x"], p0["layer"])
       for had in (0, 128):
         qc = int8_quant.QuantConfig(had)
@@ -348,7 +381,7 @@ def run(args, out_dir=None) -> dict:
             row["errors"][key + "_check"] = f"{type(e).__name__}: {str(e)[:400]}"
         del want
       if args.tune and m >= 1024:
-        quant_variants(bench)
+        quant_variants(bench, p0, row)
       # kernel alone, per config
       tune = args.tune and (args.tune_all or (name, m) in TUNE_SHAPES)
       cfgs = tune_configs(m, n, k) if tune else [w8a8.pick_config(m, n, k, sms)]
@@ -401,7 +434,7 @@ def run(args, out_dir=None) -> dict:
                                 layer.w_int8_scale[:, 0], layer.bias)
       bench("mosaic_w4a8_fastconv", w4a8_fast, lambda p: (p["x"], p["layer"]), ref=ref_w4a8)
       row["check"]["w4a8_vs_bf16_relerr"] = rel_err(ref_w4a8, ref_bf16)
-    if args.only != "int8":
+    if args.only not in ("int8", "quant"):
       nvfp4_rows(args, name, m, k, n, probs, p0, row, bench)
     t = row["times_ms"]
     if "xla_bf16" in t:
@@ -467,8 +500,9 @@ def main(argv=None) -> int:
   ap.add_argument("--min-m", type=int, default=None, help="only shapes with M >= this")
   ap.add_argument("--suffix", default="", help="appended to the JSON name, e.g. .smallm")
   ap.add_argument("--tune-all", action="store_true", help="--tune at every shape")
-  ap.add_argument("--only", choices=("all", "int8", "nvfp4"), default="all",
-                  help="kernel family to time (nvfp4: issue 7's W4A16/W4A4 rows)")
+  ap.add_argument("--only", choices=("all", "int8", "nvfp4", "quant"), default="all",
+                  help="kernel family to time (nvfp4: issue 7's W4A16/W4A4 rows; quant: the "
+                  "INT8 quantizer's variants, then W4A8 and W4A4)")
   ap.add_argument("--small-ms", default="64,256", help="comma-separated small M values")
   ap.add_argument("--shapes", default=None,
                   help='comma-separated shape names to keep, e.g. "8192^3,2B K1920 N1920"')
@@ -480,9 +514,9 @@ def main(argv=None) -> int:
   out_dir = args.out or os.path.join(os.path.dirname(__file__), "results")
   res = run(args, out_dir)
   path = write_json(res, out_dir)
-  if args.only != "nvfp4":
+  if args.only not in ("nvfp4", "quant"):
     print(summary(res))
-  if args.only != "int8":
+  if args.only not in ("int8", "quant"):
     print(summary_nvfp4(res))
   print(f"wrote {path}")
   return 0

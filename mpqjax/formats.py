@@ -104,8 +104,11 @@ def unpack_nibbles(packed: jax.Array) -> jax.Array:
 
 
 def exact_div(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a / b, correctly rounded. XLA rewrites a division by a scalar or a constant into a
-  multiplication by its reciprocal (off by an ulp); the barrier hides b from that rewrite."""
+  """a / b, correctly rounded on the CPU. XLA rewrites a division by a scalar, a constant or
+  a broadcast into a multiplication by its reciprocal (off by an ulp); the barrier hides b
+  from that rewrite. On the GPU, XLA lowers f32 division to div.full.f32 (it sets
+  -nvptx-prec-divf32=1: up to 2 ulp off), so there the quotient may still be an ulp or two
+  off; the Mosaic INT8 quantizer computes it correctly rounded (int8_quant_mgpu)."""
   b = jax.lax.optimization_barrier(jnp.broadcast_to(b, jnp.broadcast_shapes(a.shape, b.shape)))
   return a / b
 

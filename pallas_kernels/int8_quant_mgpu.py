@@ -35,9 +35,12 @@ COLS = 128  # one Hadamard block / one 128-byte int8 swizzle row
 @dataclasses.dataclass(frozen=True)
 class QuantMgpuConfig:
   """hadamard_block: 0 or 128. max_concurrent_steps: pipeline stages per pass (None:
-  `pick_steps`)."""
+  `pick_steps`). fast_cast: pass 2's y / scale -> int8 by `quotient_to_int8` (correctly
+  rounded quotient, one saturating convert) instead of jnp's division, round, clip and
+  convert (on the GPU that division is div.full.f32, up to 2 ulp off; NOTES.md)."""
   hadamard_block: int = 0
   max_concurrent_steps: int | None = None
+  fast_cast: bool = True
 
 
 def pick_steps(m: int) -> int:
@@ -133,6 +136,93 @@ def rotated_row_amax(x_rows, h_s, post, nk: int, steps: int):
                              max_concurrent_steps=steps, init_carry=(zeros, zeros))(x_rows)
 
 
+_TINY, _HUGE = 2.0 ** -60, 2.0 ** 60  # divisors outside are moved in by 2^64 or 2^-64
+
+
+def divisor_terms(d):
+  """MLIR f32 scalar d -> (f, d2, inv): f = 2^64 below 2^-60, 2^-64 above 2^60, else 1;
+  d2 = d * f and inv = 1 / d2 correctly rounded (`rcp.rn.f32`; once per row, not per
+  element; arith.divf would be div.full.f32 here: XLA sets -nvptx-prec-divf32=1 for the
+  process). y / d == (y * f) / d2 exactly (powers of two), and d2 keeps
+  `markstein_quotient` away from overflow and underflow for any finite d (NaN stays NaN,
+  0 gives inv = inf)."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm
+  f32 = ir.F32Type.get()
+  c = lambda v: arith.constant(f32, v)
+  lt = arith.cmpf(arith.CmpFPredicate.OLT, d, c(_TINY))
+  gt = arith.cmpf(arith.CmpFPredicate.OGT, d, c(_HUGE))
+  f = arith.select(lt, c(2.0 ** 64), arith.select(gt, c(2.0 ** -64), c(1.0)))
+  d2 = arith.mulf(d, f)
+  return f, d2, llvm.inline_asm(f32, [d2], "rcp.rn.f32 $0, $1;", "=f,f")
+
+
+def markstein_quotient(y, terms):
+  """fl(y / d) for MLIR f32 vectors y and `divisor_terms(d)` (scalars): y2 = y * f (exact),
+  q0 = y2 * inv, r = fma(-q0, d2, y2) (exact), q = fma(r, inv, q0). Markstein's theorem: with
+  inv the correctly rounded 1 / d2 and q0 within an ulp, q is the correctly rounded quotient
+  (operands in range, which f ensures; tests/test_kernels_w8a8.py checks it in numpy at and
+  next to rounding ties). 2 multiplies + 2 FMAs instead of div.rn.f32's ~10 instructions."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, math as mlir_math, vector
+  f, d2, inv = (vector.broadcast(y.type, t) for t in terms)
+  y2 = arith.mulf(y, f)
+  q0 = arith.mulf(y2, inv)
+  r = mlir_math.fma(arith.negf(q0), d2, y2)
+  return mlir_math.fma(r, inv, q0)
+
+
+def quotient_to_int8(y, scale, interpret: bool):
+  """int8[R, C] = clip(round_half_even(y / s), -127, 127), NaN -> 0, for f32 y [R, C] in the
+  wgmma layout and the row scales s f32 [R] (wgmma row layout): formats.quantize_int8's
+  values, the quantizer's cast.
+
+  On the GPU the quotient is `markstein_quotient` (the divisor terms once per row) and one
+  `cvt.rni.sat.s8.f32` rounds half to even, saturates to [-128, 127] and turns NaN into 0
+  (|y / s| <= 127 + an ulp, since s = amax / 127 rounded: the saturation never cuts at
+  -128). Interpret mode runs the jnp form with formats.exact_div (correctly rounded on the
+  CPU)."""
+  rows, cols = y.shape
+  if interpret:  # exact_div: XLA:CPU would rewrite y / broadcast(s) as y * (1 / s)
+    q = int8_quant.formats.exact_div(y, lax.broadcast_in_dim(scale, (rows, cols), [0]))
+    q = jnp.clip(jnp.round(q), -127.0, 127.0)
+    return jnp.where(q == q, q, jnp.float32(0.0)).astype(jnp.int8)
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm, vector
+  from jax.experimental.mosaic import gpu as mgpu
+
+  wgmma = plgpu.Layout.WGMMA
+  scale = lax.broadcast_in_dim(scale, (rows, cols), [0])  # registers only: no data movement
+
+  @plgpu.inline_mgpu(arg_types=(wgmma, wgmma),
+                     return_type=plgpu.ShapeDtypeStruct((rows, cols), jnp.int8, layout=wgmma))
+  def fn(_, y_a, s_a):
+    i8, i16 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(16)
+    regs = y_a.registers
+    # wgmma layout: register (i, j, 0, 0, h, ...) holds 2 columns of row 64 i + 16 warp + 8 h
+    # + lane / 4, so the row's divisor terms depend on (i, h) only.
+    assert regs.shape[4] == 2 and all(d == 1 for d in regs.shape[2:4] + regs.shape[5:]), regs.shape
+    terms = {}
+    out = np.empty(regs.shape, dtype=object)
+    for idx in np.ndindex(regs.shape):
+      key = (idx[0], idx[4])
+      if key not in terms:
+        s0 = vector.extract(s_a.registers[idx], dynamic_position=[],
+                            static_position=ir.DenseI64ArrayAttr.get([0]))
+        terms[key] = divisor_terms(s0)
+      q = markstein_quotient(regs[idx], terms[key])
+      n = ir.VectorType(q.type).shape[0]
+      parts = []
+      for e in range(n):
+        qe = vector.extract(q, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
+        parts.append(arith.trunci(i8, llvm.inline_asm(i16, [qe], "cvt.rni.sat.s8.f32 $0, $1;",
+                                                      "=h,f")))
+      out[idx] = vector.from_elements(ir.VectorType.get((n,), i8), parts)
+    return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=True)
+
+  return fn(y, scale)
+
+
 def pick_k_splits(m: int, k: int, sms: int | None = None) -> int:
   """K chunks per 64-row block for passes whose tiles are independent along K (the NVFP4
   quantizer): enough CTAs for ~8 per SM (a 64-row CTA is one warpgroup, so few resident CTAs
@@ -196,6 +286,8 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
   s8_tr = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
   steps = min(config.max_concurrent_steps or pick_steps(m), nk)
 
+  fast = config.fast_cast
+
   def int8_quant_kernel(x_g, h_g, q_g, s_g, h_s, s_s, q_s, bar):
     row0 = lax.axis_index("rows") * ROWS
     load_to_smem(h_g, h_s, bar)
@@ -208,11 +300,14 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
 
     def pass2(idx, x_s):
       (kb,) = idx
-      y = rotate_tile(x_s, h_s, post) / lax.broadcast_in_dim(scale, (ROWS, COLS), [0])
-      q = jnp.clip(jnp.round(y), -127.0, 127.0)
-      # A NaN scale makes the whole row 0, as in formats.quantize_int8 (the scale carries the
-      # poison); not left to the float -> int8 conversion, whose NaN result is backend-defined.
-      q = jnp.where(q == q, q, jnp.float32(0.0)).astype(jnp.int8)
+      y = rotate_tile(x_s, h_s, post)
+      if fast:
+        q = quotient_to_int8(y, scale, interpret is not None)
+      else:
+        q = jnp.clip(jnp.round(y / lax.broadcast_in_dim(scale, (ROWS, COLS), [0])), -127.0, 127.0)
+        # A NaN scale makes the whole row 0, as in formats.quantize_int8 (the scale carries the
+        # poison); not left to the float -> int8 conversion, whose NaN result is backend-defined.
+        q = jnp.where(q == q, q, jnp.float32(0.0)).astype(jnp.int8)
       slot = lax.rem(kb, 2)
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that used this slot
       q_s[slot] = q
