@@ -25,7 +25,8 @@ input sets rotated so that the weights do not sit in L2):
   xla_w4a16 / xla_w4a4         the xla implementation of the same
 and checks every kernel output against its XLA reference (exact int32 for the raw kernel).
 --only nvfp4 times XLA bf16, scaled_matmul and the NVFP4 rows alone; --only quant the
-INT8 quantizer's variants (stages, cast) and W4A8 / W4A4.
+activation quantizers' variants (INT8: stages, cast; NVFP4 QDQ: e2m1 rounding), W8A8 e2e,
+W4A8 and W4A4.
 Writes benchmarks/results/kernels-<device>.json (or --out DIR) with device, JAX version,
 date and command; prints a table last.
 """
@@ -357,6 +358,15 @@ def run(args, out_dir=None) -> dict:
       bench("mosaic_w8a8_e2e_had", e2e_had, lambda p: (p["x"], p["w8"], p["ws"], p["bias"]))
       bench("mosaic_w4a8", qlinear_mosaic.w4a8, lambda p: (p["x"], p["layer"]),
             ref=jax.jit(qlinear_xla.w4a8)(p0["x"], p0["layer"]))
+      # the NVFP4 QDQ quantizer: e2m1 by float/bit arithmetic (default) or by step selects,
+      # each bit for bit against the XLA fusion; then W4A4 end to end
+      want = jax.jit(lambda x: nvfp4_quant.quantize_qdq_xla(x, nvfp4_quant.NVFP4QuantConfig(128)))(p0["x"])
+      for tag, bits in (("", True), ("[select]", False)):
+        qc = nvfp4_quant.NVFP4QuantConfig(128, e2m1_bits=bits)
+        bench("quant_nvfp4_qdq_had" + tag, lambda x, qc=qc: nvfp4_quant.quantize_qdq(x, qc),
+              lambda p: (p["x"],), ref=lambda *_: want, exact=True)
+      del want
+      bench("mosaic_w4a4", qlinear_mosaic.w4a4, lambda p: (p["x"], p["layer"]))
     if args.only not in ("nvfp4", "quant"):
       ref_s8 = jax.jit(w8a8.reference)(p0["xq"], p0["w8"], p0["xs"], p0["ws"], p0["bias"])
       bench("xla_s8_scaled", w8a8.reference, lambda p: (p["xq"], p["w8"], p["xs"], p["ws"], p["bias"]))
@@ -502,7 +512,7 @@ def main(argv=None) -> int:
   ap.add_argument("--tune-all", action="store_true", help="--tune at every shape")
   ap.add_argument("--only", choices=("all", "int8", "nvfp4", "quant"), default="all",
                   help="kernel family to time (nvfp4: issue 7's W4A16/W4A4 rows; quant: the "
-                  "INT8 quantizer's variants, then W4A8 and W4A4)")
+                  "activation quantizers' variants, W8A8 e2e, W4A8, W4A4)")
   ap.add_argument("--small-ms", default="64,256", help="comma-separated small M values")
   ap.add_argument("--shapes", default=None,
                   help='comma-separated shape names to keep, e.g. "8192^3,2B K1920 N1920"')

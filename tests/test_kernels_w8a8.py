@@ -309,7 +309,7 @@ def test_gpu_quantizer_matches_cpu_reference(rng):
   HIGHEST rotation, correctly rounded division), at a real width and rows of every magnitude
   (incl. an all-zero and a NaN row): values differ only by one step where the rotation's f32
   summation order moves y across a tie (~1e-5 of them at real shapes, benchmarks/kernels.py);
-  the scales agree to a few ulps."""
+  the scales agree to ~1e-5."""
   from pallas_kernels import int8_quant_mgpu as qm
   x = rng.standard_normal((4096, 3072)) * (2.0 ** rng.integers(-30, 30, (4096, 1)))
   x[5] = 0.0
@@ -323,8 +323,9 @@ def test_gpu_quantizer_matches_cpu_reference(rng):
   s, s_ref = np.asarray(s), np.asarray(s_ref)
   assert not np.any(q[[5, 9]]) and np.isnan(s[9, 0]) and np.isnan(s_ref[9, 0])
   ok = np.isfinite(s_ref[:, 0])
-  # amax / 127: an ulp of rotation order in amax, and XLA:GPU's div.full (2 ulp) in the kernel
-  np.testing.assert_allclose(s[ok], s_ref[ok], rtol=5e-7)
+  # amax: the rotation's f32 summation order (tensor cores vs the CPU's HIGHEST dot) moves a
+  # sum of 128 terms with cancellation by up to ~1e-5 relative (measured 6e-6 on an H200)
+  np.testing.assert_allclose(s[ok], s_ref[ok], rtol=3e-5)
   diff = np.abs(q - q_ref)[ok]
   assert diff.max() <= 1 and diff.mean() <= 3e-5, (diff.max(), diff.mean())
 
