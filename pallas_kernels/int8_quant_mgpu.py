@@ -8,7 +8,8 @@ tile of x is multiplied by the +-1 Sylvester matrix, as two 64-wide halves again
 64-block matrix (`rotate_tile`), or by the identity when there is no Hadamard (which just
 moves the tile into registers as exact f32), with f32 accumulation.
 Pass 1 streams the row block and keeps the running per-row absmax in registers; pass 2
-streams it again and writes round(y / scale) as int8 through TMA. The per-row absmax must
+streams it again and writes round(y / scale) as int8 through TMA (`quotient_to_int8`: a
+correctly rounded quotient and one saturating convert). The per-row absmax must
 be known before the first value can be cast, and a 64 x K row block does not fit in shared
 memory for K > ~1500, so x is read twice (3 bytes of HBM traffic per element read+write
 vs ~5-13 for the XLA fusion).
