@@ -11,8 +11,9 @@ Pass 1 streams the row block and keeps the running per-row absmax in registers; 
 streams it again and writes round(y / scale) as int8 through TMA (`quotient_to_int8`: a
 correctly rounded quotient and one saturating convert). The per-row absmax must
 be known before the first value can be cast, and a 64 x K row block does not fit in shared
-memory for K > ~1500, so x is read twice (3 bytes of HBM traffic per element read+write
-vs ~5-13 for the XLA fusion).
+memory for K > ~1500, so x is read twice: 5 bytes of HBM traffic per element (two bf16
+reads, the int8 write; ~3.3 TB/s on an H200 at M = 35552, NOTES.md) vs ~5-13 for the XLA
+fusion.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from mpqjax import formats
 from pallas_kernels import int8_quant
 from pallas_kernels.w8a8_matmul import num_sms
 
@@ -59,7 +61,7 @@ def _rotation(block: int) -> np.ndarray:
     return np.eye(HALF, dtype=np.float32)
   if block != COLS:
     raise ValueError(f"quantize_rows_mgpu supports hadamard_block 0 or {COLS}, got {block}")
-  return np.sign(np.asarray(int8_quant.formats.hadamard_matrix(HALF)))
+  return np.sign(np.asarray(formats.hadamard_matrix(HALF)))
 
 
 def rotation_operands(block: int):
@@ -163,7 +165,8 @@ def markstein_quotient(y, terms):
   q0 = y2 * inv, r = fma(-q0, d2, y2) (exact), q = fma(r, inv, q0). Markstein's theorem: with
   inv the correctly rounded 1 / d2 and q0 within an ulp, q is the correctly rounded quotient
   (operands in range, which f ensures; tests/test_kernels_w8a8.py checks it in numpy at and
-  next to rounding ties). 2 multiplies + 2 FMAs instead of div.rn.f32's ~10 instructions."""
+  next to rounding ties). 2 multiplies + 2 FMAs per element, and correctly rounded, where
+  arith.divf would give div.full.f32."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, math as mlir_math, vector
   f, d2, inv = (vector.broadcast(y.type, t) for t in terms)
@@ -185,7 +188,7 @@ def quotient_to_int8(y, scale, interpret: bool):
   CPU)."""
   rows, cols = y.shape
   if interpret:  # exact_div: XLA:CPU would rewrite y / broadcast(s) as y * (1 / s)
-    q = int8_quant.formats.exact_div(y, lax.broadcast_in_dim(scale, (rows, cols), [0]))
+    q = formats.exact_div(y, lax.broadcast_in_dim(scale, (rows, cols), [0]))
     q = jnp.clip(jnp.round(q), -127.0, 127.0)
     return jnp.where(q == q, q, jnp.float32(0.0)).astype(jnp.int8)
   from jax._src.lib.mlir import ir
