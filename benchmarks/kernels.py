@@ -88,6 +88,7 @@ def tune_configs(m: int, n: int, k: int):
          dataclasses.replace(base, wg_dimension=w8a8.Dim.M),
          dataclasses.replace(base, grid_minor_dim=w8a8.Dim.M),
          dataclasses.replace(base, max_concurrent_steps=3, epi_tile_n=64),
+         dataclasses.replace(base, max_concurrent_steps=4, epi_tile_n=32),  # session-6 default
          dataclasses.replace(base, grid_minor_dim=w8a8.Dim.M, max_concurrent_steps=3,
                              epi_tile_n=64, grid_tile_width=4)]
   else:  # memory-bound: fewer weight re-reads (wider CTA tiles) vs more CTAs (split K)
