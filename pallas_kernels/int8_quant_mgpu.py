@@ -161,7 +161,8 @@ def divisor_terms(d):
 
 
 def markstein_quotient(y, terms):
-  """fl(y / d) for MLIR f32 vectors y and `divisor_terms(d)` (scalars): y2 = y * f (exact),
+  """fl(y / d) for MLIR f32 vectors y and `divisor_terms(d)` (scalars, or vectors of y's type
+  holding one divisor per element): y2 = y * f (exact),
   q0 = y2 * inv, r = fma(-q0, d2, y2) (exact), q = fma(r, inv, q0). Markstein's theorem: with
   inv the correctly rounded 1 / d2 and q0 within an ulp, q is the correctly rounded quotient
   (operands in range, which f ensures; tests/test_kernels_w8a8.py checks it in numpy at and
@@ -169,11 +170,19 @@ def markstein_quotient(y, terms):
   arith.divf would give div.full.f32."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, math as mlir_math, vector
-  f, d2, inv = (vector.broadcast(y.type, t) for t in terms)
+  f, d2, inv = (t if t.type == y.type else vector.broadcast(y.type, t) for t in terms)
   y2 = arith.mulf(y, f)
   q0 = arith.mulf(y2, inv)
   r = mlir_math.fma(arith.negf(q0), d2, y2)
   return mlir_math.fma(r, inv, q0)
+
+
+def int8_cast_jnp(y: jax.Array, scale_b: jax.Array) -> jax.Array:
+  """int8 clip(round_half_even(y / scale_b), -127, 127), NaN -> 0, in jnp (the interpret-mode
+  form of the kernels' cast; formats.exact_div: XLA:CPU would rewrite y / broadcast(s) as
+  y * (1 / s))."""
+  q = jnp.clip(jnp.round(formats.exact_div(y, scale_b)), -127.0, 127.0)
+  return jnp.where(q == q, q, jnp.float32(0.0)).astype(jnp.int8)
 
 
 def quotient_to_int8(y, scale, interpret: bool):
@@ -187,10 +196,8 @@ def quotient_to_int8(y, scale, interpret: bool):
   -128). Interpret mode runs the jnp form with formats.exact_div (correctly rounded on the
   CPU)."""
   rows, cols = y.shape
-  if interpret:  # exact_div: XLA:CPU would rewrite y / broadcast(s) as y * (1 / s)
-    q = formats.exact_div(y, lax.broadcast_in_dim(scale, (rows, cols), [0]))
-    q = jnp.clip(jnp.round(q), -127.0, 127.0)
-    return jnp.where(q == q, q, jnp.float32(0.0)).astype(jnp.int8)
+  if interpret:
+    return int8_cast_jnp(y, lax.broadcast_in_dim(scale, (rows, cols), [0]))
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, llvm, vector
   from jax.experimental.mosaic import gpu as mgpu

@@ -434,3 +434,65 @@ def test_mgpu_quantizer_cast_variants_agree_on_cpu(rng):
   q1, s1 = qm.quantize_rows_mgpu(x, qm.QuantMgpuConfig(128, fast_cast=False), interpret=ip)
   np.testing.assert_array_equal(np.asarray(q1), np.asarray(q0))
   np.testing.assert_array_equal(np.asarray(s1), np.asarray(s0))
+
+
+# ------------------------------------------------------------- one-pass INT8 quantizer
+@pytest.mark.parametrize("block", [0, 128])
+@pytest.mark.parametrize("rows", [8, 16])
+def test_onepass_quantizer_equals_two_pass(rng, block, rows):
+  """The one-pass quantizer (rows per CTA held in shared memory, transposed rotation, byte
+  stores) gives the two-pass kernel's values and scales bit for bit in interpret mode: rows of
+  every magnitude, an all-zero and a NaN row, and (16 rows per CTA) a partial last CTA."""
+  from pallas_kernels import int8_quant_mgpu as qm
+  from pallas_kernels import int8_quant_onepass_mgpu as op
+  x = rng.standard_normal((40, 384)) * 2.0 ** rng.integers(-8, 8, (40, 1))
+  x[2] = 0.0
+  x[rows + 1, 100] = np.nan
+  x = jnp.asarray(x, jnp.bfloat16)
+  ip = qlinear_mosaic.interpret_params()
+  q1, s1 = op.quantize_rows_onepass(x, block, rows=rows, interpret=ip)
+  q0, s0 = qm.quantize_rows_mgpu(x, qm.QuantMgpuConfig(block), interpret=ip)
+  np.testing.assert_array_equal(np.asarray(q1), np.asarray(q0))
+  np.testing.assert_array_equal(np.asarray(s1), np.asarray(s0))
+  assert np.isnan(np.asarray(s1)[rows + 1, 0]) and not np.any(np.asarray(q1)[[2, rows + 1]])
+
+
+@pytest.mark.parametrize("k", [1920, 3072, 4096])
+def test_onepass_quantizer_lowers_for_hopper(k):
+  from pallas_kernels import int8_quant_onepass_mgpu as op
+  f = jax.jit(lambda x: op.quantize_rows_onepass(x, 128))
+  x = jax.ShapeDtypeStruct((1000, k), jnp.bfloat16)
+  assert "mosaic_gpu" in jax.export.export(f, platforms=["cuda"])(x).mlir_module()
+
+
+def test_onepass_quantizer_rejects_what_it_cannot_hold():
+  from pallas_kernels import int8_quant_onepass_mgpu as op
+  assert [op.pick_rows(k) for k in (1920, 3072, 7168, 7680)] == [16, 16, 8, None]
+  with pytest.raises(ValueError, match="K <= 4096"):
+    op.quantize_rows_onepass(jnp.zeros((64, 7680), jnp.bfloat16))
+  with pytest.raises(ValueError, match="bf16"):
+    op.quantize_rows_onepass(jnp.zeros((64, 1024), jnp.float32))
+  with pytest.raises(ValueError, match="rows 32"):  # 32 x 4096 bf16 = 256 KB
+    op.quantize_rows_onepass(jnp.zeros((64, 4096), jnp.bfloat16), rows=32)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("k", [1920, 3072])
+def test_gpu_onepass_quantizer_matches_two_pass(rng, k):
+  """On the GPU: the transposed rotation may sum in another order on the tensor cores, so the
+  values agree with the two-pass kernel up to one step at <= 1e-5 of them, scales to ~1e-6."""
+  from pallas_kernels import int8_quant_mgpu as qm
+  from pallas_kernels import int8_quant_onepass_mgpu as op
+  x = rng.standard_normal((4100, k)) * 2.0 ** rng.integers(-20, 20, (4100, 1))
+  x[7] = 0.0
+  x[9, 5] = np.nan
+  x = jnp.asarray(x, jnp.bfloat16)
+  q1, s1 = jax.jit(lambda x: op.quantize_rows_onepass(x, 128))(x)
+  q0, s0 = jax.jit(lambda x: qm.quantize_rows_mgpu(x, qm.QuantMgpuConfig(128)))(x)
+  s0, s1 = np.asarray(s0), np.asarray(s1)
+  assert np.isnan(s1[9, 0]) and np.isnan(s0[9, 0])
+  ok = np.isfinite(s0[:, 0])
+  np.testing.assert_allclose(s1[ok], s0[ok], rtol=1e-6)
+  diff = np.abs(np.asarray(q1, np.int32) - np.asarray(q0, np.int32))
+  assert diff.max() <= 1 and diff.mean() <= 1e-5, (diff.max(), diff.mean())
