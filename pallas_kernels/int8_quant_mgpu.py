@@ -177,6 +177,19 @@ def markstein_quotient(y, terms):
   return mlir_math.fma(r, inv, q0)
 
 
+def saturated_s8(q):
+  """MLIR f32 vector q -> its elements as i8 values: `cvt.rni.sat.s8.f32` (round half to
+  even, saturate to [-128, 127], NaN -> 0), one per element."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm, vector
+  i8, i16 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(16)
+  out = []
+  for e in range(ir.VectorType(q.type).shape[0]):
+    qe = vector.extract(q, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
+    out.append(arith.trunci(i8, llvm.inline_asm(i16, [qe], "cvt.rni.sat.s8.f32 $0, $1;", "=h,f")))
+  return out
+
+
 def int8_cast_jnp(y: jax.Array, scale_b: jax.Array) -> jax.Array:
   """int8 clip(round_half_even(y / scale_b), -127, 127), NaN -> 0, in jnp (the interpret-mode
   form of the kernels' cast; formats.exact_div: XLA:CPU would rewrite y / broadcast(s) as
@@ -199,7 +212,7 @@ def quotient_to_int8(y, scale, interpret: bool):
   if interpret:
     return int8_cast_jnp(y, lax.broadcast_in_dim(scale, (rows, cols), [0]))
   from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, llvm, vector
+  from jax._src.lib.mlir.dialects import vector
   from jax.experimental.mosaic import gpu as mgpu
 
   wgmma = plgpu.Layout.WGMMA
@@ -208,7 +221,7 @@ def quotient_to_int8(y, scale, interpret: bool):
   @plgpu.inline_mgpu(arg_types=(wgmma, wgmma),
                      return_type=plgpu.ShapeDtypeStruct((rows, cols), jnp.int8, layout=wgmma))
   def fn(_, y_a, s_a):
-    i8, i16 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(16)
+    i8 = ir.IntegerType.get_signless(8)
     regs = y_a.registers
     # wgmma layout: register (i, j, 0, 0, h, ...) holds 2 columns of row 64 i + 16 warp + 8 h
     # + lane / 4, so the row's divisor terms depend on (i, h) only.
@@ -221,14 +234,8 @@ def quotient_to_int8(y, scale, interpret: bool):
         s0 = vector.extract(s_a.registers[idx], dynamic_position=[],
                             static_position=ir.DenseI64ArrayAttr.get([0]))
         terms[key] = divisor_terms(s0)
-      q = markstein_quotient(regs[idx], terms[key])
-      n = ir.VectorType(q.type).shape[0]
-      parts = []
-      for e in range(n):
-        qe = vector.extract(q, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
-        parts.append(arith.trunci(i8, llvm.inline_asm(i16, [qe], "cvt.rni.sat.s8.f32 $0, $1;",
-                                                      "=h,f")))
-      out[idx] = vector.from_elements(ir.VectorType.get((n,), i8), parts)
+      parts = saturated_s8(markstein_quotient(regs[idx], terms[key]))
+      out[idx] = vector.from_elements(ir.VectorType.get((len(parts),), i8), parts)
     return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=True)
 
   return fn(y, scale)

@@ -31,7 +31,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.int8_quant_mgpu import (COLS, HALF, bf16_tile_transforms, divisor_terms,
                                             int8_cast_jnp, load_to_smem, markstein_quotient,
-                                            rotation_operands, rotation_smem)
+                                            rotation_operands, rotation_smem, saturated_s8)
 
 SMEM_BUDGET = 112 * 1024  # bytes of x per CTA, so that two CTAs share an SM
 MAX_TILES = 32  # one TMA barrier per 128-column tile, and Mosaic GPU allows 32 per group
@@ -61,35 +61,29 @@ def _store_transposed(yt, scale_b, q_ref, col0: int, interpret: bool):
     q_ref[:, pl.ds(col0, HALF)] = int8_cast_jnp(yt, scale_b).T
     return
   from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+  from jax._src.lib.mlir.dialects import arith, memref, vector
 
   wgmma = plgpu.Layout.WGMMA
 
   @plgpu.inline_mgpu(arg_types=(wgmma, wgmma, plgpu.RefType()))
   def fn(_, y_a, s_a, ref):
-    i8, i16 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(16)
     index = ir.IndexType.get()
     regs = y_a.registers
     assert all(d == 1 for d in regs.shape[2:4] + regs.shape[5:]), regs.shape
-    ext = lambda v, e: vector.extract(v, dynamic_position=[],
-                                      static_position=ir.DenseI64ArrayAttr.get([e]))
-    terms = {}  # one divisor per column (= row of x): columns depend on (j, element)
+    # one divisor per column (= row of x); a register's columns depend on j = idx[1] only, so
+    # its per-element divisor terms are built once per j
+    terms = {}
     for (row, col), idx in zip(y_a.layout.thread_idxs(y_a.shape), np.ndindex(regs.shape)):
-      n = ir.VectorType(regs[idx].type).shape[0]
-      vecs = []
-      for e in range(n):
-        key = (idx[1], e)
-        if key not in terms:
-          terms[key] = divisor_terms(ext(s_a.registers[idx], e))
-        vecs.append(terms[key])
       vty = regs[idx].type
-      per_elem = [vector.from_elements(vty, [t[i] for t in vecs]) for i in range(3)]
-      q = markstein_quotient(regs[idx], per_elem)
+      if idx[1] not in terms:
+        s = s_a.registers[idx]
+        per_elem = [divisor_terms(vector.extract(
+            s, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e])))
+            for e in range(ir.VectorType(vty).shape[0])]
+        terms[idx[1]] = [vector.from_elements(vty, [t[i] for t in per_elem]) for i in range(3)]
       k_idx = arith.addi(row, arith.constant(index, col0))
-      for e in range(n):
-        qe = llvm.inline_asm(i16, [ext(q, e)], "cvt.rni.sat.s8.f32 $0, $1;", "=h,f")
-        r_idx = arith.addi(col, arith.constant(index, e))
-        memref.store(arith.trunci(i8, qe), ref, [r_idx, k_idx])
+      for e, qe in enumerate(saturated_s8(markstein_quotient(regs[idx], terms[idx[1]]))):
+        memref.store(qe, ref, [arith.addi(col, arith.constant(index, e)), k_idx])
 
   fn(yt, scale_b, q_ref)
 

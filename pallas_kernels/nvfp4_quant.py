@@ -208,14 +208,14 @@ def _qdq_values(q: jax.Array, s32: jax.Array, interpret: bool, bits: bool = True
                      return_type=plgpu.ShapeDtypeStruct(q.shape, jnp.float32, layout=layout))
   def fn(_, q_a, s_a):
     out = np.empty(q_a.registers.shape, dtype=object)
+    fty = q_a.registers.flat[0].type  # every register is the same vector<N x f32>
+    ity = ir.VectorType.get(ir.VectorType(fty).shape, ir.IntegerType.get_signless(32))
+    ci = lambda v: arith.constant(ity, ir.DenseElementsAttr.get_splat(
+        ity, ir.IntegerAttr.get(ir.IntegerType.get_signless(32), v)))
+    cf = lambda v: arith.constant(fty, ir.DenseElementsAttr.get_splat(
+        fty, ir.FloatAttr.get(ir.F32Type.get(), v)))
     for idx in np.ndindex(out.shape):
       qr, sr = q_a.registers[idx], s_a.registers[idx]
-      fty = qr.type
-      ity = ir.VectorType.get(ir.VectorType(fty).shape, ir.IntegerType.get_signless(32))
-      ci = lambda v: arith.constant(ity, ir.DenseElementsAttr.get_splat(
-          ity, ir.IntegerAttr.get(ir.IntegerType.get_signless(32), v)))
-      cf = lambda v: arith.constant(fty, ir.DenseElementsAttr.get_splat(
-          fty, ir.FloatAttr.get(ir.F32Type.get(), v)))
       qb = mgpu_utils.bitcast(qr, ity)
       # the sign of q + 0 (-0 + 0 = +0): -0.0 gives +0, as `q < 0` in the jnp form
       sign = arith.andi(mgpu_utils.bitcast(arith.addf(qr, cf(0.0)), ity), ci(-(1 << 31)))
