@@ -48,7 +48,7 @@ import numpy as np
 from mpqjax import atomic, formats, qlinear_xla
 from mpqjax.qlinear import quantize_linear
 from mpqjax.testing import rel_err
-from pallas_kernels import (int8_quant, int8_quant_mgpu, int8_quant_onepass_mgpu, nvfp4_quant,
+from pallas_kernels import (int8_quant, int8_quant_mgpu, nvfp4_quant,
                             nvfp4_to_int8, qlinear_mosaic)
 from pallas_kernels import nvfp4_matmul as nvmm
 from pallas_kernels import w8a8_matmul as w8a8
@@ -265,8 +265,7 @@ QUANT_STEPS = (2, 3, 4)  # --tune: the Mosaic quantizers (Hadamard) per pipeline
 def quant_variants(bench, p0, row):
   """INT8 quantizer per stage count (the default picks by K), with jnp's division cast
   ("div": on the GPU div.full.f32, up to 2 ulp off) instead of the default's correctly
-  rounded one, its pass 1 alone (amax), and the one-pass quantizer where K <= 4096 (with the
-  fraction of its values that differ from the default's). Records the fraction of int8 values that differ
+  rounded one, and its pass 1 alone (amax). Records the fraction of int8 values that differ
   from int8_quant.reference computed on the host CPU (correctly rounded division) over the
   first 1024 rows, for the default and "div" casts and the XLA fusion."""
   for st in QUANT_STEPS:
@@ -278,16 +277,6 @@ def quant_variants(bench, p0, row):
         lambda p: (p["x"],))
   bench("quant_mgpu_had[amax]", lambda x: int8_quant_mgpu.row_amax_mgpu(x, 128),
         lambda p: (p["x"],))
-  if int8_quant_onepass_mgpu.supported(p0["x"], 128):  # x read once (K <= 4096)
-    onepass = lambda x: int8_quant_onepass_mgpu.quantize_rows_onepass(x, 128)
-    bench("quant_mgpu_had[onepass]", onepass, lambda p: (p["x"],))
-    try:
-      a = jax.jit(lambda x: onepass(x)[0])(p0["x"])
-      b = jax.jit(lambda x: int8_quant_mgpu.quantize_rows_mgpu(
-          x, int8_quant_mgpu.QuantMgpuConfig(128))[0])(p0["x"])
-      row["check"]["quant_onepass_vs_default_frac"] = float(jnp.mean(a != b))
-    except Exception as e:
-      row["errors"]["quant_onepass_check"] = f"{type(e).__name__}: {str(e)[:400]}"
   try:
     x = p0["x"][:1024]
     cpu = jax.devices("cpu")[0]

@@ -10,7 +10,8 @@ into three bf16 terms (hi + mid + lo), which covers f32's 24-bit significand.
 
 Pallas or XLA: benchmarks/kernels.py times this fusion; pallas_kernels/NOTES.md records
 why it is an XLA fusion (the per-row absmax needs the whole row before any value can be
-cast, so a one-pass kernel must hold [rows, K] on chip).
+cast, so a one-pass kernel must hold [rows, K] on chip; one that held 8-32 rows in shared
+memory was measured slower than the two-pass Mosaic kernel and removed, NOTES.md "Session 8").
 """
 from __future__ import annotations
 

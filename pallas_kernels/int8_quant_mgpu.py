@@ -161,8 +161,7 @@ def divisor_terms(d):
 
 
 def markstein_quotient(y, terms):
-  """fl(y / d) for MLIR f32 vectors y and `divisor_terms(d)` (scalars, or vectors of y's type
-  holding one divisor per element): y2 = y * f (exact),
+  """fl(y / d) for an MLIR f32 vector y and `divisor_terms(d)` (scalars): y2 = y * f (exact),
   q0 = y2 * inv, r = fma(-q0, d2, y2) (exact), q = fma(r, inv, q0). Markstein's theorem: with
   inv the correctly rounded 1 / d2 and q0 within an ulp, q is the correctly rounded quotient
   (operands in range, which f ensures; tests/test_kernels_w8a8.py checks it in numpy at and
@@ -170,7 +169,7 @@ def markstein_quotient(y, terms):
   arith.divf would give div.full.f32."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, math as mlir_math, vector
-  f, d2, inv = (t if t.type == y.type else vector.broadcast(y.type, t) for t in terms)
+  f, d2, inv = (vector.broadcast(y.type, t) for t in terms)
   y2 = arith.mulf(y, f)
   q0 = arith.mulf(y2, inv)
   r = mlir_math.fma(arith.negf(q0), d2, y2)
