@@ -458,6 +458,16 @@ def flash_attention(*operands, kv_len: int, config: AttentionConfig,
                  else v_ref.at[batch, kv_slice(tma_step), head])
         plgpu.copy_gmem_to_smem(v_src, v_smem.at[tma_slot], v_barriers.at[tma_slot])
 
+      if cfg.interpret:
+        # The interpreter insists that every completed barrier phase is observed: wait for
+        # the consumption of the last ring's worth of steps too (on the GPU a phase nobody
+        # waits for is harmless, so the kernel does not spend the waits there).
+        @pl.loop(max(kv_steps - steps, 0), kv_steps)
+        def _drain(kv_step):
+          slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
+          plgpu.barrier_wait(k_consumed.at[slot])
+          plgpu.barrier_wait(v_consumed.at[slot])
+
   itemsize = jnp.dtype(in_dtype).itemsize
   qk_t = _smem_transforms(head_dim, itemsize)
   q_scratch = plgpu.SMEM((2, block_q, head_dim), in_dtype, transforms=qk_t)

@@ -222,6 +222,23 @@ def test_int8_mosaic_interpret_pingpong_same_output():
   np.testing.assert_array_equal(np.asarray(on, np.float32), np.asarray(off, np.float32))
 
 
+@pytest.mark.parametrize("pv,t", [("fp8", 1100), ("fp8x2", 700)])
+def test_int8_kernel_interpret_many_kv_steps(pv, t):
+  """More KV steps than the K/V ring holds (5 and 3 steps of 256 keys, a 2-deep ring), so the
+  ring wraps and its barriers change phase: the kernel against its jnp reference."""
+  cfg = A.kernel_config("int8", 64, pv=pv, interpret=True)
+  q, k, v = _inputs(12, (1, t, 1, 64), magnitude=6.0)
+  qo = A.quantize_operands(q, k, v, block_kv=cfg.block_kv, pv=pv)
+  ops = [qo.q8, qo.k8, am.prepare_vt(qo.v8, cfg.v_terms), qo.q_scale, qo.k_scale]
+  assert cfg.block_kv == 256 and qo.k8.shape[1] // cfg.block_kv > cfg.max_concurrent_steps
+  out = np.asarray(am.flash_attention(*ops, kv_len=t, config=cfg, v_scale=qo.v_scale, q_len=t),
+                   np.float32)
+  ref = np.asarray(am.reference(*ops, kv_len=t, config=cfg, v_scale=qo.v_scale, q_len=t),
+                   np.float32)
+  assert np.all(np.isfinite(out))
+  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.003
+
+
 @pytest.mark.parametrize("d,block_rows,centered", [(64, 64, False), (64, 256, True),
                                                    (128, 64, False), (128, 256, True)])
 def test_prepass_kernel_interpret_matches_xla(d, block_rows, centered):
