@@ -158,8 +158,9 @@ def nvfp4_configs(m: int, n: int, k: int, tune: bool):
   # ping-pong (0.90x the default); run 8 and session 6: an SMEM decode (0.91x, removed)
   if m > 128:
     c = [base, rep(pingpong=not base.pingpong)]
-  else:
-    c = [base, rep(k_splits=max(1, base.k_splits // 2)), rep(pingpong=not base.pingpong)]
+  else:  # and the 64-wide K steps of the small-M default before session 8
+    c = [base, rep(k_splits=max(1, base.k_splits // 2)), rep(pingpong=not base.pingpong),
+         rep(tile_k=64, max_concurrent_steps=6)]
   out = []
   for x in c:
     if x not in out and nvmm.supported(m, n, k, x):

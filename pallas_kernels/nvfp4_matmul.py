@@ -80,7 +80,8 @@ class NVFP4MatmulConfig:
 
 def pick_config(m: int, n: int, k: int, sms: int | None = None) -> NVFP4MatmulConfig:
   """Heuristic tiles (pallas_kernels/NOTES.md): 128 x 256 CTA tiles when M is large; for
-  small M an activation tile of M rounded up to a power of two >= 32 and split-K until the SMs are busy."""
+  small M an activation tile of M rounded up to a power of two >= 32, split-K until the SMs
+  are busy, and K steps of 256 or 128 where they divide a split."""
   sms = sms or num_sms()
   if m > 128:
     return NVFP4MatmulConfig()
@@ -92,7 +93,27 @@ def pick_config(m: int, n: int, k: int, sms: int | None = None) -> NVFP4MatmulCo
   # the most splits (a divisor of the K steps, >= 2 steps each) that still fits on the SMs
   splits = max((s for s in range(1, k_iters + 1)
                 if k_iters % s == 0 and k_iters // s >= 2 and tiles * s <= sms), default=1)
-  return dataclasses.replace(cfg, k_splits=splits)
+  cfg = dataclasses.replace(cfg, k_splits=splits)
+  # then the widest K step that divides each split into >= 2 steps and whose stages fit shared
+  # memory: fewer, bigger steps (at M = 64 on an H200: 2-15% faster than 64-wide, NOTES.md
+  # "Session 8")
+  k_split = k // splits
+  for tile_k, stages in _SMALL_M_K_STEPS:
+    if (k_split % tile_k == 0 and k_split // tile_k >= 2
+        and stages * _stage_bytes(cfg, tile_k) <= _SMALL_M_PIPELINE_BYTES):
+      return dataclasses.replace(cfg, tile_k=tile_k, max_concurrent_steps=stages)
+  return cfg
+
+
+_SMALL_M_K_STEPS = ((256, 3), (128, 4))  # (tile_k, pipeline stages), widest first
+_SMALL_M_PIPELINE_BYTES = 160 * 1024  # leaves room for the epilogue's buffers
+
+
+def _stage_bytes(cfg: NVFP4MatmulConfig, tile_k: int) -> int:
+  """Shared memory of one pipeline stage: the bf16 activation tile, the packed codes and the
+  bf16 block scales of the CTA's weight rows."""
+  return (cfg.tile_m * tile_k * 2 + cfg.cta_tile_n * tile_k // 2
+          + tile_k // 16 * cfg.cta_tile_n * 2)
 
 
 def supported(m: int, n: int, k: int, cfg: NVFP4MatmulConfig) -> bool:

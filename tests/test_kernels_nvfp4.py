@@ -60,9 +60,12 @@ def test_bit_decode_formula_matches_e2m1():
     (SMALL, (96, 128, 128)),                                        # ragged M tile
     (dataclasses.replace(SMALL, k_splits=2), (40, 128, 256)),       # split-K, M % 8 != 0
     (dataclasses.replace(SMALL, decode="int4"), (64, 256, 128)),
-], ids=["raggedM", "splitK", "int4decode"])
+    (nm.pick_config(16, 128, 1024, sms=2), (16, 128, 1024)),      # small M: split-K, 256-wide K
+], ids=["raggedM", "splitK", "int4decode", "smallM"])
 def test_kernel_matches_reference_and_float64(rng, cfg, shape):
   m, n, k = shape
+  if cfg.tile_m == 32:  # the small-M case is the heuristic's: two splits of two 256-wide steps
+    assert (cfg.k_splits, cfg.tile_k) == (2, 256), cfg
   x, t, w4, ws, cs, bias = problem(rng, m, n, k, cfg.decode)
   got = nm.nvfp4_matmul(x, w4, ws, cs, bias, config=cfg, interpret=qlinear_mosaic.interpret_params())
   assert got.shape == (m, n) and got.dtype == jnp.bfloat16
@@ -164,7 +167,7 @@ def test_qdq_nonfinite_input_poisons_the_scale(rng):
 @needs_hopper
 @pytest.mark.parametrize("decode", ["bits", "int4"])
 @pytest.mark.parametrize("m,k,n", [(2048, 1920, 1920), (35552 // 8, 3072, 1536), (64, 1920, 7680),
-                                   (16, 3072, 3072)])
+                                   (16, 3072, 3072), (64, 3072, 12288)])
 def test_gpu_kernel_real_shapes(rng, decode, m, k, n):
   x, t, w4, ws, cs, bias = problem(rng, m, n, k, decode)
   cfg = dataclasses.replace(nm.pick_config(m, n, k), decode=decode)
