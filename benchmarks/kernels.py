@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import math
 import os
 import statistics
@@ -293,6 +294,13 @@ def quant_variants(bench, p0, row):
     row["errors"]["quant_vs_cpu_reference"] = f"{type(e).__name__}: {str(e)[:400]}"
 
 
+def w8a8_e2e(x, w8, ws, bias, *, had: int, use_mgpu=None):
+  """W8A8 end to end: qlinear_mosaic's activation quantizer (Hadamard block `had`; use_mgpu
+  None = its default by M), then the W8A8 kernel."""
+  xq, xs = qlinear_mosaic.quantize_activations(x, had, use_mgpu=use_mgpu)
+  return w8a8.w8a8_matmul(xq, w8, xs[:, 0], ws, bias)
+
+
 def bf16_dot(x, w):
   return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
 
@@ -355,10 +363,8 @@ def run(args, out_dir=None) -> dict:
       bench("quant_mgpu_had", lambda x: int8_quant_mgpu.quantize_rows_mgpu(
           x, int8_quant_mgpu.QuantMgpuConfig(128)), lambda p: (p["x"],))
       quant_variants(bench, p0, row)
-      def e2e_had(x, w8, ws, bias):
-        xq, xs = qlinear_mosaic.quantize_activations(x, 128)
-        return w8a8.w8a8_matmul(xq, w8, xs[:, 0], ws, bias)
-      bench("mosaic_w8a8_e2e_had", e2e_had, lambda p: (p["x"], p["w8"], p["ws"], p["bias"]))
+      bench("mosaic_w8a8_e2e_had", functools.partial(w8a8_e2e, had=128),
+            lambda p: (p["x"], p["w8"], p["ws"], p["bias"]))
       bench("mosaic_w4a8", qlinear_mosaic.w4a8, lambda p: (p["x"], p["layer"]),
             ref=jax.jit(qlinear_xla.w4a8)(p0["x"], p0["layer"]))
       # the NVFP4 QDQ quantizer: e2m1 by float/bit arithmetic (default) or by step selects,
@@ -419,9 +425,7 @@ def run(args, out_dir=None) -> dict:
         if use is not None and (use == default_mgpu or
                                 ("quant_mgpu_had" if use else "quant_xla_had") in row["errors"]):
           continue
-        def e2e(x, w8, ws, bias, had=had, use=use):
-          xq, xs = qlinear_mosaic.quantize_activations(x, had, use_mgpu=use)
-          return w8a8.w8a8_matmul(xq, w8, xs[:, 0], ws, bias)
+        e2e = functools.partial(w8a8_e2e, had=had, use_mgpu=use)
         def e2e_ref(x, w8, ws, bias, qc=qc):
           xq, xs = int8_quant.reference(x, qc)
           return w8a8.reference(xq, w8, xs[:, 0], ws, bias)

@@ -189,11 +189,13 @@ def saturated_s8(q):
   return out
 
 
-def int8_cast_jnp(y: jax.Array, scale_b: jax.Array) -> jax.Array:
-  """int8 clip(round_half_even(y / scale_b), -127, 127), NaN -> 0, in jnp (the interpret-mode
-  form of the kernels' cast; formats.exact_div: XLA:CPU would rewrite y / broadcast(s) as
-  y * (1 / s))."""
-  q = jnp.clip(jnp.round(formats.exact_div(y, scale_b)), -127.0, 127.0)
+def int8_cast_jnp(y: jax.Array, scale_b: jax.Array, divide=formats.exact_div) -> jax.Array:
+  """int8 clip(round_half_even(y / scale_b), -127, 127), NaN -> 0, in jnp: the interpret-mode
+  form of the kernels' cast (formats.exact_div: XLA:CPU would rewrite y / broadcast(s) as
+  y * (1 / s)), and with divide=jnp.divide the previous cast that QuantMgpuConfig.fast_cast
+  replaced. A NaN scale makes the whole row 0, as in formats.quantize_int8 (the scale carries
+  the poison); not left to the float -> int8 conversion, whose NaN result is backend-defined."""
+  q = jnp.clip(jnp.round(divide(y, scale_b)), -127.0, 127.0)
   return jnp.where(q == q, q, jnp.float32(0.0)).astype(jnp.int8)
 
 
@@ -303,8 +305,6 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
   s8_tr = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
   steps = min(config.max_concurrent_steps or pick_steps(m), nk)
 
-  fast = config.fast_cast
-
   def int8_quant_kernel(x_g, h_g, q_g, s_g, h_s, s_s, q_s, bar):
     row0 = lax.axis_index("rows") * ROWS
     load_to_smem(h_g, h_s, bar)
@@ -318,13 +318,10 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
     def pass2(idx, x_s):
       (kb,) = idx
       y = rotate_tile(x_s, h_s, post)
-      if fast:
+      if config.fast_cast:
         q = quotient_to_int8(y, scale, interpret is not None)
       else:
-        q = jnp.clip(jnp.round(y / lax.broadcast_in_dim(scale, (ROWS, COLS), [0])), -127.0, 127.0)
-        # A NaN scale makes the whole row 0, as in formats.quantize_int8 (the scale carries the
-        # poison); not left to the float -> int8 conversion, whose NaN result is backend-defined.
-        q = jnp.where(q == q, q, jnp.float32(0.0)).astype(jnp.int8)
+        q = int8_cast_jnp(y, lax.broadcast_in_dim(scale, (ROWS, COLS), [0]), divide=jnp.divide)
       slot = lax.rem(kb, 2)
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that used this slot
       q_s[slot] = q
