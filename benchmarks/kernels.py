@@ -265,15 +265,31 @@ QUANT_STEPS = (2, 3, 4)  # --tune: the Mosaic quantizers (Hadamard) per pipeline
 
 
 def quant_variants(bench, p0, row):
-  """INT8 quantizer per stage count (the default picks by K), with jnp's division cast
+  """INT8 quantizer per stage count (one warpgroup per row block), per warpgroups sharing a
+  row block (checked bit-equal to one), with jnp's division cast
   ("div": on the GPU div.full.f32, up to 2 ulp off) instead of the default's correctly
   rounded one, and its pass 1 alone (amax). Records the fraction of int8 values that differ
   from int8_quant.reference computed on the host CPU (correctly rounded division) over the
   first 1024 rows, for the default and "div" casts and the XLA fusion."""
   for st in QUANT_STEPS:
-    qc = int8_quant_mgpu.QuantMgpuConfig(128, max_concurrent_steps=st)
+    qc = int8_quant_mgpu.QuantMgpuConfig(128, max_concurrent_steps=st, warpgroups=1)
     bench(f"quant_mgpu_had[steps{st}]", lambda x, qc=qc: int8_quant_mgpu.quantize_rows_mgpu(x, qc),
           lambda p: (p["x"],))
+  outs = {}
+  for wgs in (1, 2, 4):  # warpgroups sharing a row block (the default picks by K)
+    qc = int8_quant_mgpu.QuantMgpuConfig(128, warpgroups=wgs)
+    fn = lambda x, qc=qc: int8_quant_mgpu.quantize_rows_mgpu(x, qc)
+    bench(f"quant_mgpu_had[wg{wgs}]", fn, lambda p: (p["x"],))
+    try:
+      outs[wgs] = [np.asarray(a) for a in jax.jit(fn)(p0["x"])]
+    except Exception as e:
+      row["errors"][f"quant_wg{wgs}"] = f"{type(e).__name__}: {str(e)[:400]}"
+  for wgs in set(outs) - {1}:  # same arithmetic per element: must be bit-equal
+    if 1 in outs:
+      row["check"][f"quant_wg{wgs}_vs_wg1_mismatch_frac"] = float(np.mean(
+          outs[wgs][0] != outs[1][0]))
+      row["check"][f"quant_wg{wgs}_vs_wg1_scale_equal"] = bool(np.array_equal(
+          outs[wgs][1], outs[1][1], equal_nan=True))
   div = int8_quant_mgpu.QuantMgpuConfig(128, fast_cast=False)
   bench("quant_mgpu_had[div]", lambda x: int8_quant_mgpu.quantize_rows_mgpu(x, div),
         lambda p: (p["x"],))

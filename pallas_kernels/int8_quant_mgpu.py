@@ -3,21 +3,25 @@
   quantize_rows_mgpu(x bf16[M, K], config) -> (values s8[M, K], scales f32[M, 1])
 
 Same function as int8_quant.quantize_rows (reference: int8_quant.reference). One CTA per
-64-row block, one warpgroup. The rotation runs on the tensor cores: each 64 x 128 bf16
+64-row block, with 4 warpgroups that split the block's column tiles (1 for K < 1024). The
+rotation runs on the tensor cores: each 64 x 128 bf16
 tile of x is multiplied by the +-1 Sylvester matrix, as two 64-wide halves against the
 64-block matrix (`rotate_tile`), or by the identity when there is no Hadamard (which just
 moves the tile into registers as exact f32), with f32 accumulation.
-Pass 1 streams the row block and keeps the running per-row absmax in registers; pass 2
-streams it again and writes round(y / scale) as int8 through TMA (`quotient_to_int8`: a
-correctly rounded quotient and one saturating convert). The per-row absmax must
-be known before the first value can be cast, and a 64 x K row block does not fit in shared
-memory for K > ~1500, so x is read twice: 5 bytes of HBM traffic per element (two bf16
-reads, the int8 write; ~3.3 TB/s on an H200 at M = 35552, NOTES.md) vs ~5-13 for the XLA
-fusion.
+Pass 1 streams the row block and keeps the running per-row absmax in registers (the
+warpgroups then exchange theirs through shared memory); pass 2 streams it again, each
+warpgroup's tiles last to first, and writes round(y / scale) as int8 through TMA
+(`quotient_to_int8`: a correctly rounded quotient and one saturating convert). The per-row
+absmax must be known before the first value can be cast, and a 64 x K row block does not fit
+in shared memory for K > ~1500, so x is read twice: up to 5 bytes of HBM traffic per element
+(two bf16 reads, the int8 write; ~3.3 TB/s on an H200 at M = 35552, NOTES.md) vs ~5-13 for
+the XLA fusion. With one row block per SM in flight, part of the second read comes from L2
+(12% faster at K = 7680, NOTES.md session 9).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -40,14 +44,17 @@ class QuantMgpuConfig:
   """hadamard_block: 0 or 128. max_concurrent_steps: pipeline stages per pass (None:
   `pick_steps`). fast_cast: pass 2's y / scale -> int8 by `quotient_to_int8` (correctly
   rounded quotient, one saturating convert) instead of jnp's division, round, clip and
-  convert (on the GPU that division is div.full.f32, up to 2 ulp off; NOTES.md)."""
+  convert (on the GPU that division is div.full.f32, up to 2 ulp off; NOTES.md).
+  warpgroups: 1, 2 or 4 warpgroups per CTA, which split one 64-row block's column tiles
+  between them (None: `pick_warpgroups`; 1: one warpgroup walks the whole row)."""
   hadamard_block: int = 0
   max_concurrent_steps: int | None = None
   fast_cast: bool = True
+  warpgroups: int | None = None
 
 
 def pick_steps(m: int) -> int:
-  """2 stages when there are enough 64-row CTAs for 2+ per SM (a 2-stage CTA needs less shared
+  """One-warpgroup kernel: 2 stages when there are enough 64-row CTAs for 2+ per SM (a 2-stage CTA needs less shared
   memory, so more of them fit: 6-9% faster at M = 35552 on an H200), else 4 (deeper pipelines
   per CTA: 7% faster at M = 8192, 128 CTAs). NOTES.md, run 6."""
   return 2 if pl.cdiv(m, ROWS) >= 2 * num_sms() else 4
@@ -117,26 +124,57 @@ def rotate_tile(x_s, h_s, post):
   return jnp.concatenate([y0 + y1, y0 - y1], axis=1) * post
 
 
-def row_tiles_spec():
-  """The pipeline's [ROWS, COLS] block over a row block's K tiles."""
-  return plgpu.BlockSpec((ROWS, COLS), lambda kk: (0, kk), transforms=bf16_tile_transforms())
+def row_tiles_spec(tile=lambda kk: kk):
+  """The pipeline's [ROWS, COLS] block over a row block's K tiles; step kk reads column tile
+  tile(kk)."""
+  return plgpu.BlockSpec((ROWS, COLS), lambda kk: (0, tile(kk)), transforms=bf16_tile_transforms())
+
+
+def amax_step(x_s, h_s, post, carry):
+  """One tile of pass 1: folds the bf16 x tile in SMEM, rotated, into the per-row (max |x h| *
+  post, non-finite flag) carry, f32[ROWS] each."""
+  amax, bad = carry
+  y = jnp.abs(rotate_tile(x_s, h_s, post))
+  # Non-finite rows get a NaN scale, as formats' quantizers give them. The flag does not
+  # rely on max propagating NaN (max.NaN on the GPU, but XLA:CPU's row max, which runs the
+  # interpreter, drops it): |y| < inf is false for NaN and +-inf alike.
+  nonfinite = jnp.where(y < jnp.float32(jnp.inf), jnp.float32(0.0), jnp.float32(1.0))
+  return jnp.maximum(amax, y.max(axis=1)), jnp.maximum(bad, nonfinite.max(axis=1))
+
+
+def row_zeros():
+  return plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
 
 
 def rotated_row_amax(x_rows, h_s, post, nk: int, steps: int):
   """Streams one [ROWS, K] row block of x (gmem) and returns, per row, max |x h| * post and a
   non-finite flag (1 when the rotated row holds NaN or +-inf), f32[ROWS] each."""
-  def body(_, x_s, carry):
-    amax, bad = carry
-    y = jnp.abs(rotate_tile(x_s, h_s, post))
-    # Non-finite rows get a NaN scale, as formats' quantizers give them. The flag does not
-    # rely on max propagating NaN (max.NaN on the GPU, but XLA:CPU's row max, which runs the
-    # interpreter, drops it): |y| < inf is false for NaN and +-inf alike.
-    nonfinite = jnp.where(y < jnp.float32(jnp.inf), jnp.float32(0.0), jnp.float32(1.0))
-    return jnp.maximum(amax, y.max(axis=1)), jnp.maximum(bad, nonfinite.max(axis=1))
+  return plgpu.emit_pipeline(lambda _, x_s, carry: amax_step(x_s, h_s, post, carry),
+                             grid=(nk,), in_specs=[row_tiles_spec()],
+                             max_concurrent_steps=steps, init_carry=(row_zeros(), row_zeros()))(x_rows)
 
-  zeros = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-  return plgpu.emit_pipeline(body, grid=(nk,), in_specs=[row_tiles_spec()],
-                             max_concurrent_steps=steps, init_carry=(zeros, zeros))(x_rows)
+
+def stream_tiles(x_rows, bufs, bars, base, nslots: int, tile, count, body, carry):
+  """A TMA pipeline over column tiles of one [ROWS, K] row block, on buffers the caller owns
+  (a multi-warpgroup kernel cannot allocate per-warpgroup shared memory, which emit_pipeline
+  does): step i waits for column tile tile(i) in slot s = base + i % nslots of bufs (SMEM
+  [n, ROWS, COLS] bf16) and bars (n barriers) and runs carry = body(i, bufs[s], carry); the
+  tile nslots steps ahead is then fetched into that slot. count may be traced."""
+  def fetch(i):
+    slot = base + lax.rem(i, nslots)
+    plgpu.copy_gmem_to_smem(x_rows.at[:, pl.ds(tile(i) * COLS, COLS)], bufs.at[slot],
+                            bars.at[slot])
+
+  for i in range(nslots):
+    pl.when(i < count)(functools.partial(fetch, jnp.int32(i)))
+
+  def step(i, carry):
+    slot = base + lax.rem(i, nslots)
+    plgpu.barrier_wait(bars.at[slot])
+    carry = body(i, bufs.at[slot], carry)
+    pl.when(i + nslots < count)(functools.partial(fetch, i + nslots))
+    return carry
+  return lax.fori_loop(0, count, step, carry)
 
 
 _TINY, _HUGE = 2.0 ** -60, 2.0 ** 60  # divisors outside are moved in by 2^64 or 2^-64
@@ -293,51 +331,116 @@ def supported(x: jax.Array, config: QuantMgpuConfig) -> bool:
           and x.shape[0] % 8 == 0 and config.hadamard_block in (0, COLS))
 
 
+def pick_warpgroups(k: int) -> int:
+  """Warpgroups per 64-row block: 4 when the row has >= 8 column tiles, else 1.
+
+  Split between 4 warpgroups of one CTA (about 200 KB of shared memory, so one CTA per SM),
+  a row block is finished ~4x sooner, so only ~one row block per SM is in flight (~32 MB at
+  K = 1920 vs ~130 MB with four one-warpgroup CTAs per SM) and more of pass 2's re-read, which
+  walks each warpgroup's tiles last to first, comes from L2. H200: 416 -> 370 us at 35552 x
+  7680, 157 -> 153 at x 3072, 100 -> 98 at x 1920 (NOTES.md, session 9)."""
+  return 4 if k // COLS >= 8 else 1  # measured: 4 >= 2 >= 1 at K = 1920 / 3072 / 7680
+
+
+def _smem_bytes(warpgroups: int, steps: int) -> int:
+  tiles = ROWS * COLS * (2 * steps + 2)  # per warpgroup: bf16 x stages + two int8 store slots
+  return warpgroups * tiles + HALF * HALF * 2 + 2 * warpgroups * ROWS * 4 + ROWS * 4
+
+
 def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig(),
                        interpret=None):
-  """x bf16[M, K] -> (s8[M, K], f32[M, 1] scales)."""
+  """x bf16[M, K] -> (s8[M, K], f32[M, 1] scales).
+
+  One CTA per 64-row block with `warpgroups` warpgroups; warpgroup w owns column tiles
+  [nk w / W, nk (w + 1) / W). Pass 1: each streams its tiles and keeps per-row maxima, which
+  the warpgroups exchange through shared memory; pass 2: each streams its tiles again, last
+  to first (the most recently read first, so from L2), and writes the int8 tiles."""
   if not supported(x, config):
     raise ValueError(f"quantize_rows_mgpu needs bf16 [M, K] with K % {COLS} == 0, M % 8 == 0 "
                      f"and hadamard_block in (0, {COLS}); got {x.dtype} {x.shape}, {config}")
   m, k = x.shape
   nk = k // COLS
+  wgs = config.warpgroups or pick_warpgroups(k)
+  # 3 warpgroups hung Mosaic GPU's interpreter (CPU tests), so only 1, 2 and 4 are offered
+  if wgs not in (1, 2, 4) or wgs > nk:
+    raise ValueError(f"quantize_rows_mgpu: warpgroups={wgs} must be 1, 2 or 4 and at most "
+                     f"K / {COLS} = {nk}")
   h, post = rotation_operands(config.hadamard_block)
   s8_tr = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
-  steps = min(config.max_concurrent_steps or pick_steps(m), nk)
-
-  def int8_quant_kernel(x_g, h_g, q_g, s_g, h_s, s_s, q_s, bar):
+  steps = config.max_concurrent_steps or (pick_steps(m) if wgs == 1 else 2)
+  steps = max(1, min(steps, nk // wgs))
+  if _smem_bytes(wgs, steps) > 227 * 1024:
+    raise ValueError(f"quantize_rows_mgpu: {wgs} warpgroups x {steps} stages need "
+                     f"{_smem_bytes(wgs, steps)} B of shared memory (> 227 KB)")
+  def int8_quant_kernel(x_g, h_g, q_g, s_g, h_s, x_s, part_s, s_s, q_s, bar, x_bars, sync):
     row0 = lax.axis_index("rows") * ROWS
-    load_to_smem(h_g, h_s, bar)
-    amax, bad = rotated_row_amax(x_g.at[pl.ds(row0, ROWS)], h_s, post, nk, steps)
+    wg = lax.axis_index("wg") if wgs > 1 else jnp.int32(0)
+    first = lax.div(wg * nk, jnp.int32(wgs))
+    count = lax.div((wg + 1) * nk, jnp.int32(wgs)) - first
+
+    @pl.when(wg == 0)
+    def _():
+      plgpu.copy_gmem_to_smem(h_g, h_s, bar)
+    plgpu.barrier_wait(bar)
+    x_rows = x_g.at[pl.ds(row0, ROWS)]
+
+    def stream(tile, body, carry):
+      return stream_tiles(x_rows, x_s, x_bars, wg * steps, steps, tile, count, body, carry)
+
+    amax, bad = stream(lambda i: first + i, lambda _, t, c: amax_step(t, h_s, post, c),
+                       (row_zeros(), row_zeros()))
+    if wgs > 1:  # every warpgroup needs the whole row's maxima
+      part_s[wg] = amax
+      part_s[wgs + wg] = bad
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(sync)
+      plgpu.barrier_wait(sync)
+      load = ((lambda r: r[...]) if interpret is not None else
+              (lambda r: plgpu.load(r, (), layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)))
+      for w in range(wgs):
+        amax, bad = (jnp.maximum(amax, load(part_s.at[w])),
+                     jnp.maximum(bad, load(part_s.at[wgs + w])))
     scale = jnp.where(amax == 0, jnp.float32(1.0), amax / jnp.float32(127.0))
     scale = jnp.where(bad == 0, scale, jnp.float32(jnp.nan))
-    s_s[...] = scale
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(s_s, s_g.at[pl.ds(row0, ROWS)])
 
-    def pass2(idx, x_s):
-      (kb,) = idx
-      y = rotate_tile(x_s, h_s, post)
+    @pl.when(wg == 0)
+    def _():
+      s_s[...] = scale
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(s_s, s_g.at[pl.ds(row0, ROWS)])
+
+    def last_first(i):  # pass 2 starts on the tile pass 1 read last (likely still in L2)
+      return first + count - 1 - i
+
+    def pass2(i, x_tile, carry):
+      y = rotate_tile(x_tile, h_s, post)
       if config.fast_cast:
         q = quotient_to_int8(y, scale, interpret is not None)
       else:
         q = int8_cast_jnp(y, lax.broadcast_in_dim(scale, (ROWS, COLS), [0]), divide=jnp.divide)
-      slot = lax.rem(kb, 2)
+      slot = 2 * wg + lax.rem(i, 2)
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that used this slot
       q_s[slot] = q
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_s.at[slot], q_g.at[pl.ds(row0, ROWS), pl.ds(kb * COLS, COLS)])
+      plgpu.copy_smem_to_gmem(q_s.at[slot],
+                              q_g.at[pl.ds(row0, ROWS), pl.ds(last_first(i) * COLS, COLS)])
+      return carry
 
-    plgpu.emit_pipeline(pass2, grid=(nk,), in_specs=[row_tiles_spec()],
-                        max_concurrent_steps=steps)(x_g.at[pl.ds(row0, ROWS)])
+    stream(last_first, pass2, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
 
   f = plgpu.kernel(
       int8_quant_kernel,
       out_type=(jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32)),
       grid=(pl.cdiv(m, ROWS),), grid_names=("rows",),
-      scratch_types=[rotation_smem(), plgpu.SMEM((ROWS,), jnp.float32),
-                     plgpu.SMEM((2, ROWS, COLS), jnp.int8, transforms=s8_tr), plgpu.Barrier()],
+      num_threads=wgs if wgs > 1 else None, thread_name="wg" if wgs > 1 else None,
+      scratch_types=[rotation_smem(),
+                     plgpu.SMEM((wgs * steps, ROWS, COLS), jnp.bfloat16,
+                                transforms=bf16_tile_transforms()),
+                     plgpu.SMEM((2 * wgs, ROWS), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32),
+                     plgpu.SMEM((2 * wgs, ROWS, COLS), jnp.int8, transforms=s8_tr),
+                     plgpu.Barrier(), plgpu.Barrier(num_barriers=wgs * steps),
+                     plgpu.Barrier(num_arrivals=wgs)],
       interpret=interpret)
   q, s = f(x, h)
   return q, s[:, None]
