@@ -54,9 +54,9 @@ class QuantMgpuConfig:
 
 
 def pick_steps(m: int) -> int:
-  """One-warpgroup kernel: 2 stages when there are enough 64-row CTAs for 2+ per SM (a 2-stage CTA needs less shared
-  memory, so more of them fit: 6-9% faster at M = 35552 on an H200), else 4 (deeper pipelines
-  per CTA: 7% faster at M = 8192, 128 CTAs). NOTES.md, run 6."""
+  """One-warpgroup kernel: 2 stages when there are enough 64-row CTAs for 2+ per SM (a 2-stage
+  CTA needs less shared memory, so more of them fit: 6-9% faster at M = 35552 on an H200),
+  else 4 (deeper pipelines per CTA: 7% faster at M = 8192, 128 CTAs). NOTES.md, run 6."""
   return 2 if pl.cdiv(m, ROWS) >= 2 * num_sms() else 4
 
 
@@ -124,10 +124,9 @@ def rotate_tile(x_s, h_s, post):
   return jnp.concatenate([y0 + y1, y0 - y1], axis=1) * post
 
 
-def row_tiles_spec(tile=lambda kk: kk):
-  """The pipeline's [ROWS, COLS] block over a row block's K tiles; step kk reads column tile
-  tile(kk)."""
-  return plgpu.BlockSpec((ROWS, COLS), lambda kk: (0, tile(kk)), transforms=bf16_tile_transforms())
+def row_tiles_spec():
+  """The pipeline's [ROWS, COLS] block over a row block's K tiles."""
+  return plgpu.BlockSpec((ROWS, COLS), lambda kk: (0, kk), transforms=bf16_tile_transforms())
 
 
 def amax_step(x_s, h_s, post, carry):
@@ -339,7 +338,7 @@ def pick_warpgroups(k: int) -> int:
   K = 1920 vs ~130 MB with four one-warpgroup CTAs per SM) and more of pass 2's re-read, which
   walks each warpgroup's tiles last to first, comes from L2. H200: 416 -> 370 us at 35552 x
   7680, 157 -> 153 at x 3072, 100 -> 98 at x 1920 (NOTES.md, session 9)."""
-  return 4 if k // COLS >= 8 else 1  # measured: 4 >= 2 >= 1 at K = 1920 / 3072 / 7680
+  return 4 if k // COLS >= 8 else 1
 
 
 def _smem_bytes(warpgroups: int, steps: int) -> int:
@@ -368,10 +367,11 @@ def quantize_rows_mgpu(x: jax.Array, config: QuantMgpuConfig = QuantMgpuConfig()
   h, post = rotation_operands(config.hadamard_block)
   s8_tr = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
   steps = config.max_concurrent_steps or (pick_steps(m) if wgs == 1 else 2)
-  steps = max(1, min(steps, nk // wgs))
+  steps = min(steps, nk // wgs)  # >= 1: wgs <= nk
   if _smem_bytes(wgs, steps) > 227 * 1024:
     raise ValueError(f"quantize_rows_mgpu: {wgs} warpgroups x {steps} stages need "
                      f"{_smem_bytes(wgs, steps)} B of shared memory (> 227 KB)")
+
   def int8_quant_kernel(x_g, h_g, q_g, s_g, h_s, x_s, part_s, s_s, q_s, bar, x_bars, sync):
     row0 = lax.axis_index("rows") * ROWS
     wg = lax.axis_index("wg") if wgs > 1 else jnp.int32(0)
