@@ -35,8 +35,10 @@ def _sign_matrix(block: int) -> jax.Array:
   return jnp.asarray(np.sign(formats.hadamard_matrix(block)), jnp.bfloat16)
 
 
-def hadamard_tc(x: jax.Array, block: int) -> jax.Array:
-  """Block Hadamard of x[..., K] along the last axis on the tensor cores -> f32."""
+def hadamard_tc(x: jax.Array, block: int, out_perm=None) -> jax.Array:
+  """Block Hadamard of x[..., K] along the last axis on the tensor cores -> f32.
+  out_perm (int[block], optional): each block's output columns in this order (a permutation
+  of the matrix's columns: same values, no extra pass)."""
   if x.shape[-1] % block:
     raise ValueError(f"hadamard_tc(block={block}): last axis must be a multiple of {block}, "
                      f"got shape {tuple(x.shape)}")
@@ -48,6 +50,8 @@ def hadamard_tc(x: jax.Array, block: int) -> jax.Array:
       parts.append(rest.astype(jnp.bfloat16))
       rest = rest - parts[-1].astype(jnp.float32)
   h = _sign_matrix(block)
+  if out_perm is not None:
+    h = h[:, np.asarray(out_perm)]
   y = None
   for p in parts:
     pb = p.reshape(*p.shape[:-1], -1, block)

@@ -57,6 +57,14 @@ _BITS_GAIN_EXP = 126 - _BITS_SCALE_EXP
 class NVFP4MatmulConfig:
   """tile_n: weight rows per consumer warpgroup (wgmma M, multiple of 64); the CTA has two.
   tile_m: activation rows per CTA (wgmma N, multiple of 8 up to 256). tile_k: multiple of 64.
+  decode: "perm" (default) decodes each thread's 8 consecutive codes in place and runs the
+  wgmma over K-permuted columns (`permute_k`, applied to x by the wrapper); "bits" first
+  relays the codes out to the wgmma layout with shuffles (the kernel before session 10);
+  "int4" uses Mosaic's int4 -> bf16 conversion.
+  e4m3_scales: read the block scales as stored (e4m3 bytes [N, K/16]) and convert them in
+  registers, instead of the bf16[K/16, N] copy `weight_operands` makes per call; needs the
+  "perm" decode, tile_k >= 256 and K % 256 == 0 (TMA boxes and row strides of the scales are
+  whole multiples of 16 bytes).
   pingpong: stagger the two consumer warpgroups (a 2-arrival barrier around the decode) so
   that one decodes while the other's wgmma runs; measured 10% slower on an H200 (NOTES.md), off.
   (A double-buffered SMEM copy of the decoded tile with one wgmma in flight was measured 9%
@@ -70,7 +78,8 @@ class NVFP4MatmulConfig:
   grid_minor_dim: Dim = Dim.N
   grid_tile_width: int = 8
   k_splits: int = 1
-  decode: str = "bits"
+  decode: str = "perm"
+  e4m3_scales: bool = False
   pingpong: bool = False
 
   @property
@@ -101,8 +110,14 @@ def pick_config(m: int, n: int, k: int, sms: int | None = None) -> NVFP4MatmulCo
   for tile_k, stages in _SMALL_M_K_STEPS:
     if (k_split % tile_k == 0 and k_split // tile_k >= 2
         and stages * _stage_bytes(cfg, tile_k) <= _SMALL_M_PIPELINE_BYTES):
-      return dataclasses.replace(cfg, tile_k=tile_k, max_concurrent_steps=stages)
+      return dataclasses.replace(cfg, tile_k=tile_k, max_concurrent_steps=stages,
+                                 e4m3_scales=SMALL_M_E4M3_SCALES and tile_k >= 256
+                                 and k % 256 == 0)
   return cfg
+
+
+# Small M: the block scales as stored, converted in the kernel (no per-call bf16 copy).
+SMALL_M_E4M3_SCALES = False
 
 
 _SMALL_M_K_STEPS = ((256, 3), (128, 4))  # (tile_k, pipeline stages), widest first
@@ -120,7 +135,7 @@ def supported(m: int, n: int, k: int, cfg: NVFP4MatmulConfig) -> bool:
   return (m > 0 and n % cfg.cta_tile_n == 0 and k % (cfg.tile_k * cfg.k_splits) == 0)
 
 
-def _check(x, w4, cfg: NVFP4MatmulConfig):
+def _check(x, w4, ws, cfg: NVFP4MatmulConfig):
   (_, k), (n, k2) = x.shape, w4.shape  # any M: the wrapper pads it
   if x.dtype != jnp.bfloat16:
     raise ValueError(f"nvfp4_matmul: activations must be bf16, got {x.dtype}")
@@ -137,32 +152,52 @@ def _check(x, w4, cfg: NVFP4MatmulConfig):
     raise ValueError(f"nvfp4_matmul: bad tiles {cfg}")
   if cfg.k_splits > 1 and cfg.tile_m % 32:
     raise ValueError(f"nvfp4_matmul: split-K needs tile_m % 32 == 0, got {cfg}")
-  if cfg.decode not in ("bits", "int4"):
-    raise ValueError(f"nvfp4_matmul: decode must be 'bits' or 'int4', got {cfg.decode!r}")
+  if cfg.decode not in DECODES:
+    raise ValueError(f"nvfp4_matmul: decode must be one of {DECODES}, got {cfg.decode!r}")
+  if cfg.e4m3_scales and (cfg.decode != "perm" or cfg.tile_k < 256 or k % 256):
+    raise ValueError(f"nvfp4_matmul: e4m3_scales needs the 'perm' decode, tile_k >= 256 and "
+                     f"K % 256 == 0 (TMA: scale rows of whole 16 bytes), got K={k}, {cfg}")
+  want = (jnp.uint8, (n, k // 16)) if cfg.e4m3_scales else (jnp.bfloat16, (k // 16, n))
+  if (ws.dtype, ws.shape) != want:
+    raise ValueError(f"nvfp4_matmul: block scales are {ws.dtype}{list(ws.shape)}, want "
+                     f"{jnp.dtype(want[0])}{list(want[1])} (weight_operands(e4m3_scales="
+                     f"{cfg.e4m3_scales}))")
+
+
+DECODES = ("perm", "bits", "int4")
 
 
 # ------------------------------------------------------------------------------ operands
-def weight_operands(t: formats.NVFP4Tensor, decode: str = "bits"):
+def weight_operands(t: formats.NVFP4Tensor, decode: str = "perm", e4m3_scales: bool = False):
   """NVFP4Tensor [N, K] -> (codes int4[N, K], block scales bf16[K/16, N], gain f32).
 
   The int4 view reinterprets the packed bytes (element 2i = low nibble, as in formats); the
   scales are transposed so that a TMA box of them is >= 16 bytes wide, and pre-multiplied
-  for the "bits" decode; `gain` is what the epilogue multiplies back (2^7 or 1).
+  for the "bits" / "perm" decodes; `gain` is what the epilogue multiplies back (2^7 or 1).
+  e4m3_scales: the stored scales' bytes instead, uint8[N, K/16] (free bitcast; the kernel
+  converts them to the same bf16(s * 2^119)).
   """
   n, kh = t.codes.shape
   w4 = lax.bitcast_convert_type(t.codes, jnp.int4).reshape(n, 2 * kh)
-  exp = _BITS_SCALE_EXP if decode == "bits" else 0
+  if e4m3_scales:
+    return (w4, lax.bitcast_convert_type(t.scales, jnp.uint8),
+            np.float32(2.0 ** _BITS_GAIN_EXP))
+  exp = 0 if decode == "int4" else _BITS_SCALE_EXP
   ws = (t.scales.astype(jnp.float32) * np.float32(2.0 ** exp)).astype(jnp.bfloat16).T
   return w4, ws, np.float32(2.0 ** (exp and _BITS_GAIN_EXP))
 
 
 def _decoded_values_jnp(w4, ws, decode: str):
-  """jnp decode of a [rows, K] int4 tile with its [K/16, rows] scales -> bf16 (the kernel's
-  values; used in interpret mode and by `reference`)."""
+  """jnp decode of a [rows, K] int4 tile with its [K/16, rows] scales (or uint8 e4m3 bytes
+  [rows, K/16]) -> bf16 (the kernel's values; used in interpret mode and by `reference`)."""
   codes = (w4.astype(jnp.int32) & 0xF).astype(jnp.uint8)
   vals = formats.e2m1_decode(codes)
-  s = ws.astype(jnp.float32).T
-  if decode == "bits":
+  if ws.dtype == jnp.uint8:  # e4m3 bytes: the kernel's bf16(s * 2^119)
+    s = lax.bitcast_convert_type(ws, jnp.float8_e4m3fn).astype(jnp.float32) * np.float32(
+        2.0 ** _BITS_SCALE_EXP)
+  else:
+    s = ws.astype(jnp.float32).T
+  if decode != "int4":
     s = s * np.float32(2.0 ** -126)
   s = jnp.repeat(s, formats.NVFP4_BLOCK, axis=-1)
   return (vals * s).astype(jnp.bfloat16)
@@ -216,6 +251,96 @@ def _decode_bits(w4_wgmma, ws_ref):
   return decode(w4_wgmma, ws_ref)
 
 
+def permute_k(a: jax.Array) -> jax.Array:
+  """[..., K] -> [..., K] in the column order the "perm" decode feeds the wgmma (K % 32 == 0).
+
+  Within each 32 columns, logical column 8a + 2b + e holds physical column 8b + 4e + a
+  (a, b < 4; e < 2): thread b of a row quad holds the physical columns 8b..8b+7 (one 32-bit
+  word of codes, one block scale), and its wgmma register a pairs the codes a and a + 4, which
+  lie 16 bits apart, so that one shift and mask per field decodes both halves."""
+  *lead, k = a.shape
+  return jnp.moveaxis(a.reshape(*lead, k // 32, 4, 2, 4), -1, -3).reshape(*lead, k)
+
+
+def k_permutation(k: int) -> np.ndarray:
+  """int[k]: the physical column at each logical position of `permute_k` (k % 32 == 0)."""
+  return np.moveaxis(np.arange(k).reshape(k // 32, 4, 2, 4), -1, -3).reshape(k)
+
+
+def _e4m3_to_scaled_bf16(b, i32):
+  """i8 e4m3 bits (MLIR value) -> i16 bits of bf16(s * 2^119), exact: normal codes move
+  their exponent and mantissa up and rebias the exponent (e - 7 + 119 + 127 = e + 239 <= 254);
+  subnormal ones (e == 0: m * 2^-9) go through f32 (m * 2^110). NaN codes come out finite."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  c = lambda v: arith.constant(i32, v)
+  f32 = ir.F32Type.get()
+  b = arith.extui(i32, b)
+  normal = arith.addi(arith.shli(arith.andi(b, c(0x7F)), c(4)), c(239 << 7))
+  m = arith.uitofp(f32, arith.andi(b, c(7)))
+  sub = arith.shrui(mgpu_utils.bitcast(arith.mulf(m, arith.constant(f32, 2.0 ** 110)), i32),
+                    c(16))
+  is_sub = arith.cmpi(arith.CmpIPredicate.eq, arith.andi(b, c(0x78)), c(0))
+  mag = arith.select(is_sub, sub, normal)
+  bits = arith.ori(mag, arith.shli(arith.andi(b, c(0x80)), c(8)))
+  return arith.trunci(ir.IntegerType.get_signless(16), bits)
+
+
+def _decode_perm(w4_upcast, ws_ref, e4m3_scales: bool = False):
+  """int4 [tile_n, tile_k] in the WGMMA_UPCAST_4X layout (a thread's 8 consecutive codes of
+  a row in one 32-bit word) -> bf16 wgmma A operand over the `permute_k` columns, decoded in
+  place: no shuffles, one block scale per word. Scales: bf16 [tile_k/16, tile_n] ref, or with
+  e4m3_scales the stored bytes [tile_n, tile_k/16]."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, memref, vector
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+  rows, cols = w4_upcast.shape
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA_UPCAST_4X, plgpu.RefType()),
+      return_type=plgpu.ShapeDtypeStruct((rows, cols), jnp.bfloat16, layout=plgpu.Layout.WGMMA))
+  def decode(_, w, s_ref):
+    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+    v2bf16 = ir.VectorType.get((2,), ir.BF16Type.get())
+    c = lambda v: arith.constant(i32, v)
+    sign_mask, mag_mask = c(0x80008000 - (1 << 32)), c(0x01C001C0)
+    sixteen = arith.constant(index, 16)
+
+    def shift(x, n):  # logical shift by n (left if n > 0)
+      if n > 0:
+        return arith.shli(x, c(n))
+      return arith.shrui(x, c(-n)) if n < 0 else x
+
+    regs = w.registers
+    # register (i, t, 0, 0, h, ...) holds row 64i + 16 warp + 8h + lane/4, columns
+    # 32t + 8 (lane % 4) + 0..7 (code e in bits 4e+3..4e): block scale (32t + 8 (lane % 4)) / 16.
+    assert regs.shape[:2] == (rows // 64, cols // 32) and regs.shape[4] == 2, regs.shape
+    assert all(d == 1 for d in regs.shape[2:4] + regs.shape[5:]), regs.shape
+    out = np.empty((rows // 64, cols // 8) + regs.shape[2:], dtype=object)
+    for (row, col), reg_idx in zip(w.layout.thread_idxs(w.shape), np.ndindex(regs.shape)):
+      blk = arith.divui(col, sixteen)
+      if e4m3_scales:
+        s = mgpu_utils.bitcast(_e4m3_to_scaled_bf16(memref.load(s_ref, [row, blk]), i32),
+                               ir.BF16Type.get())
+      else:
+        s = memref.load(s_ref, [blk, row])
+      s2 = vector.broadcast(v2bf16, s)
+      word = mgpu_utils.bitcast(regs[reg_idx], i32)
+      for a in range(4):
+        # codes a (bits 4a+3..4a) and a+4 (16 bits up) -> bf16 halves: sign to bit 15 / 31,
+        # magnitude to bits 8..6 / 24..22, i.e. e2m1 * 2^-126 (see _decode_bits)
+        bits = arith.ori(arith.andi(shift(word, 12 - 4 * a), sign_mask),
+                         arith.andi(shift(word, 6 - 4 * a), mag_mask))
+        out_idx = (reg_idx[0], 4 * reg_idx[1] + a) + reg_idx[2:]
+        out[out_idx] = arith.mulf(mgpu_utils.bitcast(bits, v2bf16), s2)
+    return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+  return decode(w4_upcast, ws_ref)
+
+
 def _decode_int4(w4_wgmma, ws_ref):
   """Fallback: Mosaic's int4 -> bf16, then e2m1(v) from the integer v = code - 16 sign by
   bf16 arithmetic, scaled per 16 columns."""
@@ -256,6 +381,7 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
   num_slots = min(2, n_epi)
   interp = interpret is not None
   n_scale = tile_k // 16
+  e4m3 = cfg.e4m3_scales
 
   def nvfp4_matmul_kernel(x_g, w_g, ws_g, cs_g, bias_g, out_g):
     def get_pipeline(body, ctx):
@@ -266,6 +392,8 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
                               memory_space=plgpu.SMEM),
               plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=w_tr,
                               memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((cta_n, n_scale), lambda kk: (0, kk), memory_space=plgpu.SMEM)
+              if e4m3 else
               plgpu.BlockSpec((n_scale, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
           ],
           wg_axis="wg", num_compute_wgs=2,
@@ -347,7 +475,8 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
         def mma(_, x_s, w_s, ws_s, acc_ref):
           ns = pl.ds(wg * tile_n, tile_n)
           if interp:
-            wdec_smem[wg] = _decoded_values_jnp(w_s[ns], ws_s[:, ns], cfg.decode)
+            wdec = _decoded_values_jnp(w_s[ns], ws_s[ns] if e4m3 else ws_s[:, ns], cfg.decode)
+            wdec_smem[wg] = permute_k(wdec) if cfg.decode == "perm" else wdec
             plgpu.commit_smem()
             plgpu.wgmma(acc_ref, wdec_smem.at[wg], x_s.T)
           else:
@@ -355,9 +484,12 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
             if pingpong:
               pl.when(wg == 0)(schedule)
             w4 = plgpu.load(w_s.at[ns], layout=plgpu.Layout.WGMMA_UPCAST_4X)
-            w4 = plgpu.layout_cast(w4, plgpu.Layout.WGMMA)
-            decode = _decode_bits if cfg.decode == "bits" else _decode_int4
-            wv = decode(w4, ws_s.at[:, ns])
+            if cfg.decode == "perm":
+              wv = _decode_perm(w4, ws_s.at[ns] if e4m3 else ws_s.at[:, ns], e4m3)
+            else:
+              w4 = plgpu.layout_cast(w4, plgpu.Layout.WGMMA)
+              decode = _decode_bits if cfg.decode == "bits" else _decode_int4
+              wv = decode(w4, ws_s.at[:, ns])
             if pingpong:
               schedule()
             plgpu.wgmma(acc_ref, wv, x_s.T)
@@ -369,6 +501,8 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
         get_pipeline(mma, ctx)(
             x_g.at[pl.ds(m0, tile_m), k_slice],
             w_g.at[pl.ds(ni * cta_n, cta_n), k_slice],
+            ws_g.at[pl.ds(ni * cta_n, cta_n), pl.ds(split * (k_per_split // 16), k_per_split // 16)]
+            if e4m3 else
             ws_g.at[pl.ds(split * (k_per_split // 16), k_per_split // 16), pl.ds(ni * cta_n, cta_n)],
             allocations=allocs)
 
@@ -385,26 +519,31 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
 
 def nvfp4_matmul(x: jax.Array, w4: jax.Array, ws: jax.Array, col_scale: jax.Array,
                  bias: jax.Array | None = None, *, config: NVFP4MatmulConfig | None = None,
-                 interpret=None, sms: int | None = None) -> jax.Array:
+                 interpret=None, sms: int | None = None, x_permuted: bool = False) -> jax.Array:
   """x bf16[M, K], (w4 int4[N, K], ws bf16[K/16, N]) from `weight_operands` (with the same
   `decode`), col_scale f32[N] (tensor scales x the operands' gain), bias f32[N] | None.
+  x_permuted: x is already `permute_k(x)` (only with the "perm" decode).
 
   Returns bf16[M, N] = (x @ wv.T) * col_scale + bias. interpret: plgpu.InterpretGPUParams.
   """
   m, k = x.shape
   n = w4.shape[0]
   cfg = config or pick_config(m, n, k, sms)
-  _check(x, w4, cfg)
+  _check(x, w4, ws, cfg)
+  if x_permuted and cfg.decode != "perm":
+    raise ValueError(f"nvfp4_matmul: x_permuted needs the 'perm' decode, got {cfg.decode!r}")
   sms = sms or num_sms()
   col_scale = jnp.broadcast_to(jnp.asarray(col_scale, jnp.float32).reshape(-1), (n,))
   bias = jnp.zeros((n,), jnp.float32) if bias is None else bias.reshape(n).astype(jnp.float32)
   # TMA stores of the swizzled output tiles need M % 8 == 0; split-K partials (small M) are
   # stored along M in 32-row chunks: pad M to whole tiles there. Pad, then slice.
   align = cfg.tile_m if cfg.k_splits > 1 else 8
+  if cfg.decode == "perm" and not x_permuted:  # the kernel's K order (one XLA copy of x, or
+    x, x_permuted = permute_k(x), True       # fused into its producer)
   if m % align:
     xp = jnp.pad(x, ((0, -m % align), (0, 0)))
     return nvfp4_matmul(xp, w4, ws, col_scale, bias, config=cfg, interpret=interpret,
-                        sms=sms)[:m]
+                        sms=sms, x_permuted=x_permuted)[:m]
   if cfg.k_splits > 1:
     parts = _kernel_call(x, w4, ws, col_scale, bias, cfg, True, interpret, sms)
     acc = parts.sum(axis=0).T
@@ -412,7 +551,7 @@ def nvfp4_matmul(x: jax.Array, w4: jax.Array, ws: jax.Array, col_scale: jax.Arra
   return _kernel_call(x, w4, ws, col_scale, bias, cfg, False, interpret, sms)
 
 
-def reference(x, w4, ws, col_scale, bias=None, decode: str = "bits"):
+def reference(x, w4, ws, col_scale, bias=None, decode: str = "perm"):
   """The same function in plain jnp (XLA's bf16 dot with f32 accumulation)."""
   wv = _decoded_values_jnp(w4, ws, decode)
   acc = lax.dot_general(x.astype(jnp.bfloat16), wv, (((1,), (1,)), ((), ())),

@@ -58,10 +58,11 @@ class NVFP4QuantConfig:
   e2m1_bits: bool = True
 
 
-def rotate(x: jax.Array, hadamard_block: int) -> jax.Array:
-  """The online Hadamard half in f32 (identity when hadamard_block == 0)."""
+def rotate(x: jax.Array, hadamard_block: int, out_perm=None) -> jax.Array:
+  """The online Hadamard half in f32 (identity when hadamard_block == 0); out_perm: see
+  int8_quant.hadamard_tc."""
   if hadamard_block:
-    return int8_quant.hadamard_tc(x, hadamard_block)
+    return int8_quant.hadamard_tc(x, hadamard_block, out_perm)
   return x.astype(jnp.float32)
 
 

@@ -125,21 +125,28 @@ def weight_bf16(layer) -> jax.Array:
     return jax.lax.bitcast_convert_type(pair, jnp.bfloat16).reshape(layer.weight.shape)
 
 
-def _nvfp4_matmul(xv: jax.Array, layer, act_scale) -> jax.Array:
+def _nvfp4_matmul(xv: jax.Array, layer, act_scale, x_permuted: bool = False) -> jax.Array:
   scale = act_scale * layer.weight.global_scale
   if xv.shape[0] >= DEQUANT_MIN_ROWS:
     return w8a8.bf16_matmul(xv, weight_bf16(layer), scale, layer.bias,
                             interpret=interpret_params())
-  w4, ws, gain = nvmm.weight_operands(layer.weight)
-  return nvmm.nvfp4_matmul(xv, w4, ws, scale * gain, layer.bias, interpret=interpret_params())
+  cfg = nvmm.pick_config(xv.shape[0], layer.out_features, xv.shape[1])
+  w4, ws, gain = nvmm.weight_operands(layer.weight, cfg.decode, cfg.e4m3_scales)
+  return nvmm.nvfp4_matmul(xv, w4, ws, scale * gain, layer.bias, config=cfg,
+                           interpret=interpret_params(), x_permuted=x_permuted)
 
 
 def w4a16(x: jax.Array, layer) -> jax.Array:
   """x[M, K] -> bf16[M, N], matching qlinear_xla.w4a16."""
   if not _nvfp4_ok(x, layer):
     return qlinear_xla.w4a16(x, layer)
-  xr = nvfp4_quant.rotate(x, layer.hadamard_block).astype(jnp.bfloat16)
-  return _nvfp4_matmul(xr, layer, jnp.float32(1))
+  hb, m, k = layer.hadamard_block, *x.shape
+  # the register-decode kernel's K order (nvfp4_matmul.permute_k, within 32 columns) folded
+  # into the rotation's columns, instead of a copy of x
+  fold = (m < DEQUANT_MIN_ROWS and hb % 32 == 0 and hb > 0
+          and nvmm.pick_config(m, layer.out_features, k).decode == "perm")
+  xr = nvfp4_quant.rotate(x, hb, nvmm.k_permutation(hb) if fold else None)
+  return _nvfp4_matmul(xr.astype(jnp.bfloat16), layer, jnp.float32(1), x_permuted=fold)
 
 
 def w4a4(x: jax.Array, layer) -> jax.Array:

@@ -24,12 +24,12 @@ SMALL = nm.NVFP4MatmulConfig(tile_m=64, tile_k=64, max_concurrent_steps=2, epi_t
 SMALL_M = nm.pick_config(48, 128, 1024, sms=2)
 
 
-def problem(rng, m, n, k, decode="bits"):
+def problem(rng, m, n, k, decode="perm", e4m3_scales=False):
   w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.1, 3, (n, 1))
   t = formats.quantize_nvfp4(jnp.asarray(w))
   x = jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.5, 2, (m, 1)), jnp.bfloat16)
   bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
-  w4, ws, gain = nm.weight_operands(t, decode)
+  w4, ws, gain = nm.weight_operands(t, decode, e4m3_scales)
   return x, t, w4, ws, t.global_scale * gain, bias
 
 
@@ -38,7 +38,7 @@ def float64_product(x, t, bias):
   return np.asarray(x, np.float64) @ wv.T + np.asarray(bias, np.float64)
 
 
-@pytest.mark.parametrize("decode", ["bits", "int4"])
+@pytest.mark.parametrize("decode", ["perm", "bits", "int4"])
 def test_weight_operands_decode_to_block_values(rng, decode):
   _, t, w4, ws, gain, _ = problem(rng, 8, 32, 64, decode)
   got = np.asarray(nm._decoded_values_jnp(w4, ws, decode), np.float64) * float(gain / t.global_scale)
@@ -58,17 +58,64 @@ def test_bit_decode_formula_matches_e2m1():
   np.testing.assert_array_equal(half(bits >> 16), table[b >> 4])
 
 
+def test_perm_decode_formula_matches_e2m1(rng):
+  """The "perm" decode, replayed in numpy: register a of a 32-bit word of 8 codes holds codes
+  a (low half) and a + 4 (high half), on every pair of those codes and random other codes."""
+  import ml_dtypes
+  table = np.asarray(formats.e2m1_decode(jnp.arange(16, dtype=jnp.uint8)), np.float64)
+  half = lambda v: v.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64) * 2.0 ** 126
+  shift = lambda v, n: (v << np.uint32(n)) if n >= 0 else (v >> np.uint32(-n))
+  lo, hi = np.meshgrid(np.arange(16, dtype=np.uint32), np.arange(16, dtype=np.uint32))
+  lo, hi = lo.ravel(), hi.ravel()
+  for a in range(4):
+    word = rng.integers(0, 2 ** 32, lo.size, dtype=np.uint64).astype(np.uint32)
+    word &= ~np.uint32((0xF << 4 * a) | (0xF << 4 * (a + 4)))
+    word |= (lo << np.uint32(4 * a)) | (hi << np.uint32(4 * (a + 4)))
+    bits = (shift(word, 12 - 4 * a) & np.uint32(0x80008000)) | (
+        shift(word, 6 - 4 * a) & np.uint32(0x01C001C0))
+    np.testing.assert_array_equal(half(bits & np.uint32(0xFFFF)), table[lo])
+    np.testing.assert_array_equal(half(bits >> np.uint32(16)), table[hi])
+
+
+def test_e4m3_scale_conversion_formula():
+  """The in-kernel e4m3 -> bf16(s * 2^119) conversion (e4m3_scales), replayed in numpy on
+  every non-NaN byte: normal codes by exponent rebias, subnormal ones through f32."""
+  import ml_dtypes
+  b = np.arange(256, dtype=np.uint32)
+  b = b[(b & 0x7F) != 0x7F]
+  normal = ((b & 0x7F) << 4) + (239 << 7)
+  sub = ((b & 7).astype(np.float32) * np.float32(2.0 ** 110)).view(np.uint32) >> 16
+  bits = np.where((b & 0x78) == 0, sub, normal) | ((b & 0x80) << 8)
+  got = bits.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
+  want = b.astype(np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64) * 2.0 ** 119
+  np.testing.assert_array_equal(got, want)
+
+
+def test_permute_k_is_the_registers_column_order():
+  """Logical column 32t + 8a + 2b + e holds physical column 32t + 8b + 4e + a."""
+  k = 96
+  got = np.asarray(nm.permute_k(jnp.arange(k)[None]))[0]
+  t, a, b, e = np.meshgrid(np.arange(k // 32), np.arange(4), np.arange(4), np.arange(2),
+                           indexing="ij")
+  np.testing.assert_array_equal(got[(32 * t + 8 * a + 2 * b + e).ravel()],
+                                (32 * t + 8 * b + 4 * e + a).ravel())
+  assert sorted(got) == list(range(k))
+  np.testing.assert_array_equal(nm.k_permutation(k), got)
+
+
 @pytest.mark.parametrize("cfg,shape", [
     (SMALL, (96, 128, 128)),                                        # ragged M tile
     (dataclasses.replace(SMALL, k_splits=2), (40, 128, 256)),       # split-K, M % 8 != 0
     (dataclasses.replace(SMALL, decode="int4"), (64, 256, 128)),
+    (dataclasses.replace(SMALL, decode="bits"), (64, 128, 128)),   # the relayout decode
     (SMALL_M, (48, 128, 1024)),                                     # small M: split-K, 256-wide K
-], ids=["raggedM", "splitK", "int4decode", "smallM"])
+    (dataclasses.replace(SMALL_M, e4m3_scales=True), (48, 128, 1024)),  # scales as stored
+], ids=["raggedM", "splitK", "int4decode", "bitsdecode", "smallM", "smallM-e4m3scales"])
 def test_kernel_matches_reference_and_float64(rng, cfg, shape):
   m, n, k = shape
-  if cfg is SMALL_M:  # two splits of two 256-wide steps
+  if cfg.tile_k == 256:  # the small-M config: two splits of two 256-wide steps
     assert (cfg.k_splits, cfg.tile_k) == (2, 256), cfg
-  x, t, w4, ws, cs, bias = problem(rng, m, n, k, cfg.decode)
+  x, t, w4, ws, cs, bias = problem(rng, m, n, k, cfg.decode, cfg.e4m3_scales)
   got = nm.nvfp4_matmul(x, w4, ws, cs, bias, config=cfg, interpret=qlinear_mosaic.interpret_params())
   assert got.shape == (m, n) and got.dtype == jnp.bfloat16
   want = nm.reference(x, w4, ws, cs, bias, decode=cfg.decode)
@@ -86,6 +133,15 @@ def test_bad_inputs_are_rejected(rng):
     nm.nvfp4_matmul(x, w4[:64], ws[:, :64], cs, config=SMALL)
   with pytest.raises(ValueError, match="bf16"):
     nm.nvfp4_matmul(x.astype(jnp.float32), w4, ws, cs, config=SMALL)
+  with pytest.raises(ValueError, match="x_permuted"):
+    nm.nvfp4_matmul(x, w4, ws, cs, config=dataclasses.replace(SMALL, decode="bits"),
+                    x_permuted=True)
+  with pytest.raises(ValueError, match="block scales"):
+    nm.nvfp4_matmul(x, w4, ws.T, cs, config=SMALL)
+  with pytest.raises(ValueError, match="e4m3_scales needs"):
+    nm.nvfp4_matmul(x, w4, ws, cs, config=dataclasses.replace(SMALL, e4m3_scales=True))
+  with pytest.raises(ValueError, match="decode must be"):
+    nm.nvfp4_matmul(x, w4, ws, cs, config=dataclasses.replace(SMALL, decode="nibbles"))
 
 
 @pytest.mark.parametrize("block", [0, 128])
@@ -117,13 +173,18 @@ def test_qdq_equals_decoded_packed_codes(rng, block, path):
 
 @pytest.mark.parametrize("mode", [Mode.NVFP4, Mode.BF16])
 @pytest.mark.parametrize("hadamard", [True, False])
-@pytest.mark.parametrize("path", ["register-decode", "dequant"])
+@pytest.mark.parametrize("path", ["register-decode", "e4m3-scales", "dequant"])
 def test_mosaic_qlinear_matches_xla_on_cpu(rng, monkeypatch, mode, hadamard, path):
   """MOSAIC.w4a4 / w4a16 (QDQ + kernel) against qlinear_xla computed on the host CPU, on both
-  weight paths: the in-register decode, and (from DEQUANT_MIN_ROWS rows, lowered here to 64)
-  the bf16 decode + bf16 GEMM.
+  weight paths: the in-register decode (with bf16 or stored e4m3 block scales), and (from
+  DEQUANT_MIN_ROWS rows, lowered here to 64) the bf16 decode + bf16 GEMM.
   (M = 64: Mosaic GPU's interpreter sometimes stalls on partial 128-row tiles.)"""
   m, k, n = 64, 256, 128
+  if path == "e4m3-scales":  # 256-wide K steps need K >= 1024 here (two splits of two steps)
+    k = 1024
+    monkeypatch.setattr(nm, "SMALL_M_E4M3_SCALES", True)
+    monkeypatch.setattr(nm, "num_sms", lambda: 2)
+    assert nm.pick_config(m, n, k).e4m3_scales
   if path == "dequant":
     monkeypatch.setattr(qlinear_mosaic, "DEQUANT_MIN_ROWS", m)
     calls = []
@@ -167,12 +228,15 @@ def test_qdq_nonfinite_input_poisons_the_scale(rng):
 # ------------------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("decode", ["bits", "int4"])
+@pytest.mark.parametrize("decode", ["perm", "bits", "int4", "perm-e4m3"])
 @pytest.mark.parametrize("m,k,n", [(2048, 1920, 1920), (35552 // 8, 3072, 1536), (64, 1920, 7680),
                                    (16, 3072, 3072), (64, 3072, 12288)])
 def test_gpu_kernel_real_shapes(rng, decode, m, k, n):
-  x, t, w4, ws, cs, bias = problem(rng, m, n, k, decode)
-  cfg = dataclasses.replace(nm.pick_config(m, n, k), decode=decode)
+  decode, e4m3 = decode.split("-")[0], decode.endswith("-e4m3")
+  cfg = dataclasses.replace(nm.pick_config(m, n, k), decode=decode, e4m3_scales=e4m3)
+  if e4m3 and cfg.tile_k < 256:
+    pytest.skip("e4m3 scales need 256-wide K steps (the small-M configs)")
+  x, t, w4, ws, cs, bias = problem(rng, m, n, k, decode, e4m3)
   got = nm.nvfp4_matmul(x, w4, ws, cs, bias, config=cfg)
   want = nm.reference(x, w4, ws, cs, bias, decode=decode)
   assert rel_err(got, want) <= 2e-3

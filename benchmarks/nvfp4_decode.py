@@ -1,0 +1,74 @@
+"""The NVFP4 kernel's decode variants side by side (issue 7), and the W4A16 / W4A4 paths' parts.
+
+  PYTHONPATH=. python3 benchmarks/nvfp4_decode.py   (env: OUT=dir for the JSON, ONLY=MxKxN,...)
+
+Per shape, CUPTI device time (benchmarks.kernels.time_fn) of: XLA's bf16 dot (the baseline);
+the kernel with the "perm" decode (default), the "bits" decode, and at small M the stored e4m3
+block scales, other K steps and split-K; the per-call pre-passes (weight_operands, rotation);
+MOSAIC.w4a16 / w4a4 end to end (also with e4m3 scales), and the rotation + kernel without the
+K permutation folded into it. Errors are relative to nvfp4_matmul.reference.
+Writes $OUT/nvfp4_decode.json with device, JAX version, date and command.
+"""
+import dataclasses, json, os, sys, datetime
+import jax, jax.numpy as jnp
+sys.path.insert(0, ".")
+from benchmarks.kernels import time_fn, make_problem, bf16_dot
+from mpqjax.testing import rel_err
+from pallas_kernels import nvfp4_matmul as nm, nvfp4_quant, qlinear_mosaic
+out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+       "command": "PYTHONPATH=. python3 benchmarks/nvfp4_decode.py "
+                  + (f"(ONLY={os.environ['ONLY']})" if os.environ.get("ONLY") else ""),
+       "rows": []}
+shapes = [(64, 3072, 12288), (64, 3072, 3072), (64, 1920, 7680), (64, 12288, 3072),
+          (256, 3072, 12288), (2048, 1920, 1920), (64, 1920, 1920), (64, 7680, 1920),
+          (16, 3072, 12288), (256, 1920, 7680), (2048, 3072, 12288), (8192, 8192, 8192)]
+only = os.environ.get("ONLY")
+for (m, k, n) in shapes:
+  if only and f"{m}x{k}x{n}" not in only.split(","): continue
+  probs = [make_problem(m, k, n, s) for s in range(3 if m * k < 1e8 else 2)]
+  row = {"m": m, "k": k, "n": n, "us": {}, "err": {}}
+  def bench(key, fn, pick, ref=None):
+    try:
+      sets = [pick(p) for p in probs]
+      o = jax.jit(fn)(*sets[0])
+      if ref is not None: row["err"][key] = rel_err(o, ref)
+      row["us"][key] = time_fn(fn, sets) * 1e3
+      print(f"{m}x{k}x{n} {key:40s} {row['us'][key]:9.2f} us err={row['err'].get(key,'-')}", flush=True)
+    except Exception as e:
+      row["err"][key] = f"{type(e).__name__}: {str(e)[:300]}"; print(key, "FAILED", row["err"][key], flush=True)
+  for p in probs:
+    w4, ws, g = nm.weight_operands(p["layer"].weight)
+    p["w4"], p["ws"], p["cs"] = w4, ws, p["layer"].weight.global_scale * g
+  pick = lambda p: (p["x"], p["w4"], p["ws"], p["cs"], p["bias"])
+  ref = jax.jit(nm.reference)(*pick(probs[0]))
+  bench("xla_bf16", bf16_dot, lambda p: (p["x"], p["w_bf16"]))
+  base = nm.pick_config(m, n, k)
+  cfgs = {"perm": base, "bits": dataclasses.replace(base, decode="bits")}
+  if m <= 128:
+    for tk, st in ((512, 2), (128, 6)):
+      c = dataclasses.replace(base, tile_k=tk, max_concurrent_steps=st)
+      if nm.supported(m, n, k, c) and (k // c.k_splits) // tk >= 2: cfgs[f"perm_k{tk}s{st}"] = c
+    if base.k_splits > 1:
+      cfgs["perm_ks_half"] = dataclasses.replace(base, k_splits=base.k_splits // 2)
+  if base.tile_k >= 256:
+    for p in probs: p["ws8"] = nm.weight_operands(p["layer"].weight, e4m3_scales=True)[1]
+    c8 = dataclasses.replace(base, e4m3_scales=True)
+    bench("kernel[perm_e4m3]", lambda x, w4, ws, cs, b: nm.nvfp4_matmul(x, w4, ws, cs, b, config=c8),
+          lambda p: (p["x"], p["w4"], p["ws8"], p["cs"], p["bias"]), ref)
+  for name, c in cfgs.items():
+    bench(f"kernel[{name}]", lambda x, w4, ws, cs, b, c=c: nm.nvfp4_matmul(x, w4, ws, cs, b, config=c), pick, ref)
+  if m <= 2048:
+    bench("weight_operands", lambda t: nm.weight_operands(t)[:2], lambda p: (p["layer"].weight,))
+    bench("rotate_bf16", lambda x: nvfp4_quant.rotate(x, 128).astype(jnp.bfloat16), lambda p: (p["x"],))
+    bench("mosaic_w4a16", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]))
+    bench("w4a16_unfolded", lambda x, w4, ws, cs, b: nm.nvfp4_matmul(nvfp4_quant.rotate(x, 128).astype(jnp.bfloat16), w4, ws, cs, b), pick)
+    bench("mosaic_w4a4", qlinear_mosaic.w4a4, lambda p: (p["x"], p["layer"]))
+    if m <= 128:
+      nm.SMALL_M_E4M3_SCALES = True
+      bench("mosaic_w4a16[e4m3]", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]))
+      bench("mosaic_w4a4[e4m3]", qlinear_mosaic.w4a4, lambda p: (p["x"], p["layer"]))
+      nm.SMALL_M_E4M3_SCALES = False
+  out["rows"].append(row)
+  with open(os.path.join(os.environ.get("OUT", "/tmp"), "nvfp4_decode.json"), "w") as f:
+    json.dump(out, f, indent=1)
