@@ -5,8 +5,8 @@
 Per shape, CUPTI device time (benchmarks.kernels.time_fn) of: XLA's bf16 dot (the baseline);
 the kernel with the "perm" decode (default), the "bits" decode, and at small M the stored e4m3
 block scales, other K steps and split-K; the per-call pre-passes (weight_operands, rotation);
-MOSAIC.w4a16 / w4a4 end to end (also with e4m3 scales), and the rotation + kernel without the
-K permutation folded into it. Errors are relative to nvfp4_matmul.reference.
+MOSAIC.w4a16 / w4a4 end to end with the "perm" decode (also with e4m3 scales; w4a16 also with
+"bits"), and the rotation + kernel without the K permutation folded into it. Errors are relative to nvfp4_matmul.reference.
 Writes $OUT/nvfp4_decode.json with device, JAX version, date and command.
 """
 import dataclasses, json, os, sys, datetime
@@ -43,6 +43,7 @@ for (m, k, n) in shapes:
   pick = lambda p: (p["x"], p["w4"], p["ws"], p["cs"], p["bias"])
   ref = jax.jit(nm.reference)(*pick(probs[0]))
   bench("xla_bf16", bf16_dot, lambda p: (p["x"], p["w_bf16"]))
+  nm.DEFAULT_DECODE = "perm"  # the variant under test; "bits" timed beside it
   base = nm.pick_config(m, n, k)
   cfgs = {"perm": base, "bits": dataclasses.replace(base, decode="bits")}
   if m <= 128:
@@ -61,6 +62,9 @@ for (m, k, n) in shapes:
   if m <= 2048:
     bench("weight_operands", lambda t: nm.weight_operands(t)[:2], lambda p: (p["layer"].weight,))
     bench("rotate_bf16", lambda x: nvfp4_quant.rotate(x, 128).astype(jnp.bfloat16), lambda p: (p["x"],))
+    nm.DEFAULT_DECODE = "bits"
+    bench("mosaic_w4a16[bits]", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]))
+    nm.DEFAULT_DECODE = "perm"
     bench("mosaic_w4a16", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]))
     bench("w4a16_unfolded", lambda x, w4, ws, cs, b: nm.nvfp4_matmul(nvfp4_quant.rotate(x, 128).astype(jnp.bfloat16), w4, ws, cs, b), pick)
     bench("mosaic_w4a4", qlinear_mosaic.w4a4, lambda p: (p["x"], p["layer"]))

@@ -107,10 +107,10 @@ def test_permute_k_is_the_registers_column_order():
     (SMALL, (96, 128, 128)),                                        # ragged M tile
     (dataclasses.replace(SMALL, k_splits=2), (40, 128, 256)),       # split-K, M % 8 != 0
     (dataclasses.replace(SMALL, decode="int4"), (64, 256, 128)),
-    (dataclasses.replace(SMALL, decode="bits"), (64, 128, 128)),   # the relayout decode
+    (dataclasses.replace(SMALL, decode="perm"), (96, 128, 128)),   # codes decoded in place
     (SMALL_M, (48, 128, 1024)),                                     # small M: split-K, 256-wide K
-    (dataclasses.replace(SMALL_M, e4m3_scales=True), (48, 128, 1024)),  # scales as stored
-], ids=["raggedM", "splitK", "int4decode", "bitsdecode", "smallM", "smallM-e4m3scales"])
+    (dataclasses.replace(SMALL_M, decode="perm", e4m3_scales=True), (48, 128, 1024)),
+], ids=["raggedM", "splitK", "int4decode", "permdecode", "smallM", "smallM-perm-e4m3scales"])
 def test_kernel_matches_reference_and_float64(rng, cfg, shape):
   m, n, k = shape
   if cfg.tile_k == 256:  # the small-M config: two splits of two 256-wide steps
@@ -173,14 +173,18 @@ def test_qdq_equals_decoded_packed_codes(rng, block, path):
 
 @pytest.mark.parametrize("mode", [Mode.NVFP4, Mode.BF16])
 @pytest.mark.parametrize("hadamard", [True, False])
-@pytest.mark.parametrize("path", ["register-decode", "e4m3-scales", "dequant"])
+@pytest.mark.parametrize("path", ["register-decode", "perm-decode", "perm-e4m3-scales",
+                                  "dequant"])
 def test_mosaic_qlinear_matches_xla_on_cpu(rng, monkeypatch, mode, hadamard, path):
   """MOSAIC.w4a4 / w4a16 (QDQ + kernel) against qlinear_xla computed on the host CPU, on both
-  weight paths: the in-register decode (with bf16 or stored e4m3 block scales), and (from
-  DEQUANT_MIN_ROWS rows, lowered here to 64) the bf16 decode + bf16 GEMM.
+  weight paths: the in-register decode ("bits", or "perm" with the K order folded into the
+  rotation, also with stored e4m3 block scales), and (from DEQUANT_MIN_ROWS rows, lowered
+  here to 64) the bf16 decode + bf16 GEMM.
   (M = 64: Mosaic GPU's interpreter sometimes stalls on partial 128-row tiles.)"""
   m, k, n = 64, 256, 128
-  if path == "e4m3-scales":  # 256-wide K steps need K >= 1024 here (two splits of two steps)
+  if path.startswith("perm"):
+    monkeypatch.setattr(nm, "DEFAULT_DECODE", "perm")
+  if path == "perm-e4m3-scales":  # 256-wide K steps need K >= 1024 here (2 splits of 2 steps)
     k = 1024
     monkeypatch.setattr(nm, "SMALL_M_E4M3_SCALES", True)
     monkeypatch.setattr(nm, "num_sms", lambda: 2)
