@@ -265,12 +265,13 @@ def permute_k(a: jax.Array) -> jax.Array:
   word of codes, one block scale), and its wgmma register a pairs the codes a and a + 4, which
   lie 16 bits apart, so that one shift and mask per field decodes both halves."""
   *lead, k = a.shape
-  return jnp.moveaxis(a.reshape(*lead, k // 32, 4, 2, 4), -1, -3).reshape(*lead, k)
+  xp = np if isinstance(a, np.ndarray) else jnp  # numpy stays numpy (k_permutation, traced code)
+  return xp.moveaxis(a.reshape(*lead, k // 32, 4, 2, 4), -1, -3).reshape(*lead, k)
 
 
 def k_permutation(k: int) -> np.ndarray:
   """int[k]: the physical column at each logical position of `permute_k` (k % 32 == 0)."""
-  return np.moveaxis(np.arange(k).reshape(k // 32, 4, 2, 4), -1, -3).reshape(k)
+  return permute_k(np.arange(k))
 
 
 def _e4m3_to_scaled_bf16(b, i32):
