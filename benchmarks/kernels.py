@@ -157,11 +157,12 @@ def nvfp4_configs(m: int, n: int, k: int, tune: bool):
   # run 1 (NOTES.md) also timed tile_k 128 x 3 stages and 6 stages (shared memory overflow),
   # grid minor M (same), tile_m 128 (0.74x the default) and the int4 decode (0.55x); run 2:
   # ping-pong (0.90x the default); run 8 and session 6: an SMEM decode (0.91x, removed)
-  # session 10: the "perm" decode (default) against the relayout decode before it ("bits")
+  # session 10: the "perm" decode (codes decoded in place) against the relayout ("bits")
+  other = rep(decode="bits" if base.decode == "perm" else "perm")
   if m > 128:
-    c = [base, rep(decode="bits"), rep(pingpong=not base.pingpong)]
+    c = [base, other, rep(pingpong=not base.pingpong)]
   else:  # and the 64-wide K steps of the small-M default before session 8
-    c = [base, rep(decode="bits"), rep(k_splits=max(1, base.k_splits // 2)),
+    c = [base, other, rep(k_splits=max(1, base.k_splits // 2)),
          rep(pingpong=not base.pingpong), rep(tile_k=64, max_concurrent_steps=6)]
   out = []
   for x in c:
