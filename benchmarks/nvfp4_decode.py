@@ -3,10 +3,11 @@
   PYTHONPATH=. python3 benchmarks/nvfp4_decode.py   (env: OUT=dir for the JSON, ONLY=MxKxN,...)
 
 Per shape, CUPTI device time (benchmarks.kernels.time_fn) of: XLA's bf16 dot (the baseline);
-the kernel with the "perm" decode (default), the "bits" decode, and at small M the stored e4m3
-block scales, other K steps and split-K; the per-call pre-passes (weight_operands, rotation);
-MOSAIC.w4a16 / w4a4 end to end with the "perm" decode (also with e4m3 scales; w4a16 also with
-"bits"), and the rotation + kernel without the K permutation folded into it. Errors are relative to nvfp4_matmul.reference.
+pick_config's kernel with the "perm" decode, the same with "bits" (the default), and at small
+M the stored e4m3 block scales, other K steps and split-K; the per-call pre-passes
+(weight_operands, rotation); MOSAIC.w4a16 / w4a4 end to end with the "perm" decode (also with
+e4m3 scales; w4a16 also with "bits"), and the rotation + kernel without the K permutation
+folded into it. Errors are relative to nvfp4_matmul.reference.
 Writes $OUT/nvfp4_decode.json with device, JAX version, date and command.
 """
 import dataclasses, json, os, sys, datetime

@@ -174,7 +174,7 @@ DECODES = ("perm", "bits", "int4")
 
 
 # ------------------------------------------------------------------------------ operands
-def weight_operands(t: formats.NVFP4Tensor, decode: str = "perm", e4m3_scales: bool = False):
+def weight_operands(t: formats.NVFP4Tensor, decode: str = "bits", e4m3_scales: bool = False):
   """NVFP4Tensor [N, K] -> (codes int4[N, K], block scales bf16[K/16, N], gain f32).
 
   The int4 view reinterprets the packed bytes (element 2i = low nibble, as in formats); the
@@ -481,8 +481,9 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
 
         def mma(_, x_s, w_s, ws_s, acc_ref):
           ns = pl.ds(wg * tile_n, tile_n)
+          wg_scales = ws_s.at[ns] if e4m3 else ws_s.at[:, ns]  # this warpgroup's weight rows
           if interp:
-            wdec = _decoded_values_jnp(w_s[ns], ws_s[ns] if e4m3 else ws_s[:, ns], cfg.decode)
+            wdec = _decoded_values_jnp(w_s[ns], wg_scales[...], cfg.decode)
             wdec_smem[wg] = permute_k(wdec) if cfg.decode == "perm" else wdec
             plgpu.commit_smem()
             plgpu.wgmma(acc_ref, wdec_smem.at[wg], x_s.T)
@@ -492,11 +493,11 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
               pl.when(wg == 0)(schedule)
             w4 = plgpu.load(w_s.at[ns], layout=plgpu.Layout.WGMMA_UPCAST_4X)
             if cfg.decode == "perm":
-              wv = _decode_perm(w4, ws_s.at[ns] if e4m3 else ws_s.at[:, ns], e4m3)
+              wv = _decode_perm(w4, wg_scales, e4m3)
             else:
               w4 = plgpu.layout_cast(w4, plgpu.Layout.WGMMA)
               decode = _decode_bits if cfg.decode == "bits" else _decode_int4
-              wv = decode(w4, ws_s.at[:, ns])
+              wv = decode(w4, wg_scales)
             if pingpong:
               schedule()
             plgpu.wgmma(acc_ref, wv, x_s.T)
@@ -527,8 +528,9 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
 def nvfp4_matmul(x: jax.Array, w4: jax.Array, ws: jax.Array, col_scale: jax.Array,
                  bias: jax.Array | None = None, *, config: NVFP4MatmulConfig | None = None,
                  interpret=None, sms: int | None = None, x_permuted: bool = False) -> jax.Array:
-  """x bf16[M, K], (w4 int4[N, K], ws bf16[K/16, N]) from `weight_operands` (with the same
-  `decode`), col_scale f32[N] (tensor scales x the operands' gain), bias f32[N] | None.
+  """x bf16[M, K], (w4 int4[N, K], ws bf16[K/16, N] or with e4m3_scales uint8[N, K/16]) from
+  `weight_operands` (with the same `decode` and `e4m3_scales`), col_scale f32[N] (tensor
+  scales x the operands' gain), bias f32[N] | None.
   x_permuted: x is already `permute_k(x)` (only with the "perm" decode).
 
   Returns bf16[M, N] = (x @ wv.T) * col_scale + bias. interpret: plgpu.InterpretGPUParams.
@@ -558,7 +560,7 @@ def nvfp4_matmul(x: jax.Array, w4: jax.Array, ws: jax.Array, col_scale: jax.Arra
   return _kernel_call(x, w4, ws, col_scale, bias, cfg, False, interpret, sms)
 
 
-def reference(x, w4, ws, col_scale, bias=None, decode: str = "perm"):
+def reference(x, w4, ws, col_scale, bias=None, decode: str = "bits"):
   """The same function in plain jnp (XLA's bf16 dot with f32 accumulation)."""
   wv = _decoded_values_jnp(w4, ws, decode)
   acc = lax.dot_general(x.astype(jnp.bfloat16), wv, (((1,), (1,)), ((), ())),
