@@ -124,6 +124,15 @@ def time_fn(fn, argsets, iterations=5):
   return statistics.median(times) / len(argsets)
 
 
+def kernel_breakdown(fn, args, iterations=5):
+  """[(kernel name, median device time in us)] of one call of fn(*args), launch by launch
+  (CUPTI): where an end-to-end time goes."""
+  from jax.experimental.mosaic.gpu import profiler
+  _, per_iter = profiler.measure(jax.jit(fn), aggregate=False, iterations=iterations)(*args)
+  return [(name, statistics.median(it[i][1] for it in per_iter) * 1e3)
+          for i, (name, _) in enumerate(per_iter[0])]
+
+
 def make_problem(m, k, n, seed):
   kx, kw, kb = jax.random.split(jax.random.key(seed), 3)
   x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -284,6 +293,12 @@ def quant_variants(bench, p0, row):
     qc = int8_quant_mgpu.QuantMgpuConfig(128, warpgroups=wgs)
     bench(f"quant_mgpu_had[wg{wgs}]", lambda x, qc=qc: int8_quant_mgpu.quantize_rows_mgpu(x, qc),
           lambda p: (p["x"],), ref=one_wg if wgs > 1 else None, exact=True)
+  # deeper rings with fewer warpgroups: more of pass 2's tiles in flight per warpgroup
+  for wgs, st in ((2, 3), (2, 4)):
+    qc = int8_quant_mgpu.QuantMgpuConfig(128, max_concurrent_steps=st, warpgroups=wgs)
+    bench(f"quant_mgpu_had[wg{wgs}s{st}]",
+          lambda x, qc=qc: int8_quant_mgpu.quantize_rows_mgpu(x, qc),
+          lambda p: (p["x"],), ref=one_wg, exact=True)
   div = int8_quant_mgpu.QuantMgpuConfig(128, fast_cast=False)
   bench("quant_mgpu_had[div]", lambda x: int8_quant_mgpu.quantize_rows_mgpu(x, div),
         lambda p: (p["x"],))

@@ -2,18 +2,23 @@
 
   PYTHONPATH=. python3 benchmarks/nvfp4_decode.py   (env: OUT=dir for the JSON, ONLY=MxKxN,...)
 
-Per shape, CUPTI device time (benchmarks.kernels.time_fn) of: XLA's bf16 dot (the baseline);
-pick_config's kernel with the "perm" decode, the same with "bits" (the default), and at small
-M the stored e4m3 block scales, other K steps and split-K; the per-call pre-passes
-(weight_operands, rotation); MOSAIC.w4a16 / w4a4 end to end with the "perm" decode (also with
-e4m3 scales; w4a16 also with "bits"), and the rotation + kernel without the K permutation
-folded into it. Errors are relative to nvfp4_matmul.reference.
+Per shape, CUPTI device time (benchmarks.kernels.time_fn) of:
+- XLA's bf16 dot (the baseline);
+- pick_config's kernel with the "perm" decode (the default), on x already in its K order
+  (permute_x, the copy that makes it, timed apart); the same with "bits"; at small M also
+  the stored e4m3 block scales (also a default), other K steps, split-K and the K-chunked
+  decode + wgmma;
+- the per-call pre-passes (weight_operands, rotation);
+- MOSAIC.w4a16 / w4a4 end to end with the "perm" decode, with "bits", and at small M with
+  the e4m3 scales; for w4a16 also each launch's time ("parts"), and the rotation + kernel
+  with the K order made by a copy instead of folded into the rotation (w4a16_unfolded).
+Errors are relative to nvfp4_matmul.reference.
 Writes $OUT/nvfp4_decode.json with device, JAX version, date and command.
 """
 import dataclasses, json, os, sys, datetime
 import jax, jax.numpy as jnp
 sys.path.insert(0, ".")
-from benchmarks.kernels import time_fn, make_problem, bf16_dot
+from benchmarks.kernels import time_fn, make_problem, bf16_dot, kernel_breakdown
 from mpqjax.testing import rel_err
 from pallas_kernels import nvfp4_matmul as nm, nvfp4_quant, qlinear_mosaic
 out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -29,22 +34,28 @@ for (m, k, n) in shapes:
   if only and f"{m}x{k}x{n}" not in only.split(","): continue
   probs = [make_problem(m, k, n, s) for s in range(3 if m * k < 1e8 else 2)]
   row = {"m": m, "k": k, "n": n, "us": {}, "err": {}}
-  def bench(key, fn, pick, ref=None):
+  def bench(key, fn, pick, ref=None, parts=False):
     try:
       sets = [pick(p) for p in probs]
       o = jax.jit(fn)(*sets[0])
       if ref is not None: row["err"][key] = rel_err(o, ref)
       row["us"][key] = time_fn(fn, sets) * 1e3
       print(f"{m}x{k}x{n} {key:40s} {row['us'][key]:9.2f} us err={row['err'].get(key,'-')}", flush=True)
+      if parts:  # launch by launch, to see where an end-to-end time goes
+        row.setdefault("parts", {})[key] = kernel_breakdown(fn, sets[0])
+        print("   ", "; ".join(f"{nm_[:40]} {t:.2f}" for nm_, t in row["parts"][key]), flush=True)
     except Exception as e:
       row["err"][key] = f"{type(e).__name__}: {str(e)[:300]}"; print(key, "FAILED", row["err"][key], flush=True)
   for p in probs:
     w4, ws, g = nm.weight_operands(p["layer"].weight)
     p["w4"], p["ws"], p["cs"] = w4, ws, p["layer"].weight.global_scale * g
+    p["xp"] = jax.jit(nm.permute_k)(p["x"])  # the "perm" kernels' K order, made outside the timing
   pick = lambda p: (p["x"], p["w4"], p["ws"], p["cs"], p["bias"])
+  pick_p = lambda p: (p["xp"], p["w4"], p["ws"], p["cs"], p["bias"])
   ref = jax.jit(nm.reference)(*pick(probs[0]))
   bench("xla_bf16", bf16_dot, lambda p: (p["x"], p["w_bf16"]))
-  nm.DEFAULT_DECODE = "perm"  # the variant under test; "bits" timed beside it
+  nm.DEFAULT_DECODE = "perm"  # the default; "bits" timed beside it
+  nm.SMALL_M_E4M3_SCALES = False  # the stored e4m3 scales (default at small M) timed apart
   base = nm.pick_config(m, n, k)
   cfgs = {"perm": base, "bits": dataclasses.replace(base, decode="bits")}
   if m <= 128:
@@ -53,25 +64,38 @@ for (m, k, n) in shapes:
       if nm.supported(m, n, k, c) and (k // c.k_splits) // tk >= 2: cfgs[f"perm_k{tk}s{st}"] = c
     if base.k_splits > 1:
       cfgs["perm_ks_half"] = dataclasses.replace(base, k_splits=base.k_splits // 2)
+    for ch in (2, 4):  # K-chunked decode + wgmma within a step
+      if base.tile_k % (64 * ch) == 0:
+        cfgs[f"perm_ch{ch}"] = dataclasses.replace(base, decode_chunks=ch)
   if base.tile_k >= 256:
     for p in probs: p["ws8"] = nm.weight_operands(p["layer"].weight, e4m3_scales=True)[1]
     c8 = dataclasses.replace(base, e4m3_scales=True)
-    bench("kernel[perm_e4m3]", lambda x, w4, ws, cs, b: nm.nvfp4_matmul(x, w4, ws, cs, b, config=c8),
-          lambda p: (p["x"], p["w4"], p["ws8"], p["cs"], p["bias"]), ref)
+    for ch in (1, 2, 4):
+      c8c = dataclasses.replace(c8, decode_chunks=ch)
+      bench("kernel[perm_e4m3]" + (f"_ch{ch}" if ch > 1 else ""),
+            lambda x, w4, ws, cs, b, c=c8c: nm.nvfp4_matmul(x, w4, ws, cs, b, config=c,
+                                                            x_permuted=True),
+            lambda p: (p["xp"], p["w4"], p["ws8"], p["cs"], p["bias"]), ref)
   for name, c in cfgs.items():
-    bench(f"kernel[{name}]", lambda x, w4, ws, cs, b, c=c: nm.nvfp4_matmul(x, w4, ws, cs, b, config=c), pick, ref)
+    perm = c.decode == "perm"
+    bench(f"kernel[{name}]", lambda x, w4, ws, cs, b, c=c, perm=perm: nm.nvfp4_matmul(
+        x, w4, ws, cs, b, config=c, x_permuted=perm), pick_p if perm else pick, ref)
+  bench("permute_x", nm.permute_k, lambda p: (p["x"],))  # what the wrapper adds unfolded
   if m <= 2048:
     bench("weight_operands", lambda t: nm.weight_operands(t)[:2], lambda p: (p["layer"].weight,))
     bench("rotate_bf16", lambda x: nvfp4_quant.rotate(x, 128).astype(jnp.bfloat16), lambda p: (p["x"],))
     nm.DEFAULT_DECODE = "bits"
-    bench("mosaic_w4a16[bits]", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]))
+    bench("mosaic_w4a16[bits]", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]), parts=True)
     nm.DEFAULT_DECODE = "perm"
-    bench("mosaic_w4a16", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]))
+    bench("mosaic_w4a16", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]), parts=True)
     bench("w4a16_unfolded", lambda x, w4, ws, cs, b: nm.nvfp4_matmul(nvfp4_quant.rotate(x, 128).astype(jnp.bfloat16), w4, ws, cs, b), pick)
     bench("mosaic_w4a4", qlinear_mosaic.w4a4, lambda p: (p["x"], p["layer"]))
+    nm.DEFAULT_DECODE = "bits"
+    bench("mosaic_w4a4[bits]", qlinear_mosaic.w4a4, lambda p: (p["x"], p["layer"]))
+    nm.DEFAULT_DECODE = "perm"
     if m <= 128:
       nm.SMALL_M_E4M3_SCALES = True
-      bench("mosaic_w4a16[e4m3]", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]))
+      bench("mosaic_w4a16[e4m3]", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]), parts=True)
       bench("mosaic_w4a4[e4m3]", qlinear_mosaic.w4a4, lambda p: (p["x"], p["layer"]))
       nm.SMALL_M_E4M3_SCALES = False
   out["rows"].append(row)

@@ -57,11 +57,14 @@ _BITS_GAIN_EXP = 126 - _BITS_SCALE_EXP
 class NVFP4MatmulConfig:
   """tile_n: weight rows per consumer warpgroup (wgmma M, multiple of 64); the CTA has two.
   tile_m: activation rows per CTA (wgmma N, multiple of 8 up to 256). tile_k: multiple of 64.
-  decode: "bits" (default) relays the codes out to the wgmma register layout with shuffles,
-  then decodes each pair; "perm" decodes each thread's 8 consecutive codes in place and runs
-  the wgmma over K-permuted columns (`permute_k`, applied to x by the wrapper) — tested in
-  interpret mode and lowered for CUDA, not yet run on a GPU, so off; "int4" uses Mosaic's
+  decode: "bits" relays the codes out to the wgmma register layout with shuffles, then
+  decodes each pair; "perm" (pick_config's, DEFAULT_DECODE) decodes each thread's 8
+  consecutive codes in place and runs the wgmma over K-permuted columns (`permute_k`, applied
+  to x by the wrapper or folded into the rotation by qlinear_mosaic); "int4" uses Mosaic's
   int4 -> bf16 conversion.
+  decode_chunks ("perm" only): decode each K step in this many column chunks, each chunk's
+  wgmma issued before the next chunk is decoded (one wait per step), so that the decode
+  overlaps the tensor cores within a warpgroup; tile_k % (64 * decode_chunks) == 0.
   e4m3_scales: read the block scales as stored (e4m3 bytes [N, K/16]) and convert them in
   registers, instead of the bf16[K/16, N] copy `weight_operands` makes per call; needs the
   "perm" decode, tile_k >= 256 and K % 256 == 0 (TMA boxes and row strides of the scales are
@@ -82,6 +85,7 @@ class NVFP4MatmulConfig:
   decode: str = "bits"
   e4m3_scales: bool = False
   pingpong: bool = False
+  decode_chunks: int = 1
 
   @property
   def cta_tile_n(self) -> int:
@@ -119,11 +123,10 @@ def pick_config(m: int, n: int, k: int, sms: int | None = None) -> NVFP4MatmulCo
 
 
 # pick_config's decode, and (small M, "perm" decode) whether the block scales are read as
-# stored and converted in the kernel (no per-call bf16 copy). "perm" and the e4m3 scales are
-# checked in interpret mode and lowered for CUDA but not yet run on a GPU (NOTES.md,
-# "Session 10"): off until they are.
-DEFAULT_DECODE = "bits"
-SMALL_M_E4M3_SCALES = False
+# stored and converted in the kernel (no per-call bf16 copy). Both measured faster end to end
+# through MOSAIC.w4a16 at every shape tried on an H100 (NOTES.md, "Session 11").
+DEFAULT_DECODE = "perm"
+SMALL_M_E4M3_SCALES = True
 
 
 _SMALL_M_K_STEPS = ((256, 3), (128, 4))  # (tile_k, pipeline stages), widest first
@@ -163,6 +166,10 @@ def _check(x, w4, ws, cfg: NVFP4MatmulConfig):
   if cfg.e4m3_scales and (cfg.decode != "perm" or cfg.tile_k < 256 or k % 256):
     raise ValueError(f"nvfp4_matmul: e4m3_scales needs the 'perm' decode, tile_k >= 256 and "
                      f"K % 256 == 0 (TMA: scale rows of whole 16 bytes), got K={k}, {cfg}")
+  if cfg.decode_chunks < 1 or cfg.tile_k % (64 * cfg.decode_chunks) or (
+      cfg.decode_chunks > 1 and (cfg.decode != "perm" or cfg.pingpong)):
+    raise ValueError(f"nvfp4_matmul: decode_chunks needs the 'perm' decode, no pingpong and "
+                     f"tile_k % (64 * decode_chunks) == 0, got {cfg}")
   want = (jnp.uint8, (n, k // 16)) if cfg.e4m3_scales else (jnp.bfloat16, (k // 16, n))
   if (ws.dtype, ws.shape) != want:
     raise ValueError(f"nvfp4_matmul: block scales are {ws.dtype}{list(ws.shape)}, want "
@@ -294,17 +301,20 @@ def _e4m3_to_scaled_bf16(b, i32):
   return arith.trunci(ir.IntegerType.get_signless(16), bits)
 
 
-def _decode_perm(w4_upcast, ws_ref, e4m3_scales: bool = False):
+def _decode_perm(w4_upcast, ws_ref, e4m3_scales: bool = False, cols: tuple[int, int] | None = None):
   """int4 [tile_n, tile_k] in the WGMMA_UPCAST_4X layout (a thread's 8 consecutive codes of
   a row in one 32-bit word) -> bf16 wgmma A operand over the `permute_k` columns, decoded in
   place: no shuffles, one block scale per word. Scales: bf16 [tile_k/16, tile_n] ref, or with
-  e4m3_scales the stored bytes [tile_n, tile_k/16]."""
+  e4m3_scales the stored bytes [tile_n, tile_k/16]. cols = (start, width), multiples of 32:
+  only those columns -> bf16 [tile_n, width]."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, memref, vector
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-  rows, cols = w4_upcast.shape
+  rows, all_cols = w4_upcast.shape
+  col0, cols = cols or (0, all_cols)
+  assert col0 % 32 == 0 and cols % 32 == 0 and col0 + cols <= all_cols, (col0, cols, all_cols)
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.Layout.WGMMA_UPCAST_4X, plgpu.RefType()),
@@ -324,10 +334,13 @@ def _decode_perm(w4_upcast, ws_ref, e4m3_scales: bool = False):
     regs = w.registers
     # register (i, t, 0, 0, h, ...) holds row 64i + 16 warp + 8h + lane/4, columns
     # 32t + 8 (lane % 4) + 0..7 (code e in bits 4e+3..4e): block scale (32t + 8 (lane % 4)) / 16.
-    assert regs.shape[:2] == (rows // 64, cols // 32) and regs.shape[4] == 2, regs.shape
+    assert regs.shape[:2] == (rows // 64, all_cols // 32) and regs.shape[4] == 2, regs.shape
     assert all(d == 1 for d in regs.shape[2:4] + regs.shape[5:]), regs.shape
     out = np.empty((rows // 64, cols // 8) + regs.shape[2:], dtype=object)
     for (row, col), reg_idx in zip(w.layout.thread_idxs(w.shape), np.ndindex(regs.shape)):
+      t = reg_idx[1] - col0 // 32  # this register's 32-column group within the chunk
+      if not 0 <= t < cols // 32:
+        continue
       blk = arith.divui(col, sixteen)
       if e4m3_scales:
         s = mgpu_utils.bitcast(_e4m3_to_scaled_bf16(memref.load(s_ref, [row, blk]), i32),
@@ -341,7 +354,7 @@ def _decode_perm(w4_upcast, ws_ref, e4m3_scales: bool = False):
         # magnitude to bits 8..6 / 24..22, i.e. e2m1 * 2^-126 (see _decode_bits)
         bits = arith.ori(arith.andi(shift(word, 12 - 4 * a), sign_mask),
                          arith.andi(shift(word, 6 - 4 * a), mag_mask))
-        out_idx = (reg_idx[0], 4 * reg_idx[1] + a) + reg_idx[2:]
+        out_idx = (reg_idx[0], 4 * t + a) + reg_idx[2:]
         out[out_idx] = arith.mulf(mgpu_utils.bitcast(bits, v2bf16), s2)
     return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
@@ -492,6 +505,14 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
             if pingpong:
               pl.when(wg == 0)(schedule)
             w4 = plgpu.load(w_s.at[ns], layout=plgpu.Layout.WGMMA_UPCAST_4X)
+            if cfg.decode == "perm" and cfg.decode_chunks > 1:
+              # each chunk's wgmma in flight while the next chunk decodes; one wait per step
+              width = tile_k // cfg.decode_chunks
+              for ch in range(cfg.decode_chunks):
+                wv = _decode_perm(w4, wg_scales, e4m3, cols=(ch * width, width))
+                plgpu.wgmma(acc_ref, wv, x_s.at[:, pl.ds(ch * width, width)].T)
+              plgpu.wgmma_wait(0)
+              return acc_ref
             if cfg.decode == "perm":
               wv = _decode_perm(w4, wg_scales, e4m3)
             else:

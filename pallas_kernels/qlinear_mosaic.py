@@ -8,7 +8,8 @@
       weight decoded in registers (pallas_kernels.nvfp4_matmul), tensor scale and bias fused.
   MOSAIC.w4a4(x2d, layer): activations quantized to NVFP4 and handed over as their exact bf16
       block values (pallas_kernels.nvfp4_quant), then the same kernel with both tensor scales
-      in its epilogue.
+      in its epilogue. The kernel's "perm" decode reads x in a K order that w4a16 folds into
+      the rotation; w4a4 makes it with a copy, so only up to W4A4_PERM_MAX_ROWS rows.
   From DEQUANT_MIN_ROWS rows both NVFP4 paths instead decode the whole weight once per call
   to its exact bf16 values (one XLA fusion, 2.56 B per weight element of traffic, a transient
   bf16 copy of one layer's weight) and run the bf16 form of the W8A8 kernel
@@ -22,6 +23,8 @@ this with keeping an INT8 copy too (1.5625 B per element). Shapes the kernel doe
 (N not a multiple of its CTA tile, K not a multiple of 128, stacked layers) fall back to xla.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -125,12 +128,16 @@ def weight_bf16(layer) -> jax.Array:
     return jax.lax.bitcast_convert_type(pair, jnp.bfloat16).reshape(layer.weight.shape)
 
 
-def _nvfp4_matmul(xv: jax.Array, layer, act_scale, x_permuted: bool = False) -> jax.Array:
+def _nvfp4_matmul(xv: jax.Array, layer, act_scale, x_permuted: bool = False,
+                  decode: str | None = None) -> jax.Array:
+  """decode: the register decode to use instead of pick_config's."""
   scale = act_scale * layer.weight.global_scale
   if xv.shape[0] >= DEQUANT_MIN_ROWS:
     return w8a8.bf16_matmul(xv, weight_bf16(layer), scale, layer.bias,
                             interpret=interpret_params())
   cfg = nvmm.pick_config(xv.shape[0], layer.out_features, xv.shape[1])
+  if decode is not None and decode != cfg.decode:
+    cfg = dataclasses.replace(cfg, decode=decode, e4m3_scales=False, decode_chunks=1)
   w4, ws, gain = nvmm.weight_operands(layer.weight, cfg.decode, cfg.e4m3_scales)
   return nvmm.nvfp4_matmul(xv, w4, ws, scale * gain, layer.bias, config=cfg,
                            interpret=interpret_params(), x_permuted=x_permuted)
@@ -149,6 +156,10 @@ def w4a16(x: jax.Array, layer) -> jax.Array:
   return _nvfp4_matmul(xr.astype(jnp.bfloat16), layer, jnp.float32(1), x_permuted=fold)
 
 
+# Rows up to which MOSAIC.w4a4 takes pick_config's "perm" decode; above, "bits" (see w4a4).
+W4A4_PERM_MAX_ROWS = 128
+
+
 def w4a4(x: jax.Array, layer) -> jax.Array:
   """x[M, K] -> bf16[M, N], matching qlinear_xla.w4a4."""
   if not _nvfp4_ok(x, layer):
@@ -158,7 +169,12 @@ def w4a4(x: jax.Array, layer) -> jax.Array:
   xv, gx = nvfp4_quant.quantize_qdq(x, nvfp4_quant.NVFP4QuantConfig(layer.hadamard_block),
                                      interpret=interpret_params(),
                                      use_mgpu=x.shape[0] >= MGPU_QUANT_MIN_ROWS)
-  return _nvfp4_matmul(xv, layer, gx)
+  # The "perm" decode's K order cannot be folded into the QDQ (its 16-blocks span the order's
+  # 32 columns), so it costs a copy of xv: past W4A4_PERM_MAX_ROWS that copy outweighs the
+  # decode's gain (H100, M = 2048: 31.5 us with the copy vs 26.9 for "bits"; NOTES.md).
+  decode = None if x.shape[0] <= W4A4_PERM_MAX_ROWS else "bits"
+  return _nvfp4_matmul(xv, layer, gx, decode=decode)
+
 
 
 class _Mosaic:

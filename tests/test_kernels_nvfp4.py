@@ -142,6 +142,26 @@ def test_bad_inputs_are_rejected(rng):
     nm.nvfp4_matmul(x, w4, ws, cs, config=dataclasses.replace(SMALL, e4m3_scales=True))
   with pytest.raises(ValueError, match="decode must be"):
     nm.nvfp4_matmul(x, w4, ws, cs, config=dataclasses.replace(SMALL, decode="nibbles"))
+  for bad in (dict(decode="bits", decode_chunks=2), dict(decode="perm", decode_chunks=3),
+              dict(decode="perm", decode_chunks=0)):
+    with pytest.raises(ValueError, match="decode_chunks needs"):
+      nm.nvfp4_matmul(x, w4, ws, cs, config=dataclasses.replace(SMALL, tile_k=128, **bad))
+
+
+@pytest.mark.parametrize("m,n,k,chunks,e4m3", [(64, 12288, 3072, 1, True), (64, 12288, 3072, 4, False),
+                                               (16, 3072, 3072, 2, True), (2048, 1920, 1920, 1, False)])
+def test_perm_kernel_lowers_for_hopper(m, n, k, chunks, e4m3):
+  """The register-decode kernel as pick_config tiles real shapes ("perm", with the stored e4m3
+  scales and K-chunked decode + wgmma where asked) passes Mosaic GPU's lowering for CUDA from
+  the CPU: the inline decode's register walk and the sliced SMEM operands (interpret mode runs
+  a jnp decode instead)."""
+  t = formats.quantize_nvfp4(jax.random.normal(jax.random.key(m + chunks), (n, k), jnp.float32))
+  cfg = dataclasses.replace(nm.pick_config(m, n, k, sms=132), decode="perm", e4m3_scales=e4m3,
+                            decode_chunks=chunks)
+  w4, ws, gain = nm.weight_operands(t, "perm", e4m3)
+  f = jax.jit(lambda x, w4, ws: nm.nvfp4_matmul(x, w4, ws, gain, None, config=cfg, sms=132))
+  x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+  assert "mosaic_gpu" in jax.export.export(f, platforms=["cuda"])(x, w4, ws).mlir_module()
 
 
 @pytest.mark.parametrize("block", [0, 128])
@@ -174,7 +194,7 @@ def test_qdq_equals_decoded_packed_codes(rng, block, path):
 @pytest.mark.parametrize("mode", [Mode.NVFP4, Mode.BF16])
 @pytest.mark.parametrize("hadamard", [True, False])
 @pytest.mark.parametrize("path", ["register-decode", "perm-decode", "perm-e4m3-scales",
-                                  "dequant"])
+                                  "w4a4-bits-past-perm-rows", "dequant"])
 def test_mosaic_qlinear_matches_xla_on_cpu(rng, monkeypatch, mode, hadamard, path):
   """MOSAIC.w4a4 / w4a16 (QDQ + kernel) against qlinear_xla computed on the host CPU, on both
   weight paths: the in-register decode ("bits", or "perm" with the K order folded into the
@@ -182,13 +202,18 @@ def test_mosaic_qlinear_matches_xla_on_cpu(rng, monkeypatch, mode, hadamard, pat
   here to 64) the bf16 decode + bf16 GEMM.
   (M = 64: Mosaic GPU's interpreter sometimes stalls on partial 128-row tiles.)"""
   m, k, n = 64, 256, 128
-  if path.startswith("perm"):
-    monkeypatch.setattr(nm, "DEFAULT_DECODE", "perm")
+  monkeypatch.setattr(nm, "DEFAULT_DECODE", "bits" if path == "register-decode" else "perm")
+  monkeypatch.setattr(nm, "SMALL_M_E4M3_SCALES", path == "perm-e4m3-scales")
   if path == "perm-e4m3-scales":  # 256-wide K steps need K >= 1024 here (2 splits of 2 steps)
     k = 1024
-    monkeypatch.setattr(nm, "SMALL_M_E4M3_SCALES", True)
     monkeypatch.setattr(nm, "num_sms", lambda: 2)
     assert nm.pick_config(m, n, k).e4m3_scales
+  decodes = []
+  if path == "w4a4-bits-past-perm-rows":  # w4a4 takes "bits" past W4A4_PERM_MAX_ROWS
+    monkeypatch.setattr(qlinear_mosaic, "W4A4_PERM_MAX_ROWS", m - 1)
+    real_mm = nm.nvfp4_matmul
+    monkeypatch.setattr(nm, "nvfp4_matmul", lambda *a, config, **kw: decodes.append(
+        config.decode) or real_mm(*a, config=config, **kw))
   if path == "dequant":
     monkeypatch.setattr(qlinear_mosaic, "DEQUANT_MIN_ROWS", m)
     calls = []
@@ -208,6 +233,8 @@ def test_mosaic_qlinear_matches_xla_on_cpu(rng, monkeypatch, mode, hadamard, pat
   assert rel_err(got, want) <= 2e-3
   if path == "dequant":
     assert calls, "the dequant path did not run the bf16 GEMM"
+  if path == "w4a4-bits-past-perm-rows":  # w4a16 keeps "perm" (its K order is folded)
+    assert decodes == ["bits" if mode == Mode.NVFP4 else "perm"], decodes
 
 
 def test_weight_bf16_is_the_exact_block_values(rng):
@@ -232,14 +259,17 @@ def test_qdq_nonfinite_input_poisons_the_scale(rng):
 # ------------------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("decode", ["perm", "bits", "int4", "perm-e4m3"])
+@pytest.mark.parametrize("variant", ["perm", "bits", "int4", "perm-e4m3", "perm-e4m3-chunks2",
+                                    "perm-chunks4"])
 @pytest.mark.parametrize("m,k,n", [(2048, 1920, 1920), (35552 // 8, 3072, 1536), (64, 1920, 7680),
                                    (16, 3072, 3072), (64, 3072, 12288)])
-def test_gpu_kernel_real_shapes(rng, decode, m, k, n):
-  decode, e4m3 = decode.split("-")[0], decode.endswith("-e4m3")
+def test_gpu_kernel_real_shapes(rng, variant, m, k, n):
+  decode, e4m3 = variant.split("-")[0], "-e4m3" in variant
+  chunks = int(variant.split("chunks")[1]) if "chunks" in variant else 1
   cfg = dataclasses.replace(nm.pick_config(m, n, k), decode=decode, e4m3_scales=e4m3)
-  if e4m3 and cfg.tile_k < 256:
-    pytest.skip("e4m3 scales need 256-wide K steps (the small-M configs)")
+  if (e4m3 or chunks > 1) and cfg.tile_k < 256:
+    pytest.skip("e4m3 scales and K chunks need 256-wide K steps (the small-M configs)")
+  cfg = dataclasses.replace(cfg, decode_chunks=chunks)
   x, t, w4, ws, cs, bias = problem(rng, m, n, k, decode, e4m3)
   got = nm.nvfp4_matmul(x, w4, ws, cs, bias, config=cfg)
   want = nm.reference(x, w4, ws, cs, bias, decode=decode)

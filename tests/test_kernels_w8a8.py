@@ -186,17 +186,19 @@ def test_gpu_kernel_real_shapes(rng, m, k, n):
                                                    (Mode.NVFP4, True, 2e-3),
                                                    (Mode.BF16, True, 2e-3)])
 @pytest.mark.parametrize("dequant_min_rows", [None, 1024], ids=["default", "dequant"])
-def test_gpu_qlinear_mosaic_vs_xla(rng, monkeypatch, mode, xla_on_cpu, tol, dequant_min_rows):
+@pytest.mark.parametrize("rows,k,n", [(1111, 1920, 7680), (32, 3072, 3072)])
+def test_gpu_qlinear_mosaic_vs_xla(rng, monkeypatch, mode, xla_on_cpu, tol, dequant_min_rows,
+                                   rows, k, n):
   """Each Mosaic qlinear path end to end against the xla implementation (the NVFP4 paths
   against it on the host CPU, so the GPU's own XLA does not judge its kernels); "dequant"
-  lowers the NVFP4 paths' threshold so that these 2222 rows take the bf16 decode + GEMM."""
+  lowers the NVFP4 paths' threshold so that 2 x 1111 rows take the bf16 decode + GEMM. 2 x 32
+  rows at K 3072 take the small-M kernel with its stored e4m3 block scales."""
   if dequant_min_rows:
     monkeypatch.setattr(qlinear_mosaic, "DEQUANT_MIN_ROWS", dequant_min_rows)
-  k, n = 1920, 7680
   w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
   b = rng.standard_normal(n).astype(np.float32) * 0.1
   layer = quantize_linear(w, b)
-  x = jnp.asarray(rng.standard_normal((2, 1111, k)), jnp.bfloat16)
+  x = jnp.asarray(rng.standard_normal((2, rows, k)), jnp.bfloat16)
   got = qlinear(x, layer, mode, implementation="mosaic")
   if xla_on_cpu:
     cpu = jax.devices("cpu")[0]
