@@ -154,7 +154,8 @@ def make_problem(m, k, n, seed):
 def nv_cfg_name(c: nvmm.NVFP4MatmulConfig) -> str:
   return (f"n{c.tile_n}m{c.tile_m}k{c.tile_k}s{c.max_concurrent_steps}"
           f"g{c.grid_minor_dim.name}{c.grid_tile_width}e{c.epi_tile_m}ks{c.k_splits}{c.decode}"
-          + ("pp" if c.pingpong else ""))
+          + ("pp" if c.pingpong else "") + (f"ch{c.decode_chunks}" if c.decode_chunks > 1 else "")
+          + ("e4m3" if c.e4m3_scales else ""))
 
 
 def nvfp4_configs(m: int, n: int, k: int, tune: bool):
@@ -162,7 +163,7 @@ def nvfp4_configs(m: int, n: int, k: int, tune: bool):
   base = nvmm.pick_config(m, n, k)
   if not tune:
     return [base]
-  rep = lambda **kw: dataclasses.replace(base, **kw)
+  rep = lambda **kw: nvmm.replace_config(base, **kw)
   # run 1 (NOTES.md) also timed tile_k 128 x 3 stages and 6 stages (shared memory overflow),
   # grid minor M (same), tile_m 128 (0.74x the default) and the int4 decode (0.55x); run 2:
   # ping-pong (0.90x the default); run 8 and session 6: an SMEM decode (0.91x, removed)
@@ -170,9 +171,11 @@ def nvfp4_configs(m: int, n: int, k: int, tune: bool):
   other = rep(decode="bits" if base.decode == "perm" else "perm")
   if m > 128:
     c = [base, other, rep(pingpong=not base.pingpong)]
-  else:  # and the 64-wide K steps of the small-M default before session 8
+  else:  # and the 64-wide K steps of the small-M default before session 8; session 11: the
+    # stored e4m3 scales and K chunks of the small-M default, each turned off
     c = [base, other, rep(k_splits=max(1, base.k_splits // 2)),
-         rep(pingpong=not base.pingpong), rep(tile_k=64, max_concurrent_steps=6)]
+         rep(pingpong=not base.pingpong), rep(tile_k=64, max_concurrent_steps=6),
+         rep(e4m3_scales=False), rep(decode_chunks=1)]
   out = []
   for x in c:
     if x not in out and nvmm.supported(m, n, k, x):
@@ -187,16 +190,22 @@ def nvfp4_rows(args, name, m, k, n, probs, p0, row, bench):
   """W4A16 / W4A4 (issue 7): the NVFP4 kernel alone (weight operands prepared), then
   MOSAIC.w4a16 / w4a4 end to end (Hadamard rotation or QDQ quantizer included)."""
   for p in probs:
-    for dec in nvmm.DECODES:  # the int4 decode takes unscaled block scales
-      w4, ws, gain = nvmm.weight_operands(p["layer"].weight, dec)
+    for dec in (*nvmm.DECODES, "e4m3"):  # int4 takes unscaled block scales; e4m3 the stored ones
+      w4, ws, gain = nvmm.weight_operands(p["layer"].weight, dec if dec != "e4m3" else "perm",
+                                          e4m3_scales=dec == "e4m3")
       p["nv_w4"], p[f"nv_ws_{dec}"] = w4, ws
       p[f"nv_cs_{dec}"] = p["layer"].weight.global_scale * gain
-  pick = lambda p, dec="perm": (p["x"], p["nv_w4"], p[f"nv_ws_{dec}"], p[f"nv_cs_{dec}"], p["bias"])
+    p["nv_xp"] = jax.jit(nvmm.permute_k)(p["x"])  # the "perm" decode's K order, made untimed
+  def pick(p, c=None):
+    key = "bits" if c is None else "e4m3" if c.e4m3_scales else c.decode
+    x = p["nv_xp"] if c is not None and c.decode == "perm" else p["x"]
+    return x, p["nv_w4"], p[f"nv_ws_{key}"], p[f"nv_cs_{key}"], p["bias"]
   ref_k = jax.jit(nvmm.reference)(*pick(p0))
   tune = args.tune and (args.tune_all or (name, m) in NV_TUNE_SHAPES)
   for c in nvfp4_configs(m, n, k, tune):
-    fn = lambda x, w4, ws, cs, b, c=c: nvmm.nvfp4_matmul(x, w4, ws, cs, b, config=c)
-    bench(f"nvfp4_kernel[{nv_cfg_name(c)}]", fn, lambda p, d=c.decode: pick(p, d), ref=ref_k)
+    fn = lambda x, w4, ws, cs, b, c=c: nvmm.nvfp4_matmul(x, w4, ws, cs, b, config=c,
+                                                          x_permuted=c.decode == "perm")
+    bench(f"nvfp4_kernel[{nv_cfg_name(c)}]", fn, lambda p, c=c: pick(p, c), ref=ref_k)
   bench("nvfp4_weight_operands", lambda t: nvmm.weight_operands(t)[:2],
         lambda p: (p["layer"].weight,))
   # the large-M weight path: decode to bf16 once per call, then the bf16 GEMM (scale + bias fused)

@@ -1,13 +1,14 @@
 """The NVFP4 kernel's decode variants side by side (issue 7), and the W4A16 / W4A4 paths' parts.
 
-  PYTHONPATH=. python3 benchmarks/nvfp4_decode.py   (env: OUT=dir for the JSON, ONLY=MxKxN,...)
+  PYTHONPATH=. python3 benchmarks/nvfp4_decode.py   (env: OUT=dir for the JSON, ONLY=MxKxN,...,
+  KERNEL_ONLY=1: the kernel rows only)
 
 Per shape, CUPTI device time (benchmarks.kernels.time_fn) of:
 - XLA's bf16 dot (the baseline);
-- pick_config's kernel with the "perm" decode (the default), on x already in its K order
-  (permute_x, the copy that makes it, timed apart); the same with "bits"; at small M also
-  the stored e4m3 block scales (also a default), other K steps, split-K and the K-chunked
-  decode + wgmma;
+- pick_config's kernel with the "perm" decode (the default, with its K chunks at small M), on
+  x already in its K order (permute_x, the copy that makes it, timed apart); the same with
+  "bits"; at small M also other K chunk counts, the stored e4m3 block scales (also a
+  default), other K steps and split-K;
 - the per-call pre-passes (weight_operands, rotation);
 - MOSAIC.w4a16 / w4a4 end to end with the "perm" decode, with "bits", and at small M with
   the e4m3 scales; for w4a16 also each launch's time ("parts"), and the rotation + kernel
@@ -15,7 +16,7 @@ Per shape, CUPTI device time (benchmarks.kernels.time_fn) of:
 Errors are relative to nvfp4_matmul.reference.
 Writes $OUT/nvfp4_decode.json with device, JAX version, date and command.
 """
-import dataclasses, json, os, sys, datetime
+import json, os, sys, datetime
 import jax, jax.numpy as jnp
 sys.path.insert(0, ".")
 from benchmarks.kernels import time_fn, make_problem, bf16_dot, kernel_breakdown
@@ -24,7 +25,8 @@ from pallas_kernels import nvfp4_matmul as nm, nvfp4_quant, qlinear_mosaic
 out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
        "command": "PYTHONPATH=. python3 benchmarks/nvfp4_decode.py "
-                  + (f"(ONLY={os.environ['ONLY']})" if os.environ.get("ONLY") else ""),
+                  + (f"(ONLY={os.environ['ONLY']})" if os.environ.get("ONLY") else "")
+                  + (" (KERNEL_ONLY=1)" if os.environ.get("KERNEL_ONLY") else ""),
        "rows": []}
 shapes = [(64, 3072, 12288), (64, 3072, 3072), (64, 1920, 7680), (64, 12288, 3072),
           (256, 3072, 12288), (2048, 1920, 1920), (64, 1920, 1920), (64, 7680, 1920),
@@ -56,23 +58,24 @@ for (m, k, n) in shapes:
   bench("xla_bf16", bf16_dot, lambda p: (p["x"], p["w_bf16"]))
   nm.DEFAULT_DECODE = "perm"  # the default; "bits" timed beside it
   nm.SMALL_M_E4M3_SCALES = False  # the stored e4m3 scales (default at small M) timed apart
-  base = nm.pick_config(m, n, k)
-  cfgs = {"perm": base, "bits": dataclasses.replace(base, decode="bits")}
+  base = nm.pick_config(m, n, k)  # with the e4m3 scales off (above), K chunks as the default
+  rep = lambda **kw: nm.replace_config(base, **kw)
+  cfgs = {"perm": base, "bits": rep(decode="bits")}
   if m <= 128:
     for tk, st in ((512, 2), (128, 6)):
-      c = dataclasses.replace(base, tile_k=tk, max_concurrent_steps=st)
+      c = rep(tile_k=tk, max_concurrent_steps=st)
       if nm.supported(m, n, k, c) and (k // c.k_splits) // tk >= 2: cfgs[f"perm_k{tk}s{st}"] = c
     if base.k_splits > 1:
-      cfgs["perm_ks_half"] = dataclasses.replace(base, k_splits=base.k_splits // 2)
-    for ch in (2, 4):  # K-chunked decode + wgmma within a step
-      if base.tile_k % (64 * ch) == 0:
-        cfgs[f"perm_ch{ch}"] = dataclasses.replace(base, decode_chunks=ch)
+      cfgs["perm_ks_half"] = rep(k_splits=base.k_splits // 2)
+    for ch in (1, 2, 4):  # K-chunked decode + wgmma within a step
+      if base.tile_k % (64 * ch) == 0 and ch != base.decode_chunks:
+        cfgs[f"perm_ch{ch}"] = rep(decode_chunks=ch)
   if base.tile_k >= 256:
     for p in probs: p["ws8"] = nm.weight_operands(p["layer"].weight, e4m3_scales=True)[1]
-    c8 = dataclasses.replace(base, e4m3_scales=True)
+    c8 = rep(e4m3_scales=True)
     for ch in (1, 2, 4):
-      c8c = dataclasses.replace(c8, decode_chunks=ch)
-      bench("kernel[perm_e4m3]" + (f"_ch{ch}" if ch > 1 else ""),
+      c8c = nm.replace_config(c8, decode_chunks=ch)
+      bench(f"kernel[perm_e4m3_ch{ch}]",
             lambda x, w4, ws, cs, b, c=c8c: nm.nvfp4_matmul(x, w4, ws, cs, b, config=c,
                                                             x_permuted=True),
             lambda p: (p["xp"], p["w4"], p["ws8"], p["cs"], p["bias"]), ref)
@@ -81,7 +84,7 @@ for (m, k, n) in shapes:
     bench(f"kernel[{name}]", lambda x, w4, ws, cs, b, c=c, perm=perm: nm.nvfp4_matmul(
         x, w4, ws, cs, b, config=c, x_permuted=perm), pick_p if perm else pick, ref)
   bench("permute_x", nm.permute_k, lambda p: (p["x"],))  # what the wrapper adds unfolded
-  if m <= 2048:
+  if m <= 2048 and not os.environ.get("KERNEL_ONLY"):
     bench("weight_operands", lambda t: nm.weight_operands(t)[:2], lambda p: (p["layer"].weight,))
     bench("rotate_bf16", lambda x: nvfp4_quant.rotate(x, 128).astype(jnp.bfloat16), lambda p: (p["x"],))
     nm.DEFAULT_DECODE = "bits"

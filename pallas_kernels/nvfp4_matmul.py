@@ -95,7 +95,8 @@ class NVFP4MatmulConfig:
 def pick_config(m: int, n: int, k: int, sms: int | None = None) -> NVFP4MatmulConfig:
   """Heuristic tiles (pallas_kernels/NOTES.md): 128 x 256 CTA tiles when M is large; for
   small M an activation tile of M rounded up to a power of two >= 32, split-K until the SMs
-  are busy, and K steps of 256 or 128 where they divide a split."""
+  are busy, K steps of 256 or 128 where they divide a split, and with the "perm" decode the
+  stored e4m3 scales and K-chunked decode + wgmma where the K step allows."""
   sms = sms or num_sms()
   if m > 128:
     return NVFP4MatmulConfig(decode=DEFAULT_DECODE)
@@ -116,9 +117,11 @@ def pick_config(m: int, n: int, k: int, sms: int | None = None) -> NVFP4MatmulCo
   for tile_k, stages in _SMALL_M_K_STEPS:
     if (k_split % tile_k == 0 and k_split // tile_k >= 2
         and stages * _stage_bytes(cfg, tile_k) <= _SMALL_M_PIPELINE_BYTES):
+      perm = cfg.decode == "perm"
+      chunks = SMALL_M_DECODE_CHUNKS if perm and tile_k % (64 * SMALL_M_DECODE_CHUNKS) == 0 else 1
       return dataclasses.replace(cfg, tile_k=tile_k, max_concurrent_steps=stages,
                                  e4m3_scales=SMALL_M_E4M3_SCALES and tile_k >= 256
-                                 and k % 256 == 0 and cfg.decode == "perm")
+                                 and k % 256 == 0 and perm, decode_chunks=chunks)
   return cfg
 
 
@@ -127,6 +130,10 @@ def pick_config(m: int, n: int, k: int, sms: int | None = None) -> NVFP4MatmulCo
 # through MOSAIC.w4a16 at every shape tried on an H100 (NOTES.md, "Session 11").
 DEFAULT_DECODE = "perm"
 SMALL_M_E4M3_SCALES = True
+# Small-M "perm" configs: K chunks per step, each chunk's wgmma in flight while the next one
+# decodes. H100, 64 x 3072 x 12288: 19.5 -> 17.5 / 17.2 us for 2 / 4 chunks (e4m3 scales: 21.0
+# -> 20.0 / 19.5), same output (NOTES.md, "Session 11"); one shape measured so far.
+SMALL_M_DECODE_CHUNKS = 4
 
 
 _SMALL_M_K_STEPS = ((256, 3), (128, 4))  # (tile_k, pipeline stages), widest first
@@ -138,6 +145,19 @@ def _stage_bytes(cfg: NVFP4MatmulConfig, tile_k: int) -> int:
   bf16 block scales of the CTA's weight rows."""
   return (cfg.tile_m * tile_k * 2 + cfg.cta_tile_n * tile_k // 2
           + tile_k // 16 * cfg.cta_tile_n * 2)
+
+
+def replace_config(cfg: NVFP4MatmulConfig, **changes) -> NVFP4MatmulConfig:
+  """dataclasses.replace, then the "perm"-only options (stored e4m3 scales, K chunks) turned
+  off where the new config cannot take them (another decode, pingpong, a narrower K step):
+  for variants of pick_config's configs."""
+  cfg = dataclasses.replace(cfg, **changes)
+  perm = cfg.decode == "perm"
+  if not perm or cfg.pingpong or cfg.tile_k % (64 * cfg.decode_chunks):
+    cfg = dataclasses.replace(cfg, decode_chunks=1)
+  if not perm or cfg.tile_k < 256:
+    cfg = dataclasses.replace(cfg, e4m3_scales=False)
+  return cfg
 
 
 def supported(m: int, n: int, k: int, cfg: NVFP4MatmulConfig) -> bool:
@@ -301,7 +321,8 @@ def _e4m3_to_scaled_bf16(b, i32):
   return arith.trunci(ir.IntegerType.get_signless(16), bits)
 
 
-def _decode_perm(w4_upcast, ws_ref, e4m3_scales: bool = False, cols: tuple[int, int] | None = None):
+def _decode_perm(w4_upcast, ws_ref, e4m3_scales: bool = False,
+                 cols: tuple[int, int] | None = None):
   """int4 [tile_n, tile_k] in the WGMMA_UPCAST_4X layout (a thread's 8 consecutive codes of
   a row in one 32-bit word) -> bf16 wgmma A operand over the `permute_k` columns, decoded in
   place: no shuffles, one block scale per word. Scales: bf16 [tile_k/16, tile_n] ref, or with

@@ -24,8 +24,6 @@ this with keeping an INT8 copy too (1.5625 B per element). Shapes the kernel doe
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
@@ -136,8 +134,8 @@ def _nvfp4_matmul(xv: jax.Array, layer, act_scale, x_permuted: bool = False,
     return w8a8.bf16_matmul(xv, weight_bf16(layer), scale, layer.bias,
                             interpret=interpret_params())
   cfg = nvmm.pick_config(xv.shape[0], layer.out_features, xv.shape[1])
-  if decode is not None and decode != cfg.decode:
-    cfg = dataclasses.replace(cfg, decode=decode, e4m3_scales=False, decode_chunks=1)
+  if decode is not None:
+    cfg = nvmm.replace_config(cfg, decode=decode)
   w4, ws, gain = nvmm.weight_operands(layer.weight, cfg.decode, cfg.e4m3_scales)
   return nvmm.nvfp4_matmul(xv, w4, ws, scale * gain, layer.bias, config=cfg,
                            interpret=interpret_params(), x_permuted=x_permuted)

@@ -148,6 +148,28 @@ def test_bad_inputs_are_rejected(rng):
       nm.nvfp4_matmul(x, w4, ws, cs, config=dataclasses.replace(SMALL, tile_k=128, **bad))
 
 
+def test_pick_config_small_m_defaults_and_replace_config():
+  """Small M on a 132-SM GPU: "perm" with the stored e4m3 scales and 4 K chunks where K
+  allows (5B K3072), no e4m3 at the 2B K1920; replace_config drops the "perm"-only options
+  where a variant cannot take them, and every config it gives passes the kernel's checks."""
+  cfg = nm.pick_config(64, 12288, 3072, sms=132)
+  assert (cfg.decode, cfg.tile_k, cfg.e4m3_scales, cfg.decode_chunks) == ("perm", 256, True, 4)
+  assert not nm.pick_config(64, 7680, 1920, sms=132).e4m3_scales
+  assert nm.pick_config(4096, 1920, 1920).decode_chunks == 1
+  bits = nm.replace_config(cfg, decode="bits")
+  assert (bits.e4m3_scales, bits.decode_chunks) == (False, 1)
+  narrow = nm.replace_config(cfg, tile_k=128)
+  assert (narrow.e4m3_scales, narrow.decode_chunks, narrow.decode) == (False, 1, "perm")
+  assert nm.replace_config(cfg, pingpong=True).decode_chunks == 1
+  assert nm.replace_config(cfg, decode_chunks=2).decode_chunks == 2
+  x = jax.ShapeDtypeStruct((64, 3072), jnp.bfloat16)
+  for c in (cfg, bits, narrow):
+    w4 = jax.ShapeDtypeStruct((12288, 3072), jnp.int4)
+    ws = (jax.ShapeDtypeStruct((12288, 192), jnp.uint8) if c.e4m3_scales
+          else jax.ShapeDtypeStruct((192, 12288), jnp.bfloat16))
+    nm._check(x, w4, ws, c)
+
+
 @pytest.mark.parametrize("m,n,k,chunks,e4m3", [(64, 12288, 3072, 1, True), (64, 12288, 3072, 4, False),
                                                (16, 3072, 3072, 2, True), (2048, 1920, 1920, 1, False)])
 def test_perm_kernel_lowers_for_hopper(m, n, k, chunks, e4m3):
