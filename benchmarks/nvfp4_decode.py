@@ -8,7 +8,8 @@ Per shape, CUPTI device time (benchmarks.kernels.time_fn) of:
 - pick_config's kernel with the "perm" decode (the default, with its K chunks at small M), on
   x already in its K order (permute_x, the copy that makes it, timed apart); the same with
   "bits"; at small M also other K chunk counts, the stored e4m3 block scales (also a
-  default), other K steps and split-K;
+  default), other K steps (512-wide also with 8 chunks) and split-K, and where the default
+  steps are 64 wide (2B K1920) fewer splits with 128 / 256-wide chunked steps;
 - the per-call pre-passes (weight_operands, rotation);
 - MOSAIC.w4a16 / w4a4 end to end with the "perm" decode, with "bits", and at small M with
   the e4m3 scales; for w4a16 also each launch's time ("parts"), and the rotation + kernel
@@ -64,9 +65,19 @@ for (m, k, n) in shapes:
   if m <= 128:
     for tk, st in ((512, 2), (128, 6)):
       c = rep(tile_k=tk, max_concurrent_steps=st)
-      if nm.supported(m, n, k, c) and (k // c.k_splits) // tk >= 2: cfgs[f"perm_k{tk}s{st}"] = c
+      if nm.supported(m, n, k, c) and (k // c.k_splits) // tk >= 2:
+        cfgs[f"perm_k{tk}s{st}"] = c
+        if tk == 512:  # the widest step with more chunks: less of the last chunk's MMA exposed
+          cfgs[f"perm_k{tk}s{st}_ch8"] = nm.replace_config(c, decode_chunks=8)
     if base.k_splits > 1:
       cfgs["perm_ks_half"] = rep(k_splits=base.k_splits // 2)
+    if base.tile_k == 64:  # (2B K1920 shapes) fewer splits for K steps wide enough to chunk
+      for ks in sorted({1, base.k_splits // 2} - {0, base.k_splits}):
+        for tk in (128, 256):
+          c = rep(k_splits=ks, tile_k=tk, max_concurrent_steps=4 if tk == 128 else 3,
+                  decode_chunks=tk // 64)
+          if k % (ks * tk) == 0 and k // (ks * tk) >= 2:
+            cfgs[f"perm_ks{ks}_k{tk}_ch{tk // 64}"] = c
     for ch in (1, 2, 4):  # K-chunked decode + wgmma within a step
       if base.tile_k % (64 * ch) == 0 and ch != base.decode_chunks:
         cfgs[f"perm_ch{ch}"] = rep(decode_chunks=ch)
