@@ -65,6 +65,9 @@ class NVFP4MatmulConfig:
   decode_chunks ("perm" only): decode each K step in this many column chunks, each chunk's
   wgmma issued before the next chunk is decoded (one wait per step), so that the decode
   overlaps the tensor cores within a warpgroup; tile_k % (64 * decode_chunks) == 0.
+  delay_release (0 or 1; "perm" with decode_chunks > 1): a step's SMEM slot is released one
+  step later, so that its wgmmas may still run while the next step decodes (the wait at the
+  end of a step is for the step before it); only applied where every CTA gets one tile.
   e4m3_scales: read the block scales as stored (e4m3 bytes [N, K/16]) and convert them in
   registers, instead of the bf16[K/16, N] copy `weight_operands` makes per call; needs the
   "perm" decode, tile_k >= 256 and K % 256 == 0 (TMA boxes and row strides of the scales are
@@ -86,6 +89,7 @@ class NVFP4MatmulConfig:
   e4m3_scales: bool = False
   pingpong: bool = False
   decode_chunks: int = 1
+  delay_release: int = 0
 
   @property
   def cta_tile_n(self) -> int:
@@ -155,6 +159,8 @@ def replace_config(cfg: NVFP4MatmulConfig, **changes) -> NVFP4MatmulConfig:
   perm = cfg.decode == "perm"
   if not perm or cfg.pingpong or cfg.tile_k % (64 * cfg.decode_chunks):
     cfg = dataclasses.replace(cfg, decode_chunks=1)
+  if cfg.decode_chunks < 2 or cfg.max_concurrent_steps < 2:
+    cfg = dataclasses.replace(cfg, delay_release=0)
   if not perm or cfg.tile_k < 256:
     cfg = dataclasses.replace(cfg, e4m3_scales=False)
   return cfg
@@ -190,6 +196,10 @@ def _check(x, w4, ws, cfg: NVFP4MatmulConfig):
       cfg.decode_chunks > 1 and (cfg.decode != "perm" or cfg.pingpong)):
     raise ValueError(f"nvfp4_matmul: decode_chunks needs the 'perm' decode, no pingpong and "
                      f"tile_k % (64 * decode_chunks) == 0, got {cfg}")
+  if cfg.delay_release not in (0, 1) or (cfg.delay_release and (
+      cfg.decode_chunks < 2 or cfg.max_concurrent_steps < 2)):
+    raise ValueError(f"nvfp4_matmul: delay_release is 0 or 1, and 1 needs decode_chunks > 1 "
+                     f"and max_concurrent_steps > 1, got {cfg}")
   want = (jnp.uint8, (n, k // 16)) if cfg.e4m3_scales else (jnp.bfloat16, (k // 16, n))
   if (ws.dtype, ws.shape) != want:
     raise ValueError(f"nvfp4_matmul: block scales are {ws.dtype}{list(ws.shape)}, want "
@@ -423,6 +433,9 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
   interp = interpret is not None
   n_scale = tile_k // 16
   e4m3 = cfg.e4m3_scales
+  # late release only where each CTA runs one tile: the pipeline never releases a tile's last
+  # slot, so a second tile's first copies could overwrite it while its wgmmas still read it
+  delay = cfg.delay_release if k_iters > 1 and m_iters * n_iters * splits <= sms else 0
 
   def nvfp4_matmul_kernel(x_g, w_g, ws_g, cs_g, bias_g, out_g):
     def get_pipeline(body, ctx):
@@ -430,12 +443,14 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
           body, grid=(k_iters,), memory_registers=40,
           in_specs=[
               plgpu.BlockSpec((tile_m, tile_k), lambda kk: (0, kk), transforms=x_tr,
-                              memory_space=plgpu.SMEM),
+                              memory_space=plgpu.SMEM, delay_release=delay),
               plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=w_tr,
-                              memory_space=plgpu.SMEM),
-              plgpu.BlockSpec((cta_n, n_scale), lambda kk: (0, kk), memory_space=plgpu.SMEM)
+                              memory_space=plgpu.SMEM, delay_release=delay),
+              plgpu.BlockSpec((cta_n, n_scale), lambda kk: (0, kk), memory_space=plgpu.SMEM,
+                              delay_release=delay)
               if e4m3 else
-              plgpu.BlockSpec((n_scale, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((n_scale, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM,
+                              delay_release=delay),
           ],
           wg_axis="wg", num_compute_wgs=2,
           max_concurrent_steps=min(cfg.max_concurrent_steps, k_iters), compute_context=ctx)
@@ -478,6 +493,8 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_n, tile_m), jnp.float32))
           def _acc(acc_ref):
             eval_pipeline(acc_ref)
+            if delay:  # the last step's wgmmas may still be in flight
+              plgpu.wgmma_wait(0)
             acc = acc_ref[...]
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             if raw:
@@ -532,7 +549,9 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
               for ch in range(cfg.decode_chunks):
                 wv = _decode_perm(w4, wg_scales, e4m3, cols=(ch * width, width))
                 plgpu.wgmma(acc_ref, wv, x_s.at[:, pl.ds(ch * width, width)].T)
-              plgpu.wgmma_wait(0)
+              # with delay_release, wait only for the previous step's chunks: its slot is
+              # the one released after this body
+              plgpu.wgmma_wait(cfg.decode_chunks if delay else 0)
               return acc_ref
             if cfg.decode == "perm":
               wv = _decode_perm(w4, wg_scales, e4m3)

@@ -108,11 +108,15 @@ def test_permute_k_is_the_registers_column_order():
     (dataclasses.replace(SMALL, k_splits=2), (40, 128, 256)),       # split-K, M % 8 != 0
     (dataclasses.replace(SMALL, decode="int4"), (64, 256, 128)),
     (dataclasses.replace(SMALL, decode="perm"), (96, 128, 128)),   # codes decoded in place
-    (SMALL_M, (48, 128, 1024)),                                     # small M: split-K, 256-wide K
-    (dataclasses.replace(SMALL_M, decode="perm", e4m3_scales=True), (48, 128, 1024)),
-], ids=["raggedM", "splitK", "int4decode", "permdecode", "smallM", "smallM-perm-e4m3scales"])
+    (nm.replace_config(SMALL_M, decode="bits"), (48, 128, 1024)),  # small M: split-K, 256-wide K
+    (SMALL_M, (48, 128, 1024)),                        # its default: perm, e4m3 scales, K chunks
+    (dataclasses.replace(SMALL_M, delay_release=1), (48, 128, 1024)),  # slots released late
+], ids=["raggedM", "splitK", "int4decode", "permdecode", "smallM-bits", "smallM",
+        "smallM-delayrelease"])
 def test_kernel_matches_reference_and_float64(rng, cfg, shape):
   m, n, k = shape
+  if cfg is SMALL_M:  # pick_config's small-M choices at this K
+    assert (cfg.decode, cfg.e4m3_scales, cfg.decode_chunks) == ("perm", True, 4), cfg
   if cfg.tile_k == 256:  # the small-M config: two splits of two 256-wide steps
     assert (cfg.k_splits, cfg.tile_k) == (2, 256), cfg
   x, t, w4, ws, cs, bias = problem(rng, m, n, k, cfg.decode, cfg.e4m3_scales)
@@ -146,6 +150,10 @@ def test_bad_inputs_are_rejected(rng):
               dict(decode="perm", decode_chunks=0)):
     with pytest.raises(ValueError, match="decode_chunks needs"):
       nm.nvfp4_matmul(x, w4, ws, cs, config=dataclasses.replace(SMALL, tile_k=128, **bad))
+  for bad in (dict(decode_chunks=1, delay_release=1), dict(decode_chunks=2, delay_release=2)):
+    with pytest.raises(ValueError, match="delay_release is 0 or 1"):
+      nm.nvfp4_matmul(x, w4, ws, cs, config=dataclasses.replace(SMALL, tile_k=128,
+                                                                 decode="perm", **bad))
 
 
 def test_pick_config_small_m_defaults_and_replace_config():
@@ -170,16 +178,17 @@ def test_pick_config_small_m_defaults_and_replace_config():
     nm._check(x, w4, ws, c)
 
 
-@pytest.mark.parametrize("m,n,k,chunks,e4m3", [(64, 12288, 3072, 1, True), (64, 12288, 3072, 4, False),
-                                               (16, 3072, 3072, 2, True), (2048, 1920, 1920, 1, False)])
-def test_perm_kernel_lowers_for_hopper(m, n, k, chunks, e4m3):
+@pytest.mark.parametrize("m,n,k,chunks,e4m3,delay", [
+    (64, 12288, 3072, 1, True, 0), (64, 12288, 3072, 4, False, 0), (64, 12288, 3072, 4, True, 1),
+    (16, 3072, 3072, 2, True, 1), (2048, 1920, 1920, 1, False, 0)])
+def test_perm_kernel_lowers_for_hopper(m, n, k, chunks, e4m3, delay):
   """The register-decode kernel as pick_config tiles real shapes ("perm", with the stored e4m3
-  scales and K-chunked decode + wgmma where asked) passes Mosaic GPU's lowering for CUDA from
+  scales, K-chunked decode + wgmma and late slot release where asked) passes Mosaic GPU's lowering for CUDA from
   the CPU: the inline decode's register walk and the sliced SMEM operands (interpret mode runs
   a jnp decode instead)."""
   t = formats.quantize_nvfp4(jax.random.normal(jax.random.key(m + chunks), (n, k), jnp.float32))
   cfg = dataclasses.replace(nm.pick_config(m, n, k, sms=132), decode="perm", e4m3_scales=e4m3,
-                            decode_chunks=chunks)
+                            decode_chunks=chunks, delay_release=delay)
   w4, ws, gain = nm.weight_operands(t, "perm", e4m3)
   f = jax.jit(lambda x, w4, ws: nm.nvfp4_matmul(x, w4, ws, gain, None, config=cfg, sms=132))
   x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
@@ -282,16 +291,16 @@ def test_qdq_nonfinite_input_poisons_the_scale(rng):
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("variant", ["perm", "bits", "int4", "perm-e4m3", "perm-e4m3-chunks2",
-                                    "perm-chunks4"])
+                                    "perm-chunks4", "perm-e4m3-chunks4-delay"])
 @pytest.mark.parametrize("m,k,n", [(2048, 1920, 1920), (35552 // 8, 3072, 1536), (64, 1920, 7680),
                                    (16, 3072, 3072), (64, 3072, 12288)])
 def test_gpu_kernel_real_shapes(rng, variant, m, k, n):
   decode, e4m3 = variant.split("-")[0], "-e4m3" in variant
-  chunks = int(variant.split("chunks")[1]) if "chunks" in variant else 1
+  chunks = int(variant.split("chunks")[1][0]) if "chunks" in variant else 1
   cfg = dataclasses.replace(nm.pick_config(m, n, k), decode=decode, e4m3_scales=e4m3)
   if (e4m3 or chunks > 1) and cfg.tile_k < 256:
     pytest.skip("e4m3 scales and K chunks need 256-wide K steps (the small-M configs)")
-  cfg = dataclasses.replace(cfg, decode_chunks=chunks)
+  cfg = dataclasses.replace(cfg, decode_chunks=chunks, delay_release=int("delay" in variant))
   x, t, w4, ws, cs, bias = problem(rng, m, n, k, decode, e4m3)
   got = nm.nvfp4_matmul(x, w4, ws, cs, bias, config=cfg)
   want = nm.reference(x, w4, ws, cs, bias, decode=decode)
