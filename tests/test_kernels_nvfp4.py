@@ -290,17 +290,22 @@ def test_qdq_nonfinite_input_poisons_the_scale(rng):
 # ------------------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("variant", ["perm", "bits", "int4", "perm-e4m3", "perm-e4m3-chunks2",
-                                    "perm-chunks4", "perm-e4m3-chunks4-delay"])
+@pytest.mark.parametrize("variant", ["default", "perm", "bits", "int4", "perm-e4m3",
+                                    "perm-e4m3-chunks2", "perm-chunks4", "perm-e4m3-chunks4-delay"])
 @pytest.mark.parametrize("m,k,n", [(2048, 1920, 1920), (35552 // 8, 3072, 1536), (64, 1920, 7680),
                                    (16, 3072, 3072), (64, 3072, 12288)])
 def test_gpu_kernel_real_shapes(rng, variant, m, k, n):
-  decode, e4m3 = variant.split("-")[0], "-e4m3" in variant
-  chunks = int(variant.split("chunks")[1][0]) if "chunks" in variant else 1
-  cfg = dataclasses.replace(nm.pick_config(m, n, k), decode=decode, e4m3_scales=e4m3)
-  if (e4m3 or chunks > 1) and cfg.tile_k < 256:
-    pytest.skip("e4m3 scales and K chunks need 256-wide K steps (the small-M configs)")
-  cfg = dataclasses.replace(cfg, decode_chunks=chunks, delay_release=int("delay" in variant))
+  """"default": pick_config's config as it is; the others pin the decode and its options."""
+  if variant == "default":
+    cfg = nm.pick_config(m, n, k)
+  else:
+    decode, e4m3 = variant.split("-")[0], "-e4m3" in variant
+    chunks = int(variant.split("chunks")[1][0]) if "chunks" in variant else 1
+    cfg = dataclasses.replace(nm.pick_config(m, n, k), decode=decode, e4m3_scales=e4m3)
+    if (e4m3 or chunks > 1) and cfg.tile_k < 256:
+      pytest.skip("e4m3 scales and K chunks need 256-wide K steps (the small-M configs)")
+    cfg = dataclasses.replace(cfg, decode_chunks=chunks, delay_release=int("delay" in variant))
+  decode, e4m3 = cfg.decode, cfg.e4m3_scales
   x, t, w4, ws, cs, bias = problem(rng, m, n, k, decode, e4m3)
   got = nm.nvfp4_matmul(x, w4, ws, cs, bias, config=cfg)
   want = nm.reference(x, w4, ws, cs, bias, decode=decode)
