@@ -121,11 +121,11 @@ def pick_config(m: int, n: int, k: int, sms: int | None = None) -> NVFP4MatmulCo
   for tile_k, stages in _SMALL_M_K_STEPS:
     if (k_split % tile_k == 0 and k_split // tile_k >= 2
         and stages * _stage_bytes(cfg, tile_k) <= _SMALL_M_PIPELINE_BYTES):
-      perm = cfg.decode == "perm"
-      chunks = SMALL_M_DECODE_CHUNKS if perm and tile_k % (64 * SMALL_M_DECODE_CHUNKS) == 0 else 1
-      return dataclasses.replace(cfg, tile_k=tile_k, max_concurrent_steps=stages,
-                                 e4m3_scales=SMALL_M_E4M3_SCALES and tile_k >= 256
-                                 and k % 256 == 0 and perm, decode_chunks=chunks)
+      # the "perm" options where this step takes them (tile_k divides K, so a 256-wide step
+      # also means K % 256 == 0, as the e4m3 scales need)
+      return replace_config(cfg, tile_k=tile_k, max_concurrent_steps=stages,
+                            e4m3_scales=SMALL_M_E4M3_SCALES,
+                            decode_chunks=SMALL_M_DECODE_CHUNKS)
   return cfg
 
 
@@ -543,28 +543,23 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
             if pingpong:
               pl.when(wg == 0)(schedule)
             w4 = plgpu.load(w_s.at[ns], layout=plgpu.Layout.WGMMA_UPCAST_4X)
-            if cfg.decode == "perm" and cfg.decode_chunks > 1:
-              # each chunk's wgmma in flight while the next chunk decodes; one wait per step
-              width = tile_k // cfg.decode_chunks
-              for ch in range(cfg.decode_chunks):
+            chunks = cfg.decode_chunks  # ("perm" only) each chunk's wgmma in flight while
+            width = tile_k // chunks    # the next chunk decodes
+            for ch in range(chunks):
+              if cfg.decode == "perm":
                 wv = _decode_perm(w4, wg_scales, e4m3, cols=(ch * width, width))
-                plgpu.wgmma(acc_ref, wv, x_s.at[:, pl.ds(ch * width, width)].T)
-              # with delay_release, wait only for the previous step's chunks: its slot is
-              # the one released after this body
-              plgpu.wgmma_wait(cfg.decode_chunks if delay else 0)
-              return acc_ref
-            if cfg.decode == "perm":
-              wv = _decode_perm(w4, wg_scales, e4m3)
-            else:
-              w4 = plgpu.layout_cast(w4, plgpu.Layout.WGMMA)
-              decode = _decode_bits if cfg.decode == "bits" else _decode_int4
-              wv = decode(w4, wg_scales)
-            if pingpong:
-              schedule()
-            plgpu.wgmma(acc_ref, wv, x_s.T)
+              else:
+                decode = _decode_bits if cfg.decode == "bits" else _decode_int4
+                wv = decode(plgpu.layout_cast(w4, plgpu.Layout.WGMMA), wg_scales)
+              if pingpong:
+                schedule()
+              plgpu.wgmma(acc_ref, wv,
+                          (x_s if chunks == 1 else x_s.at[:, pl.ds(ch * width, width)]).T)
             if pingpong:
               pl.when(wg == 1)(schedule)
-          plgpu.wgmma_wait(0)
+          # with delay_release, wait only for the previous step's chunks: its slot is the one
+          # released after this body
+          plgpu.wgmma_wait(cfg.decode_chunks if delay else 0)
           return acc_ref
 
         get_pipeline(mma, ctx)(

@@ -126,16 +126,22 @@ def weight_bf16(layer) -> jax.Array:
     return jax.lax.bitcast_convert_type(pair, jnp.bfloat16).reshape(layer.weight.shape)
 
 
-def _nvfp4_matmul(xv: jax.Array, layer, act_scale, x_permuted: bool = False,
-                  decode: str | None = None) -> jax.Array:
-  """decode: the register decode to use instead of pick_config's."""
+def _kernel_config(x: jax.Array, layer, decode: str | None = None):
+  """The register-decode kernel's config for x[M, K] (pick_config's, with `decode` instead of
+  its decode if given), or None from DEQUANT_MIN_ROWS rows (the bf16 decode + GEMM path)."""
+  (m, k), n = x.shape, layer.out_features
+  if m >= DEQUANT_MIN_ROWS:
+    return None
+  cfg = nvmm.pick_config(m, n, k)
+  return cfg if decode is None else nvmm.replace_config(cfg, decode=decode)
+
+
+def _nvfp4_matmul(xv: jax.Array, layer, act_scale, cfg, x_permuted: bool = False) -> jax.Array:
+  """cfg: from _kernel_config (None: the bf16 decode + GEMM)."""
   scale = act_scale * layer.weight.global_scale
-  if xv.shape[0] >= DEQUANT_MIN_ROWS:
+  if cfg is None:
     return w8a8.bf16_matmul(xv, weight_bf16(layer), scale, layer.bias,
                             interpret=interpret_params())
-  cfg = nvmm.pick_config(xv.shape[0], layer.out_features, xv.shape[1])
-  if decode is not None:
-    cfg = nvmm.replace_config(cfg, decode=decode)
   w4, ws, gain = nvmm.weight_operands(layer.weight, cfg.decode, cfg.e4m3_scales)
   return nvmm.nvfp4_matmul(xv, w4, ws, scale * gain, layer.bias, config=cfg,
                            interpret=interpret_params(), x_permuted=x_permuted)
@@ -145,13 +151,12 @@ def w4a16(x: jax.Array, layer) -> jax.Array:
   """x[M, K] -> bf16[M, N], matching qlinear_xla.w4a16."""
   if not _nvfp4_ok(x, layer):
     return qlinear_xla.w4a16(x, layer)
-  hb, m, k = layer.hadamard_block, *x.shape
+  hb, cfg = layer.hadamard_block, _kernel_config(x, layer)
   # the register-decode kernel's K order (nvfp4_matmul.permute_k, within 32 columns) folded
   # into the rotation's columns, instead of a copy of x
-  fold = (m < DEQUANT_MIN_ROWS and hb % 32 == 0 and hb > 0
-          and nvmm.pick_config(m, layer.out_features, k).decode == "perm")
+  fold = cfg is not None and cfg.decode == "perm" and hb % 32 == 0 and hb > 0
   xr = nvfp4_quant.rotate(x, hb, nvmm.k_permutation(hb) if fold else None)
-  return _nvfp4_matmul(xr.astype(jnp.bfloat16), layer, jnp.float32(1), x_permuted=fold)
+  return _nvfp4_matmul(xr.astype(jnp.bfloat16), layer, jnp.float32(1), cfg, x_permuted=fold)
 
 
 # Rows up to which MOSAIC.w4a4 takes pick_config's "perm" decode; above, "bits" (see w4a4).
@@ -171,8 +176,7 @@ def w4a4(x: jax.Array, layer) -> jax.Array:
   # 32 columns), so it costs a copy of xv: past W4A4_PERM_MAX_ROWS that copy outweighs the
   # decode's gain (H100, M = 2048: 31.5 us with the copy vs 26.9 for "bits"; NOTES.md).
   decode = None if x.shape[0] <= W4A4_PERM_MAX_ROWS else "bits"
-  return _nvfp4_matmul(xv, layer, gx, decode=decode)
-
+  return _nvfp4_matmul(xv, layer, gx, _kernel_config(x, layer, decode))
 
 
 class _Mosaic:
