@@ -126,9 +126,10 @@ def time_fn(fn, argsets, iterations=5):
 
 def kernel_breakdown(fn, args, iterations=5):
   """[(kernel name, median device time in us)] of one call of fn(*args), launch by launch
-  (CUPTI): where an end-to-end time goes."""
+  (CUPTI): where an end-to-end time goes. fn is traced afresh (a new wrapper): jax.jit(fn)
+  would reuse a trace of the same function made under other module settings."""
   from jax.experimental.mosaic.gpu import profiler
-  _, per_iter = profiler.measure(jax.jit(fn), aggregate=False, iterations=iterations)(*args)
+  _, per_iter = profiler.measure(jax.jit(lambda *a: fn(*a)), aggregate=False, iterations=iterations)(*args)
   return [(name, statistics.median(it[i][1] for it in per_iter) * 1e3)
           for i, (name, _) in enumerate(per_iter[0])]
 

@@ -65,9 +65,6 @@ class NVFP4MatmulConfig:
   decode_chunks ("perm" only): decode each K step in this many column chunks, each chunk's
   wgmma issued before the next chunk is decoded (one wait per step), so that the decode
   overlaps the tensor cores within a warpgroup; tile_k % (64 * decode_chunks) == 0.
-  delay_release (0 or 1; "perm" with decode_chunks > 1): a step's SMEM slot is released one
-  step later, so that its wgmmas may still run while the next step decodes (the wait at the
-  end of a step is for the step before it); only applied where every CTA gets one tile.
   e4m3_scales: read the block scales as stored (e4m3 bytes [N, K/16]) and convert them in
   registers, instead of the bf16[K/16, N] copy `weight_operands` makes per call; needs the
   "perm" decode, tile_k >= 256 and K % 256 == 0 (TMA boxes and row strides of the scales are
@@ -89,7 +86,6 @@ class NVFP4MatmulConfig:
   e4m3_scales: bool = False
   pingpong: bool = False
   decode_chunks: int = 1
-  delay_release: int = 0
 
   @property
   def cta_tile_n(self) -> int:
@@ -159,8 +155,6 @@ def replace_config(cfg: NVFP4MatmulConfig, **changes) -> NVFP4MatmulConfig:
   perm = cfg.decode == "perm"
   if not perm or cfg.pingpong or cfg.tile_k % (64 * cfg.decode_chunks):
     cfg = dataclasses.replace(cfg, decode_chunks=1)
-  if cfg.decode_chunks < 2 or cfg.max_concurrent_steps < 2:
-    cfg = dataclasses.replace(cfg, delay_release=0)
   if not perm or cfg.tile_k < 256:
     cfg = dataclasses.replace(cfg, e4m3_scales=False)
   return cfg
@@ -196,10 +190,6 @@ def _check(x, w4, ws, cfg: NVFP4MatmulConfig):
       cfg.decode_chunks > 1 and (cfg.decode != "perm" or cfg.pingpong)):
     raise ValueError(f"nvfp4_matmul: decode_chunks needs the 'perm' decode, no pingpong and "
                      f"tile_k % (64 * decode_chunks) == 0, got {cfg}")
-  if cfg.delay_release not in (0, 1) or (cfg.delay_release and (
-      cfg.decode_chunks < 2 or cfg.max_concurrent_steps < 2)):
-    raise ValueError(f"nvfp4_matmul: delay_release is 0 or 1, and 1 needs decode_chunks > 1 "
-                     f"and max_concurrent_steps > 1, got {cfg}")
   want = (jnp.uint8, (n, k // 16)) if cfg.e4m3_scales else (jnp.bfloat16, (k // 16, n))
   if (ws.dtype, ws.shape) != want:
     raise ValueError(f"nvfp4_matmul: block scales are {ws.dtype}{list(ws.shape)}, want "
@@ -311,24 +301,23 @@ def k_permutation(k: int) -> np.ndarray:
   return permute_k(np.arange(k))
 
 
-def _e4m3_to_scaled_bf16(b, i32):
-  """i8 e4m3 bits (MLIR value) -> i16 bits of bf16(s * 2^119), exact: normal codes move
-  their exponent and mantissa up and rebias the exponent (e - 7 + 119 + 127 = e + 239 <= 254);
-  subnormal ones (e == 0: m * 2^-9) go through f32 (m * 2^110). NaN codes come out finite."""
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  c = lambda v: arith.constant(i32, v)
-  f32 = ir.F32Type.get()
-  b = arith.extui(i32, b)
-  normal = arith.addi(arith.shli(arith.andi(b, c(0x7F)), c(4)), c(239 << 7))
-  m = arith.uitofp(f32, arith.andi(b, c(7)))
-  sub = arith.shrui(mgpu_utils.bitcast(arith.mulf(m, arith.constant(f32, 2.0 ** 110)), i32),
-                    c(16))
-  is_sub = arith.cmpi(arith.CmpIPredicate.eq, arith.andi(b, c(0x78)), c(0))
-  mag = arith.select(is_sub, sub, normal)
-  bits = arith.ori(mag, arith.shli(arith.andi(b, c(0x80)), c(8)))
-  return arith.trunci(ir.IntegerType.get_signless(16), bits)
+# bf16 bits of s * 2^119 from an f16 s >= 0 (normal or zero): exponent and mantissa moved down
+# to bf16's fields (>> 3: the dropped mantissa bits are zero for e4m3 values) and the exponent
+# rebiased by -15 + 127 + 119; applied to both halves of an f16x2 word at once.
+_F16_TO_SCALED_BF16_ADD = ((127 + _BITS_SCALE_EXP - 15) << 7) * 0x10001  # 0x73807380 < 2^31
+
+
+def _e4m3_pair_to_scaled_bf16x2(pair, i32):
+  """i16 (MLIR value) holding two e4m3 scale bytes -> i32 holding bf16(s * 2^119) for each
+  (the low byte's in the low half). Exact for every scale formats writes (s >= 0; subnormal
+  e4m3 are normal f16): the hardware's e4m3x2 -> f16x2 conversion, then one shift and one add
+  for both (`_F16_TO_SCALED_BF16_ADD`). A zero scale comes out as 2^104, not 0: formats zeroes
+  such a block's codes, so its values stay 0; negative and NaN codes come out wrong (formats
+  writes neither)."""
+  from jax._src.lib.mlir.dialects import arith, llvm
+  h2 = llvm.inline_asm(i32, [pair], "cvt.rn.f16x2.e4m3x2 $0, $1;", "=r,h")
+  return arith.addi(arith.shrui(h2, arith.constant(i32, 3)),
+                    arith.constant(i32, _F16_TO_SCALED_BF16_ADD))
 
 
 def _decode_perm(w4_upcast, ws_ref, e4m3_scales: bool = False,
@@ -368,25 +357,34 @@ def _decode_perm(w4_upcast, ws_ref, e4m3_scales: bool = False,
     assert regs.shape[:2] == (rows // 64, all_cols // 32) and regs.shape[4] == 2, regs.shape
     assert all(d == 1 for d in regs.shape[2:4] + regs.shape[5:]), regs.shape
     out = np.empty((rows // 64, cols // 8) + regs.shape[2:], dtype=object)
+    words = {}  # this chunk's registers by row: t -> (index, row, block index, word)
     for (row, col), reg_idx in zip(w.layout.thread_idxs(w.shape), np.ndindex(regs.shape)):
       t = reg_idx[1] - col0 // 32  # this register's 32-column group within the chunk
-      if not 0 <= t < cols // 32:
-        continue
-      blk = arith.divui(col, sixteen)
-      if e4m3_scales:
-        s = mgpu_utils.bitcast(_e4m3_to_scaled_bf16(memref.load(s_ref, [row, blk]), i32),
-                               ir.BF16Type.get())
+      if 0 <= t < cols // 32:
+        words.setdefault((reg_idx[0],) + reg_idx[2:], {})[t] = (
+            reg_idx, row, arith.divui(col, sixteen), regs[reg_idx])
+    for by_t in words.values():
+      scales = {}  # t -> the word's block scale, broadcast to bf16x2
+      if e4m3_scales:  # two words' scale bytes (the same row, t and t + 1) converted at once
+        i16 = ir.IntegerType.get_signless(16)
+        for t in range(0, cols // 32, 2):
+          lo, hi = (arith.extui(i16, memref.load(s_ref, list(by_t[u][1:3]))) for u in (t, t + 1))
+          pair = arith.ori(lo, arith.shli(hi, arith.constant(i16, 8)))
+          s2 = mgpu_utils.bitcast(_e4m3_pair_to_scaled_bf16x2(pair, i32), v2bf16)
+          scales[t] = vector.shuffle(s2, s2, [0, 0])
+          scales[t + 1] = vector.shuffle(s2, s2, [1, 1])
       else:
-        s = memref.load(s_ref, [blk, row])
-      s2 = vector.broadcast(v2bf16, s)
-      word = mgpu_utils.bitcast(regs[reg_idx], i32)
-      for a in range(4):
-        # codes a (bits 4a+3..4a) and a+4 (16 bits up) -> bf16 halves: sign to bit 15 / 31,
-        # magnitude to bits 8..6 / 24..22, i.e. e2m1 * 2^-126 (see _decode_bits)
-        bits = arith.ori(arith.andi(shift(word, 12 - 4 * a), sign_mask),
-                         arith.andi(shift(word, 6 - 4 * a), mag_mask))
-        out_idx = (reg_idx[0], 4 * t + a) + reg_idx[2:]
-        out[out_idx] = arith.mulf(mgpu_utils.bitcast(bits, v2bf16), s2)
+        for t, (_, row, blk, _) in by_t.items():
+          scales[t] = vector.broadcast(v2bf16, memref.load(s_ref, [blk, row]))
+      for t, (reg_idx, _, _, reg) in by_t.items():
+        word = mgpu_utils.bitcast(reg, i32)
+        for a in range(4):
+          # codes a (bits 4a+3..4a) and a+4 (16 bits up) -> bf16 halves: sign to bit 15 / 31,
+          # magnitude to bits 8..6 / 24..22, i.e. e2m1 * 2^-126 (see _decode_bits)
+          bits = arith.ori(arith.andi(shift(word, 12 - 4 * a), sign_mask),
+                           arith.andi(shift(word, 6 - 4 * a), mag_mask))
+          out_idx = (reg_idx[0], 4 * t + a) + reg_idx[2:]
+          out[out_idx] = arith.mulf(mgpu_utils.bitcast(bits, v2bf16), scales[t])
     return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
   return decode(w4_upcast, ws_ref)
@@ -410,9 +408,28 @@ def _decode_int4(w4_wgmma, ws_ref):
 
 
 # ---------------------------------------------------------------------------------- kernel
+def _gmem_scalar_splat(ref, n: int):
+  """f32[n] in the wgmma row layout, every element ref[0] (a GMEM f32[1] ref: one load per
+  thread, no TMA copy, which needs 16 bytes)."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, memref
+  from jax.experimental.mosaic import gpu as mgpu
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                     return_type=plgpu.ShapeDtypeStruct((n,), jnp.float32,
+                                                        layout=plgpu.Layout.WGMMA.reduce(1)))
+  def splat(_, r):
+    v = memref.load(r, [arith.constant(ir.IndexType.get(), 0)])
+    return mgpu.FragmentedArray.splat(v, (n,), layout=mgpu.WGMMA_ROW_LAYOUT)
+
+  return splat(ref)
+
+
 def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, interpret,
-                 sms: int):
-  """One launch: bf16 [M, N] with the epilogue, or raw f32 partials [k_splits, N, M]."""
+                 sms: int, gain: float = 1.0):
+  """One launch: bf16 [M, N] with the epilogue, or raw f32 partials [k_splits, N, M].
+  col_scale f32[N] or f32[1] (one scale for all columns, read in place); bias f32[N] or None;
+  gain: a constant factor on col_scale."""
   (m, k), (n, _) = x.shape, w4.shape
   tile_m, tile_n, tile_k = cfg.tile_m, cfg.tile_n, cfg.tile_k
   cta_n = cfg.cta_tile_n
@@ -433,9 +450,12 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
   interp = interpret is not None
   n_scale = tile_k // 16
   e4m3 = cfg.e4m3_scales
-  # late release only where each CTA runs one tile: the pipeline never releases a tile's last
-  # slot, so a second tile's first copies could overwrite it while its wgmmas still read it
-  delay = cfg.delay_release if k_iters > 1 and m_iters * n_iters * splits <= sms else 0
+  # the epilogue's per-column operands, fetched by TMA into SMEM (each one barrier arrival); a
+  # single scale is read from GMEM in place instead, and a missing bias not at all
+  cs_scalar, has_bias = col_scale.shape == (1,), bias is not None
+  tma_fetches = (not cs_scalar) + has_bias
+  if bias is None:
+    bias = col_scale  # a placeholder operand, never read
 
   def nvfp4_matmul_kernel(x_g, w_g, ws_g, cs_g, bias_g, out_g):
     def get_pipeline(body, ctx):
@@ -443,14 +463,12 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
           body, grid=(k_iters,), memory_registers=40,
           in_specs=[
               plgpu.BlockSpec((tile_m, tile_k), lambda kk: (0, kk), transforms=x_tr,
-                              memory_space=plgpu.SMEM, delay_release=delay),
+                              memory_space=plgpu.SMEM),
               plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=w_tr,
-                              memory_space=plgpu.SMEM, delay_release=delay),
-              plgpu.BlockSpec((cta_n, n_scale), lambda kk: (0, kk), memory_space=plgpu.SMEM,
-                              delay_release=delay)
+                              memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((cta_n, n_scale), lambda kk: (0, kk), memory_space=plgpu.SMEM)
               if e4m3 else
-              plgpu.BlockSpec((n_scale, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM,
-                              delay_release=delay),
+              plgpu.BlockSpec((n_scale, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
           ],
           wg_axis="wg", num_compute_wgs=2,
           max_concurrent_steps=min(cfg.max_concurrent_steps, k_iters), compute_context=ctx)
@@ -461,7 +479,7 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
         out_smem=plgpu.SMEM((2, num_slots, *out_block), out_dtype, transforms=out_tr),
         cs_smem=plgpu.SMEM((2, tile_n), jnp.float32),
         bias_smem=plgpu.SMEM((2, tile_n), jnp.float32),
-        bar=plgpu.Barrier(num_arrivals=2, num_barriers=2),
+        bar=plgpu.Barrier(num_arrivals=max(tma_fetches, 1), num_barriers=2),
     )
     pingpong = cfg.pingpong and not interp
     if pingpong:
@@ -487,14 +505,15 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
 
         def ctx(eval_pipeline):
           if not raw:  # fetch this tile's scale and bias while the K loop runs
-            plgpu.copy_gmem_to_smem(cs_g.at[pl.ds(n0, tile_n)], cs_smem.at[wg], bar.at[wg])
-            plgpu.copy_gmem_to_smem(bias_g.at[pl.ds(n0, tile_n)], bias_smem.at[wg], bar.at[wg])
+            if not cs_scalar:
+              plgpu.copy_gmem_to_smem(cs_g.at[pl.ds(n0, tile_n)], cs_smem.at[wg], bar.at[wg])
+            if has_bias:
+              plgpu.copy_gmem_to_smem(bias_g.at[pl.ds(n0, tile_n)], bias_smem.at[wg],
+                                      bar.at[wg])
 
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_n, tile_m), jnp.float32))
           def _acc(acc_ref):
             eval_pipeline(acc_ref)
-            if delay:  # the last step's wgmmas may still be in flight
-              plgpu.wgmma_wait(0)
             acc = acc_ref[...]
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             if raw:
@@ -507,18 +526,23 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
                     out_smem.at[wg, slot],
                     out_g.at[split, pl.ds(n0, tile_n), pl.ds(m0 + e * epi_m, epi_m)])
               return
-            plgpu.barrier_wait(bar.at[wg])
-            if interp:
-              cs, bb = cs_smem[wg], bias_smem[wg]
+            if tma_fetches:
+              plgpu.barrier_wait(bar.at[wg])
+            row = plgpu.Layout.WGMMA.reduce(1)
+            load = (lambda r: r[...]) if interp else (lambda r: plgpu.load(r, layout=row))
+            if not cs_scalar:
+              cs = load(cs_smem.at[wg])
+            elif interp:
+              cs = jnp.broadcast_to(cs_g[...], (tile_n,))
             else:
-              row = plgpu.Layout.WGMMA.reduce(1)
-              cs = plgpu.load(cs_smem.at[wg], layout=row)
-              bb = plgpu.load(bias_smem.at[wg], layout=row)
+              cs = _gmem_scalar_splat(cs_g, tile_n)
             shape = (tile_n, epi_m)
-            cs_b = lax.broadcast_in_dim(cs, shape, [0])
-            bb_b = lax.broadcast_in_dim(bb, shape, [0])
+            cs_b = lax.broadcast_in_dim(cs * np.float32(gain) if gain != 1 else cs, shape, [0])
+            bb_b = lax.broadcast_in_dim(load(bias_smem.at[wg]), shape, [0]) if has_bias else None
             for e in range(n_epi):
-              part = acc[:, e * epi_m:(e + 1) * epi_m] * cs_b + bb_b
+              part = acc[:, e * epi_m:(e + 1) * epi_m] * cs_b
+              if has_bias:
+                part = part + bb_b
               part = part.astype(jnp.bfloat16)
               if not interp:
                 part = plgpu.layout_cast(part, plgpu.Layout.WGMMA_TRANSPOSED)
@@ -557,9 +581,7 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
                           (x_s if chunks == 1 else x_s.at[:, pl.ds(ch * width, width)]).T)
             if pingpong:
               pl.when(wg == 1)(schedule)
-          # with delay_release, wait only for the previous step's chunks: its slot is the one
-          # released after this body
-          plgpu.wgmma_wait(cfg.decode_chunks if delay else 0)
+          plgpu.wgmma_wait(0)
           return acc_ref
 
         get_pipeline(mma, ctx)(
@@ -583,13 +605,17 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
 
 def nvfp4_matmul(x: jax.Array, w4: jax.Array, ws: jax.Array, col_scale: jax.Array,
                  bias: jax.Array | None = None, *, config: NVFP4MatmulConfig | None = None,
-                 interpret=None, sms: int | None = None, x_permuted: bool = False) -> jax.Array:
+                 interpret=None, sms: int | None = None, x_permuted: bool = False,
+                 gain: float = 1.0) -> jax.Array:
   """x bf16[M, K], (w4 int4[N, K], ws bf16[K/16, N] or with e4m3_scales uint8[N, K/16]) from
-  `weight_operands` (with the same `decode` and `e4m3_scales`), col_scale f32[N] (tensor
-  scales x the operands' gain), bias f32[N] | None.
+  `weight_operands` (with the same `decode` and `e4m3_scales`), col_scale f32[N] or one f32
+  (shape () or (1,): the tensor scales, read by the kernel in place, no broadcast launch),
+  bias f32[N] | None, gain: a constant factor on col_scale (the operands' gain; in the
+  kernel's epilogue, no XLA multiply).
   x_permuted: x is already `permute_k(x)` (only with the "perm" decode).
 
-  Returns bf16[M, N] = (x @ wv.T) * col_scale + bias. interpret: plgpu.InterpretGPUParams.
+  Returns bf16[M, N] = (x @ wv.T) * col_scale * gain + bias. interpret:
+  plgpu.InterpretGPUParams.
   """
   m, k = x.shape
   n = w4.shape[0]
@@ -598,8 +624,14 @@ def nvfp4_matmul(x: jax.Array, w4: jax.Array, ws: jax.Array, col_scale: jax.Arra
   if x_permuted and cfg.decode != "perm":
     raise ValueError(f"nvfp4_matmul: x_permuted needs the 'perm' decode, got {cfg.decode!r}")
   sms = sms or num_sms()
-  col_scale = jnp.broadcast_to(jnp.asarray(col_scale, jnp.float32).reshape(-1), (n,))
-  bias = jnp.zeros((n,), jnp.float32) if bias is None else bias.reshape(n).astype(jnp.float32)
+  col_scale = jnp.asarray(col_scale, jnp.float32)
+  if col_scale.size == 1:
+    col_scale = col_scale.reshape(1)  # a bitcast: no launch
+  elif col_scale.shape != (n,):
+    raise ValueError(f"nvfp4_matmul: col_scale must be one value or [N={n}], got "
+                     f"{col_scale.shape}")
+  if bias is not None:
+    bias = bias.reshape(n).astype(jnp.float32)
   # TMA stores of the swizzled output tiles need M % 8 == 0; split-K partials (small M) are
   # stored along M in 32-row chunks: pad M to whole tiles there. Pad, then slice.
   align = cfg.tile_m if cfg.k_splits > 1 else 8
@@ -608,12 +640,12 @@ def nvfp4_matmul(x: jax.Array, w4: jax.Array, ws: jax.Array, col_scale: jax.Arra
   if m % align:
     xp = jnp.pad(x, ((0, -m % align), (0, 0)))
     return nvfp4_matmul(xp, w4, ws, col_scale, bias, config=cfg, interpret=interpret,
-                        sms=sms, x_permuted=x_permuted)[:m]
+                        sms=sms, x_permuted=x_permuted, gain=gain)[:m]
   if cfg.k_splits > 1:
     parts = _kernel_call(x, w4, ws, col_scale, bias, cfg, True, interpret, sms)
-    acc = parts.sum(axis=0).T
-    return (acc * col_scale + bias).astype(jnp.bfloat16)
-  return _kernel_call(x, w4, ws, col_scale, bias, cfg, False, interpret, sms)
+    y = parts.sum(axis=0).T * (col_scale * np.float32(gain))
+    return (y if bias is None else y + bias).astype(jnp.bfloat16)
+  return _kernel_call(x, w4, ws, col_scale, bias, cfg, False, interpret, sms, gain)
 
 
 def reference(x, w4, ws, col_scale, bias=None, decode: str = "bits"):

@@ -137,13 +137,14 @@ def _kernel_config(x: jax.Array, layer, decode: str | None = None):
 
 
 def _nvfp4_matmul(xv: jax.Array, layer, act_scale, cfg, x_permuted: bool = False) -> jax.Array:
-  """cfg: from _kernel_config (None: the bf16 decode + GEMM)."""
-  scale = act_scale * layer.weight.global_scale
+  """cfg: from _kernel_config (None: the bf16 decode + GEMM); act_scale: f32[] or None (1)."""
+  gs = layer.weight.global_scale
+  scale = gs if act_scale is None else act_scale * gs
   if cfg is None:
     return w8a8.bf16_matmul(xv, weight_bf16(layer), scale, layer.bias,
                             interpret=interpret_params())
   w4, ws, gain = nvmm.weight_operands(layer.weight, cfg.decode, cfg.e4m3_scales)
-  return nvmm.nvfp4_matmul(xv, w4, ws, scale * gain, layer.bias, config=cfg,
+  return nvmm.nvfp4_matmul(xv, w4, ws, scale, layer.bias, config=cfg, gain=float(gain),
                            interpret=interpret_params(), x_permuted=x_permuted)
 
 
@@ -156,7 +157,7 @@ def w4a16(x: jax.Array, layer) -> jax.Array:
   # into the rotation's columns, instead of a copy of x
   fold = cfg is not None and cfg.decode == "perm" and hb % 32 == 0 and hb > 0
   xr = nvfp4_quant.rotate(x, hb, nvmm.k_permutation(hb) if fold else None)
-  return _nvfp4_matmul(xr.astype(jnp.bfloat16), layer, jnp.float32(1), cfg, x_permuted=fold)
+  return _nvfp4_matmul(xr.astype(jnp.bfloat16), layer, None, cfg, x_permuted=fold)
 
 
 # Rows up to which MOSAIC.w4a4 takes pick_config's "perm" decode; above, "bits" (see w4a4).

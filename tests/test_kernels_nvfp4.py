@@ -79,16 +79,20 @@ def test_perm_decode_formula_matches_e2m1(rng):
 
 def test_e4m3_scale_conversion_formula():
   """The in-kernel e4m3 -> bf16(s * 2^119) conversion (e4m3_scales), replayed in numpy on
-  every non-NaN byte: normal codes by exponent rebias, subnormal ones through f32."""
+  every pair of scale bytes formats can write (non-negative, not NaN): the hardware's exact
+  e4m3x2 -> f16x2 conversion, then one shift and add for both halves. Zero comes out 2^104
+  (its block's codes are zero)."""
   import ml_dtypes
-  b = np.arange(256, dtype=np.uint32)
-  b = b[(b & 0x7F) != 0x7F]
-  normal = ((b & 0x7F) << 4) + (239 << 7)
-  sub = ((b & 7).astype(np.float32) * np.float32(2.0 ** 110)).view(np.uint32) >> 16
-  bits = np.where((b & 0x78) == 0, sub, normal) | ((b & 0x80) << 8)
-  got = bits.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
-  want = b.astype(np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64) * 2.0 ** 119
-  np.testing.assert_array_equal(got, want)
+  b = np.arange(0x7F, dtype=np.uint16)  # 0 .. 0x7E: every non-negative, non-NaN e4m3
+  lo, hi = np.meshgrid(b, b, indexing="ij")
+  f16 = lambda v: v.astype(np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float16)
+  h2 = (f16(lo).view(np.uint16).astype(np.uint32)
+        | (f16(hi).view(np.uint16).astype(np.uint32) << 16))
+  bits = (h2 >> 3) + np.uint32(nm._F16_TO_SCALED_BF16_ADD)
+  half = lambda v: (v & 0xFFFF).astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
+  for got, code in ((half(bits), lo), (half(bits >> 16), hi)):
+    want = code.astype(np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64) * 2.0 ** 119
+    np.testing.assert_array_equal(got, np.where(code == 0, 2.0 ** 104, want))
 
 
 def test_permute_k_is_the_registers_column_order():
@@ -110,9 +114,7 @@ def test_permute_k_is_the_registers_column_order():
     (dataclasses.replace(SMALL, decode="perm"), (96, 128, 128)),   # codes decoded in place
     (nm.replace_config(SMALL_M, decode="bits"), (48, 128, 1024)),  # small M: split-K, 256-wide K
     (SMALL_M, (48, 128, 1024)),                        # its default: perm, e4m3 scales, K chunks
-    (dataclasses.replace(SMALL_M, delay_release=1), (48, 128, 1024)),  # slots released late
-], ids=["raggedM", "splitK", "int4decode", "permdecode", "smallM-bits", "smallM",
-        "smallM-delayrelease"])
+], ids=["raggedM", "splitK", "int4decode", "permdecode", "smallM-bits", "smallM"])
 def test_kernel_matches_reference_and_float64(rng, cfg, shape):
   m, n, k = shape
   if cfg is SMALL_M:  # pick_config's small-M choices at this K
@@ -127,6 +129,24 @@ def test_kernel_matches_reference_and_float64(rng, cfg, shape):
   # vs float64: only f32 summation order and the final bf16 rounding (2^-9 relative)
   np.testing.assert_allclose(np.asarray(got, np.float64), float64_product(x, t, bias),
                              rtol=2 ** -8, atol=1e-2 * float(jnp.abs(want).max()) * 2 ** -8)
+
+
+@pytest.mark.parametrize("cfg", [dataclasses.replace(SMALL, decode="perm"),
+                                 dataclasses.replace(SMALL, decode="perm", k_splits=2)],
+                         ids=["fused-epilogue", "splitK"])
+@pytest.mark.parametrize("scale_kind,with_bias", [("columns", True), ("columns", False),
+                                                  ("one", True), ("one", False)])
+def test_kernel_epilogue_operand_forms(rng, cfg, scale_kind, with_bias):
+  """The epilogue's operands: a per-column scale f32[N] (TMA-fetched) or one scale (read in
+  place), with or without bias, times the constant gain."""
+  m, n, k = 64, 128, 256
+  x, _, w4, ws, _, bias = problem(rng, m, n, k, "perm")
+  cs = jnp.asarray(rng.uniform(0.5, 2, n if scale_kind == "columns" else ()), jnp.float32)
+  bias = bias if with_bias else None
+  got = nm.nvfp4_matmul(x, w4, ws, cs, bias, config=cfg, gain=4.0,
+                        interpret=qlinear_mosaic.interpret_params())
+  want = nm.reference(x, w4, ws, cs * 4.0, bias, decode="perm")
+  assert rel_err(got, want) <= 1e-3
 
 
 def test_bad_inputs_are_rejected(rng):
@@ -150,10 +170,6 @@ def test_bad_inputs_are_rejected(rng):
               dict(decode="perm", decode_chunks=0)):
     with pytest.raises(ValueError, match="decode_chunks needs"):
       nm.nvfp4_matmul(x, w4, ws, cs, config=dataclasses.replace(SMALL, tile_k=128, **bad))
-  for bad in (dict(decode_chunks=1, delay_release=1), dict(decode_chunks=2, delay_release=2)):
-    with pytest.raises(ValueError, match="delay_release is 0 or 1"):
-      nm.nvfp4_matmul(x, w4, ws, cs, config=dataclasses.replace(SMALL, tile_k=128,
-                                                                 decode="perm", **bad))
 
 
 def test_pick_config_small_m_defaults_and_replace_config():
@@ -178,17 +194,17 @@ def test_pick_config_small_m_defaults_and_replace_config():
     nm._check(x, w4, ws, c)
 
 
-@pytest.mark.parametrize("m,n,k,chunks,e4m3,delay", [
-    (64, 12288, 3072, 1, True, 0), (64, 12288, 3072, 4, False, 0), (64, 12288, 3072, 4, True, 1),
-    (16, 3072, 3072, 2, True, 1), (2048, 1920, 1920, 1, False, 0)])
-def test_perm_kernel_lowers_for_hopper(m, n, k, chunks, e4m3, delay):
+@pytest.mark.parametrize("m,n,k,chunks,e4m3", [
+    (64, 12288, 3072, 1, True), (64, 12288, 3072, 4, False), (64, 12288, 3072, 4, True),
+    (16, 3072, 3072, 2, True), (2048, 1920, 1920, 1, False)])
+def test_perm_kernel_lowers_for_hopper(m, n, k, chunks, e4m3):
   """The register-decode kernel as pick_config tiles real shapes ("perm", with the stored e4m3
-  scales, K-chunked decode + wgmma and late slot release where asked) passes Mosaic GPU's lowering for CUDA from
+  scales and K-chunked decode + wgmma where asked) passes Mosaic GPU's lowering for CUDA from
   the CPU: the inline decode's register walk and the sliced SMEM operands (interpret mode runs
   a jnp decode instead)."""
   t = formats.quantize_nvfp4(jax.random.normal(jax.random.key(m + chunks), (n, k), jnp.float32))
   cfg = dataclasses.replace(nm.pick_config(m, n, k, sms=132), decode="perm", e4m3_scales=e4m3,
-                            decode_chunks=chunks, delay_release=delay)
+                            decode_chunks=chunks)
   w4, ws, gain = nm.weight_operands(t, "perm", e4m3)
   f = jax.jit(lambda x, w4, ws: nm.nvfp4_matmul(x, w4, ws, gain, None, config=cfg, sms=132))
   x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
@@ -291,7 +307,7 @@ def test_qdq_nonfinite_input_poisons_the_scale(rng):
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("variant", ["default", "perm", "bits", "int4", "perm-e4m3",
-                                    "perm-e4m3-chunks2", "perm-chunks4", "perm-e4m3-chunks4-delay"])
+                                    "perm-e4m3-chunks2", "perm-chunks4", "perm-e4m3-chunks4"])
 @pytest.mark.parametrize("m,k,n", [(2048, 1920, 1920), (35552 // 8, 3072, 1536), (64, 1920, 7680),
                                    (16, 3072, 3072), (64, 3072, 12288)])
 def test_gpu_kernel_real_shapes(rng, variant, m, k, n):
@@ -304,10 +320,14 @@ def test_gpu_kernel_real_shapes(rng, variant, m, k, n):
     cfg = dataclasses.replace(nm.pick_config(m, n, k), decode=decode, e4m3_scales=e4m3)
     if (e4m3 or chunks > 1) and cfg.tile_k < 256:
       pytest.skip("e4m3 scales and K chunks need 256-wide K steps (the small-M configs)")
-    cfg = dataclasses.replace(cfg, decode_chunks=chunks, delay_release=int("delay" in variant))
+    cfg = dataclasses.replace(cfg, decode_chunks=chunks)
   decode, e4m3 = cfg.decode, cfg.e4m3_scales
   x, t, w4, ws, cs, bias = problem(rng, m, n, k, decode, e4m3)
-  got = nm.nvfp4_matmul(x, w4, ws, cs, bias, config=cfg)
+  if variant == "perm":  # the epilogue's per-column scale form (TMA-fetched), not one scale
+    cs = jnp.full((n,), cs, jnp.float32)
+  if variant == "bits":  # and without bias
+    bias = jnp.zeros((n,), jnp.float32)
+  got = nm.nvfp4_matmul(x, w4, ws, cs, None if variant == "bits" else bias, config=cfg)
   want = nm.reference(x, w4, ws, cs, bias, decode=decode)
   assert rel_err(got, want) <= 2e-3
   assert rel_err(got, float64_product(x, t, bias)) <= 4e-3
