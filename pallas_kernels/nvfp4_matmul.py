@@ -131,8 +131,9 @@ def pick_config(m: int, n: int, k: int, sms: int | None = None) -> NVFP4MatmulCo
 DEFAULT_DECODE = "perm"
 SMALL_M_E4M3_SCALES = True
 # Small-M "perm" configs: K chunks per step, each chunk's wgmma in flight while the next one
-# decodes. H100, 64 x 3072 x 12288: 19.5 -> 17.5 / 17.2 us for 2 / 4 chunks (e4m3 scales: 21.0
-# -> 20.0 / 19.5), same output (NOTES.md, "Session 11"); one shape measured so far.
+# decodes. H100, bf16 scales: best or tied at the three M = 64 shapes (64 x 3072 x 12288: 19.6 ->
+# 17.2 us); with the e4m3 scales since their conversion went to two per cvt, 1 / 2 / 4 chunks
+# are within 4% of each other (NOTES.md, "Session 11", "Session 12").
 SMALL_M_DECODE_CHUNKS = 4
 
 
@@ -147,17 +148,29 @@ def _stage_bytes(cfg: NVFP4MatmulConfig, tile_k: int) -> int:
           + tile_k // 16 * cfg.cta_tile_n * 2)
 
 
+def _unfit_perm_options(cfg: NVFP4MatmulConfig) -> set[str]:
+  """The "perm"-only options set in cfg that it cannot take (K aside): "decode_chunks" needs
+  the "perm" decode, no pingpong and tile_k % (64 * decode_chunks) == 0; "e4m3_scales" needs
+  the "perm" decode and tile_k >= 256. The one statement of these rules, for `_check` and
+  `replace_config`."""
+  perm, chunks = cfg.decode == "perm", cfg.decode_chunks
+  unfit = set()
+  if chunks < 1 or cfg.tile_k % (64 * chunks) or (chunks > 1 and (not perm or cfg.pingpong)):
+    unfit.add("decode_chunks")
+  if cfg.e4m3_scales and (not perm or cfg.tile_k < 256):
+    unfit.add("e4m3_scales")
+  return unfit
+
+
+_PERM_OPTION_OFF = {"decode_chunks": 1, "e4m3_scales": False}
+
+
 def replace_config(cfg: NVFP4MatmulConfig, **changes) -> NVFP4MatmulConfig:
   """dataclasses.replace, then the "perm"-only options (stored e4m3 scales, K chunks) turned
   off where the new config cannot take them (another decode, pingpong, a narrower K step):
   for variants of pick_config's configs."""
   cfg = dataclasses.replace(cfg, **changes)
-  perm = cfg.decode == "perm"
-  if not perm or cfg.pingpong or cfg.tile_k % (64 * cfg.decode_chunks):
-    cfg = dataclasses.replace(cfg, decode_chunks=1)
-  if not perm or cfg.tile_k < 256:
-    cfg = dataclasses.replace(cfg, e4m3_scales=False)
-  return cfg
+  return dataclasses.replace(cfg, **{o: _PERM_OPTION_OFF[o] for o in _unfit_perm_options(cfg)})
 
 
 def supported(m: int, n: int, k: int, cfg: NVFP4MatmulConfig) -> bool:
@@ -183,11 +196,11 @@ def _check(x, w4, ws, cfg: NVFP4MatmulConfig):
     raise ValueError(f"nvfp4_matmul: split-K needs tile_m % 32 == 0, got {cfg}")
   if cfg.decode not in DECODES:
     raise ValueError(f"nvfp4_matmul: decode must be one of {DECODES}, got {cfg.decode!r}")
-  if cfg.e4m3_scales and (cfg.decode != "perm" or cfg.tile_k < 256 or k % 256):
+  unfit = _unfit_perm_options(cfg)
+  if "e4m3_scales" in unfit or (cfg.e4m3_scales and k % 256):
     raise ValueError(f"nvfp4_matmul: e4m3_scales needs the 'perm' decode, tile_k >= 256 and "
                      f"K % 256 == 0 (TMA: scale rows of whole 16 bytes), got K={k}, {cfg}")
-  if cfg.decode_chunks < 1 or cfg.tile_k % (64 * cfg.decode_chunks) or (
-      cfg.decode_chunks > 1 and (cfg.decode != "perm" or cfg.pingpong)):
+  if "decode_chunks" in unfit:
     raise ValueError(f"nvfp4_matmul: decode_chunks needs the 'perm' decode, no pingpong and "
                      f"tile_k % (64 * decode_chunks) == 0, got {cfg}")
   want = (jnp.uint8, (n, k // 16)) if cfg.e4m3_scales else (jnp.bfloat16, (k // 16, n))
