@@ -66,9 +66,10 @@ class NVFP4MatmulConfig:
   wgmma issued before the next chunk is decoded (one wait per step), so that the decode
   overlaps the tensor cores within a warpgroup; tile_k % (64 * decode_chunks) == 0.
   e4m3_scales: read the block scales as stored (e4m3 bytes [N, K/16]) and convert them in
-  registers, instead of the bf16[K/16, N] copy `weight_operands` makes per call; needs the
-  "perm" decode, tile_k >= 256 and K % 256 == 0 (TMA boxes and row strides of the scales are
-  whole multiples of 16 bytes).
+  registers, two per instruction, instead of the bf16[K/16, N] copy `weight_operands` makes per
+  call; needs the "perm" decode, tile_k >= 256 and K % 256 == 0 (TMA boxes and row strides of
+  the scales are whole multiples of 16 bytes), and scales as formats.quantize_nvfp4 writes them
+  (non-negative; a zero scale's codes zero: see _e4m3_pair_to_scaled_bf16x2).
   pingpong: stagger the two consumer warpgroups (a 2-arrival barrier around the decode) so
   that one decodes while the other's wgmma runs; measured 10% slower on an H200 (NOTES.md), off.
   (A double-buffered SMEM copy of the decoded tile with one wgmma in flight was measured 9%
