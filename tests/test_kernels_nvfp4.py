@@ -166,6 +166,8 @@ def test_bad_inputs_are_rejected(rng):
     nm.nvfp4_matmul(x, w4, ws, cs, config=dataclasses.replace(SMALL, e4m3_scales=True))
   with pytest.raises(ValueError, match="decode must be"):
     nm.nvfp4_matmul(x, w4, ws, cs, config=dataclasses.replace(SMALL, decode="nibbles"))
+  with pytest.raises(ValueError, match=r"col_scale must be one value or \[N=128\]"):
+    nm.nvfp4_matmul(x, w4, ws, jnp.ones((64,), jnp.float32), config=SMALL)
   for bad in (dict(decode="bits", decode_chunks=2), dict(decode="perm", decode_chunks=3),
               dict(decode="perm", decode_chunks=0)):
     with pytest.raises(ValueError, match="decode_chunks needs"):
