@@ -11,7 +11,11 @@ Structure (after jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py): a persi
 one CTA per SM walks the output tiles; each CTA has one TMA producer warpgroup and two wgmma
 consumer warpgroups (warp-specialised pipeline over K, `max_concurrent_steps` stages deep).
 The weight B is K-major ([N, K] as stored), which is what s8 wgmma requires. The row scales,
-column scales and bias of a tile are fetched by TMA while its K loop runs.
+column scales and bias of a tile are fetched by TMA while its K loop runs. A CTA's tiles chain
+their K pipelines (`chain_tiles`): the TMA warpgroup fetches the next tile's first steps while
+the consumers run this tile's epilogue. From 1024 rows, where the CTA tile is 256 wide in N,
+CTAs pair up in 2-CTA clusters along M (`cluster_dimension`) that share each weight tile
+through one TMA multicast.
 
 Split-K (`k_splits > 1`, for small M where the tile grid is smaller than the SM count):
 the kernel writes raw partial sums [k_splits, M, N] (int32, or f32 for bf16); `w8a8_matmul`
@@ -58,6 +62,17 @@ class W8A8Config:
   grid_tile_width: int = 8
   wg_dimension: Dim = Dim.N
   k_splits: int = 1
+  # 2-CTA clusters: the two CTAs take neighbouring tiles along this dimension and share the
+  # other operand's tile through one TMA multicast (half its L2 -> SMEM traffic). None: off.
+  cluster_dimension: Dim | None = None
+  # Chain the tiles' K pipelines (Pallas' PipelinePipeline): the TMA warpgroup runs on into the
+  # next tile while the consumers do this one's epilogue, instead of draining the ring per
+  # tile. Applied where every CTA has >= 2 tiles and the stages divide the K steps.
+  chain_tiles: bool = True
+
+  @property
+  def cluster_size(self) -> int:
+    return 1 if self.cluster_dimension is None else 2
 
   @property
   def cta_tile_m(self) -> int:
@@ -85,8 +100,10 @@ def pick_config(m: int, n: int, k: int, sms: int | None = None,
       cfg = dataclasses.replace(cfg, max_concurrent_steps=3, epi_tile_n=64)
     if n % cfg.cta_tile_n:  # e.g. N=1920: split the CTA tile along M instead (256 x 128)
       cfg = dataclasses.replace(cfg, wg_dimension=Dim.M)
-    # bf16 below 1024 rows (not a path qlinear takes): the same tiles, K split to fill the SMs
-    return cfg if m >= 1024 else with_k_splits(cfg, m, n, k, sms)
+    cfg = _chainable_stages(cfg, k)
+    if m < 1024:  # bf16 below 1024 rows (not a path qlinear takes): K split to fill the SMs
+      return with_k_splits(cfg, m, n, k, sms)
+    return _with_clusters(cfg, k, bf16)
   # Memory-bound: weight streaming. Small tiles along N, split K until the SMs are busy.
   # Above 128 rows the two warpgroups split M (CTA 128 x 64): each weight tile is read half as
   # often (M = 256: 9.2 -> 8.7 us at K = N = 3072, 29.6 -> 25.3 us at N = 12288, H200,
@@ -95,6 +112,34 @@ def pick_config(m: int, n: int, k: int, sms: int | None = None,
                    epi_tile_n=64, epi_tile_m=64, grid_minor_dim=Dim.M, grid_tile_width=1,
                    wg_dimension=Dim.M if m > 128 else Dim.N)
   return with_k_splits(cfg, m, n, k, sms)
+
+
+def _with_clusters(cfg: W8A8Config, k: int, bf16: bool) -> W8A8Config:
+  """Large M: 2-CTA clusters along M (the weight tile multicast) where the CTA tile is
+  256 wide in N. H100, benchmarks/gemm_clusters.py (s13c/d), against the same config without:
+  int8 (with 16-wide grid snake) 1-3% faster at all five such shapes; bf16 4.6% at 5B K3072
+  N12288, 2.5% at 2B K1920 N7680 (3.8% with 64-wide epilogue tiles, which 3 stages leave room
+  for), 0.6% at 8192^3, tied at 5B K3072 N3072, but 1.2% slower at K = 12288 (left out). Along M
+  at N = 1920 (CTA 256 x 128) clusters were 4-14% slower."""
+  if cfg.wg_dimension != Dim.N or (bf16 and k // cfg.tile_k > 128):
+    return cfg
+  cfg = dataclasses.replace(cfg, cluster_dimension=Dim.M)
+  if not bf16:
+    return dataclasses.replace(cfg, grid_tile_width=16)
+  return dataclasses.replace(cfg, epi_tile_n=64) if cfg.max_concurrent_steps == 3 else cfg
+
+
+def _chainable_stages(cfg: W8A8Config, k: int) -> W8A8Config:
+  """cfg with a stage count that divides its K steps, so that chain_tiles applies: the
+  default, else 3 or 4 stages (4 int8 stages with 32-wide epilogue tiles, to fit the SMEM)."""
+  k_iters = k // (cfg.tile_k * cfg.k_splits)
+  if k_iters % cfg.max_concurrent_steps == 0:
+    return cfg
+  for steps in (3, 4):
+    if k_iters % steps == 0:
+      epi_n = 32 if steps == 4 else cfg.epi_tile_n
+      return dataclasses.replace(cfg, max_concurrent_steps=steps, epi_tile_n=epi_n)
+  return cfg
 
 
 def with_k_splits(cfg: W8A8Config, m: int, n: int, k: int, sms: int) -> W8A8Config:
@@ -124,6 +169,11 @@ def _check(a, b, cfg: W8A8Config):
     raise ValueError(f"w8a8_matmul: a is {a.shape} but b is {b.shape}; K must match")
   if n % cfg.cta_tile_n:
     raise ValueError(f"w8a8_matmul: N={n} must be a multiple of the CTA tile {cfg.cta_tile_n}")
+  if cfg.cluster_dimension is not None and cfg.k_splits > 1:
+    raise ValueError(f"w8a8_matmul: clusters need k_splits == 1: {cfg}")
+  if cfg.cluster_dimension == Dim.N and n % (2 * cfg.cta_tile_n):
+    raise ValueError(f"w8a8_matmul: N={n} must be a multiple of 2 CTA tiles "
+                     f"({2 * cfg.cta_tile_n}) with clusters along N")
   if k % (cfg.tile_k * cfg.k_splits):
     raise ValueError(f"w8a8_matmul: K={k} must be a multiple of tile_k*k_splits="
                      f"{cfg.tile_k * cfg.k_splits}")
@@ -169,19 +219,32 @@ def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, i
   n_epi = (tile_m // epi_m) * (tile_n // epi_n)
   num_slots = min(2, n_epi)
   wg_m_dim = cfg.wg_dimension == Dim.M
+  cluster_m, cluster_n = cfg.cluster_dimension == Dim.M, cfg.cluster_dimension == Dim.N
+  # tiles the persistent loop walks: CTA tiles, or pairs of them with clusters (an odd M tile
+  # count leaves the last pair's second CTA out of bounds: TMA zero-fills its loads and drops
+  # its stores)
+  loop_m_iters = pl.cdiv(m_iters, 2) if cluster_m else m_iters
+  loop_n_iters = n_iters // 2 if cluster_n else n_iters
+
+  total = loop_m_iters * loop_n_iters * splits
+  grid_size = min(sms // cfg.cluster_size, total)
+  chain = (cfg.chain_tiles and total >= 2 * grid_size
+           and k_iters % cfg.max_concurrent_steps == 0)
 
   def w8a8_matmul_kernel(a_g, b_g, rs_g, cs_g, bias_g, out_g):
-    def get_pipeline(body, ctx):
+    def get_pipeline(body, ctx, state=None):
       return plgpu.emit_pipeline_warp_specialized(
           body, grid=(k_iters,), memory_registers=40,
           in_specs=[
               plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=in_tr,
-                              memory_space=plgpu.SMEM),
+                              memory_space=plgpu.SMEM,
+                              collective_axes=("cluster",) if cluster_n else ()),
               plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=in_tr,
-                              memory_space=plgpu.SMEM),
+                              memory_space=plgpu.SMEM,
+                              collective_axes=("cluster",) if cluster_m else ()),
           ],
           wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.max_concurrent_steps,
-          compute_context=ctx)
+          compute_context=ctx, pipeline_state=state)
 
     ignore = lambda *_, **__: None
     scratch = dict(
@@ -199,9 +262,12 @@ def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, i
     def _scope(allocs, out_smem, rs_smem=None, cs_smem=None, bias_smem=None, bar=None):
       wg = lax.axis_index("wg")
 
-      @plgpu.nd_loop((m_iters * n_iters * splits,), collective_axes="sm")
+      @plgpu.nd_loop((loop_m_iters * loop_n_iters * splits,), collective_axes="sm")
       def _tile_loop(info):
-        mi, ni, split = persistent_tile(info.index[0], m_iters, n_iters, cfg)
+        mi, ni, split = persistent_tile(info.index[0], loop_m_iters, loop_n_iters, cfg)
+        if cfg.cluster_dimension is not None:
+          cta = lax.axis_index("cluster")
+          mi, ni = (mi * 2 + cta, ni) if cluster_m else (mi, ni * 2 + cta)
         wg_m0 = mi * cta_m + (wg * tile_m if wg_m_dim else 0)
         wg_n0 = ni * cta_n + (0 if wg_m_dim else wg * tile_n)
         k_slice = pl.ds(split * k_per_split, k_per_split)
@@ -250,7 +316,14 @@ def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, i
           plgpu.wgmma_wait(0)
           return acc_ref
 
-        get_pipeline(mma, ctx)(
+        state = None
+        if chain:  # this CTA's first tile starts the ring, its last one drains it
+          local, sm = info.local_index, lax.axis_index("sm")
+          last = (total - 1 - sm) // grid_size
+          state = jnp.where(local == 0, int(plgpu.PipelinePipeline.START),
+                            jnp.where(local == last, int(plgpu.PipelinePipeline.STOP),
+                                      int(plgpu.PipelinePipeline.STEADY)))
+        get_pipeline(mma, ctx, state)(
             a_g.at[pl.ds(mi * cta_m, cta_m), k_slice],
             b_g.at[pl.ds(ni * cta_n, cta_n), k_slice],
             allocations=allocs)
@@ -258,10 +331,11 @@ def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, i
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   out_shape = (splits, m, n) if raw else (m, n)
-  total = m_iters * n_iters * splits
+  clusters = {} if cfg.cluster_dimension is None else dict(cluster=(2,), cluster_names=("cluster",))
   f = plgpu.kernel(
       w8a8_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
-      grid=(min(sms, total),), grid_names=("sm",), num_threads=3, thread_name="wg",
+      grid=(grid_size,), grid_names=("sm",), num_threads=3,
+      thread_name="wg", **clusters,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret)
   return f(a, b, row_scale, col_scale, bias)

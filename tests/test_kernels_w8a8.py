@@ -47,6 +47,43 @@ def test_int32_path_exact(rng, cfg, shape):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("cfg,shape,sms", [
+    (SMALL, (200, 256, 768), 3),                                     # chained, uneven tiles/CTA
+    (dataclasses.replace(SMALL, chain_tiles=False), (200, 256, 768), 3),
+    (dataclasses.replace(SMALL, cluster_dimension=w8a8.Dim.M), (520, 128, 512), 4),  # odd M tiles
+    (dataclasses.replace(SMALL, cluster_dimension=w8a8.Dim.N), (64, 512, 256), 2),
+], ids=["chained", "unchained", "clusterM-chained", "clusterN-chained"])
+def test_chained_tiles_and_clusters_exact(rng, cfg, shape, sms):
+  """Tiles' K pipelines chained across a CTA's tiles (3 CTAs: 3, 3 and 2 tiles), and 2-CTA
+  clusters sharing one operand's tile by multicast, with a last pair half out of bounds."""
+  m, n, k = shape
+  a, b, rs, cs, bias = operands(rng, m, n, k)
+  kw = dict(config=cfg, interpret=qlinear_mosaic.interpret_params(), sms=sms)
+  got = w8a8.w8a8_matmul(a, b, rs, cs, out_dtype=jnp.int32, **kw)
+  np.testing.assert_array_equal(np.asarray(got),
+                                np.asarray(w8a8.reference(a, b, rs, cs, out_dtype=jnp.int32)))
+  y = w8a8.w8a8_matmul(a, b, rs, cs, bias, **kw)
+  assert rel_err(y, w8a8.reference(a, b, rs, cs, bias)) < 1e-3
+
+
+def test_cluster_config_validation(rng):
+  a, b, rs, cs, _ = operands(rng, 64, 128, 256)
+  with pytest.raises(ValueError, match="clusters need k_splits == 1"):
+    w8a8.w8a8_matmul(a, b, rs, cs, config=dataclasses.replace(
+        SMALL, cluster_dimension=w8a8.Dim.M, k_splits=2))
+  with pytest.raises(ValueError, match="multiple of 2 CTA tiles"):
+    w8a8.w8a8_matmul(a, b, rs, cs, config=dataclasses.replace(
+        SMALL, cluster_dimension=w8a8.Dim.N))
+
+
+def test_pick_config_large_m_stages_divide_k_steps():
+  """Large M: the stage count divides the K steps, so that the tiles' pipelines chain."""
+  for k in (1920, 3072, 7680, 8192, 12288):
+    for dtype in (jnp.int8, jnp.bfloat16):
+      c = w8a8.pick_config(35552, 3840, k, 132, dtype)
+      assert c.chain_tiles and (k // c.tile_k) % c.max_concurrent_steps == 0, (k, dtype, c)
+
+
 def test_pick_config_small_m():
   """Below 1024 rows: 64 x 64 warpgroup tiles, split along M above 128 rows (the measured
   choice), K split until the SMs are busy."""
@@ -95,12 +132,15 @@ def test_bf16_operands_match_xla_dot(rng, cfg, with_bias):
   assert raw.dtype == jnp.float32 and rel_err(raw, product) < 1e-6
 
 
-def test_bf16_kernel_lowers_for_hopper():
-  """The picked bf16 configs (N = 1920 splits M between the warpgroups) pass Mosaic GPU's
-  lowering for CUDA, exported from the CPU."""
+@pytest.mark.parametrize("cluster", [None, w8a8.Dim.M])
+def test_bf16_kernel_lowers_for_hopper(cluster):
+  """The picked bf16 configs (N = 1920 splits M between the warpgroups; chained tiles), also
+  in 2-CTA clusters, pass Mosaic GPU's lowering for CUDA, exported from the CPU."""
   for n in (1920, 3072):
-    f = jax.jit(lambda a, b, s: w8a8.bf16_matmul(a, b, s))
-    args = (jax.ShapeDtypeStruct((4096, 1920), jnp.bfloat16),
+    cfg = dataclasses.replace(w8a8.pick_config(35552, n, 1920, 132, jnp.bfloat16),
+                              cluster_dimension=cluster)
+    f = jax.jit(lambda a, b, s: w8a8.bf16_matmul(a, b, s, config=cfg, sms=132))
+    args = (jax.ShapeDtypeStruct((35552, 1920), jnp.bfloat16),
             jax.ShapeDtypeStruct((n, 1920), jnp.bfloat16), jax.ShapeDtypeStruct((), jnp.float32))
     assert "mosaic_gpu" in jax.export.export(f, platforms=["cuda"])(*args).mlir_module()
 
@@ -168,14 +208,20 @@ def test_unavailable_off_a_gpu_with_a_reason():
   assert isinstance(hopper_unavailable_reason(), str) and hopper_unavailable_reason()
 
 
-@pytest.mark.parametrize("m,k,n", [(35552 // 16, 1920, 7680), (256, 3072, 3072), (64, 3072, 12288)])
+@pytest.mark.parametrize("m,k,n,cluster", [(35552 // 16, 1920, 7680, None),
+                                           (35552 // 16, 1920, 7680, w8a8.Dim.M),
+                                           (35552 // 4, 1920, 1920, w8a8.Dim.M),
+                                           (256, 3072, 3072, None), (64, 3072, 12288, None)])
 @pytest.mark.gpu
 @needs_hopper
-def test_gpu_kernel_real_shapes(rng, m, k, n):
+def test_gpu_kernel_real_shapes(rng, m, k, n, cluster):
+  """pick_config's kernel (from 1024 rows: chained tiles), also in 2-CTA clusters along M
+  (8888 rows at N = 1920: an odd count of 256-row tiles, the last pair half out of bounds)."""
   a, b, rs, cs, bias = operands(rng, m, n, k)
-  got = w8a8.w8a8_matmul(a, b, rs, cs, out_dtype=jnp.int32)
+  cfg = dataclasses.replace(w8a8.pick_config(m, n, k), cluster_dimension=cluster)
+  got = w8a8.w8a8_matmul(a, b, rs, cs, out_dtype=jnp.int32, config=cfg)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(w8a8.reference(a, b, rs, cs, out_dtype=jnp.int32)))
-  y = w8a8.w8a8_matmul(a, b, rs, cs, bias)
+  y = w8a8.w8a8_matmul(a, b, rs, cs, bias, config=cfg)
   r = w8a8.reference(a, b, rs, cs, bias)
   assert np.linalg.norm(np.asarray(y, np.float64) - np.asarray(r, np.float64)) <= 1e-3 * np.linalg.norm(np.asarray(r, np.float64))
 
