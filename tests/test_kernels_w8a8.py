@@ -84,6 +84,18 @@ def test_pick_config_large_m_stages_divide_k_steps():
       assert c.chain_tiles and (k // c.tile_k) % c.max_concurrent_steps == 0, (k, dtype, c)
 
 
+def test_pick_config_large_m_clusters():
+  """Large M: 2-CTA clusters along M where the CTA tile is 256 wide in N (the measured
+  choice, w8a8_matmul._with_clusters); not at N = 1920 (CTA 256 x 128) nor for bf16 at
+  K = 12288, not below 1024 rows."""
+  for dtype in (jnp.int8, jnp.bfloat16):
+    assert w8a8.pick_config(35552, 7680, 1920, 132, dtype).cluster_dimension == w8a8.Dim.M
+    assert w8a8.pick_config(35552, 1920, 1920, 132, dtype).cluster_dimension is None
+    assert w8a8.pick_config(512, 7680, 1920, 132, dtype).cluster_dimension is None
+  assert w8a8.pick_config(35552, 3072, 12288, 132, jnp.int8).cluster_dimension == w8a8.Dim.M
+  assert w8a8.pick_config(35552, 3072, 12288, 132, jnp.bfloat16).cluster_dimension is None
+
+
 def test_pick_config_small_m():
   """Below 1024 rows: 64 x 64 warpgroup tiles, split along M above 128 rows (the measured
   choice), K split until the SMs are busy."""
