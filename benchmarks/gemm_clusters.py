@@ -39,15 +39,16 @@ PICK_CONFIG = w8a8.pick_config  # the module's, before the e2e rows patch it
 
 
 def session12_config(m, n, k, dtype):
-  """pick_config's choice before chained tiles: 4 bf16 / 3 int8 stages, no chaining."""
+  """pick_config's choice before chained tiles and clusters: 4 bf16 / 3 int8 stages."""
   bf16 = jnp.dtype(dtype) == jnp.bfloat16
   return dataclasses.replace(PICK_CONFIG(m, n, k, dtype=dtype), chain_tiles=False,
+                             cluster_dimension=None, grid_tile_width=8,
                              max_concurrent_steps=4 if bf16 else 3, epi_tile_n=32 if bf16 else 64)
 
 
 def variants(m, n, k, dtype):
   """{name: config}: session 12's, pick_config's without and with chained tiles, then
-  clustered forms of it that tile (m, n, k)."""
+  clustered forms of it that tile (m, n, k); each distinct config once (the first name)."""
   base = w8a8.pick_config(m, n, k, dtype=dtype)
   out = {"s12": session12_config(m, n, k, dtype),
          "nochain": dataclasses.replace(base, chain_tiles=False), "default": base}
@@ -61,7 +62,8 @@ def variants(m, n, k, dtype):
     if out["clusterM"].epi_tile_n != 64:
       out["clusterM_epi64"] = dataclasses.replace(out["clusterM"], epi_tile_n=64)
     out["clusterM_gM"] = dataclasses.replace(out["clusterM"], grid_minor_dim=w8a8.Dim.M)
-  return out
+  seen = set()
+  return {name: c for name, c in out.items() if not (c in seen or seen.add(c))}
 
 
 def main():

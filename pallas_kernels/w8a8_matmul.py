@@ -318,8 +318,7 @@ def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, i
 
         state = None
         if chain:  # this CTA's first tile starts the ring, its last one drains it
-          local, sm = info.local_index, lax.axis_index("sm")
-          last = (total - 1 - sm) // grid_size
+          local, last = info.local_index, info.num_local_steps - 1
           state = jnp.where(local == 0, int(plgpu.PipelinePipeline.START),
                             jnp.where(local == last, int(plgpu.PipelinePipeline.STOP),
                                       int(plgpu.PipelinePipeline.STEADY)))
