@@ -62,8 +62,35 @@ def w4a8(x: jax.Array, layer) -> jax.Array:
   return _epilogue(acc, xq.scales * layer.w_int8_scale[:, 0], layer)
 
 
+# Rows from which W4A16 rotates the weight back to x's basis instead of rotating x.
+W4A16_FOLD_MIN_ROWS = 4096
+
+
+def w4a16_folds_rotation(m: int, layer) -> bool:
+  """Whether W4A16 on m rows computes x . W_derot^T (`weight_derotated`) rather than
+  (x H) . W^T: for an nvfp4 layer with a Hadamard block, from W4A16_FOLD_MIN_ROWS rows and
+  when x has at least as many rows as the weight (the rotation then touches N x K elements
+  instead of M x K: 3-18x fewer at the CogVideoX shapes). The two differ only in what is
+  rounded to bf16, the rotated x or the rotated-back weight; both are equally far from the
+  exact product (2.35e-3 relative, NOTES.md "Session 14"), but ~3e-3 from each other, so
+  every implementation takes the same branch by this rule."""
+  return (layer.weight_format == "nvfp4" and bool(layer.hadamard_block)
+          and m >= W4A16_FOLD_MIN_ROWS and layer.out_features <= m)
+
+
+def weight_derotated(layer) -> jax.Array:
+  """bf16[N, K]: the NVFP4 block values (no tensor scale) rotated back to x's basis by the
+  same block Hadamard (its own inverse), in f32, rounded to bf16 once."""
+  w = formats.nvfp4_block_values(layer.weight).astype(jnp.float32)
+  return formats.hadamard(w, layer.hadamard_block).astype(jnp.bfloat16)
+
+
 def w4a16(x: jax.Array, layer) -> jax.Array:
-  """bf16 activations x the decoded weight."""
+  """bf16 activations x the decoded weight: (x H) . W^T, or x . W_derot^T where
+  `w4a16_folds_rotation` (the same product up to bf16 rounding)."""
+  if w4a16_folds_rotation(x.shape[0], layer):
+    acc = _dot_bf16(x, weight_derotated(layer))
+    return _epilogue(acc, layer.weight.global_scale, layer)
   xr = _rotate(x, layer).astype(jnp.bfloat16)
   if layer.weight_format == "int8":
     acc = _dot_bf16(xr, layer.weight.values)

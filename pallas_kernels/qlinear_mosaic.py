@@ -148,8 +148,24 @@ def _nvfp4_matmul(xv: jax.Array, layer, act_scale, cfg, x_permuted: bool = False
                            interpret=interpret_params(), x_permuted=x_permuted)
 
 
+def weight_derotated_bf16(layer) -> jax.Array:
+  """bf16[N, K] = qlinear_xla.weight_derotated(layer) up to rare one-ulp differences (the f32
+  sums in another order): the exact bf16 block values (`weight_bf16`) times the +-1 sign
+  matrix on the tensor cores (`int8_quant.hadamard_tc`), then scaled and rounded once."""
+  with jax.named_scope("nvfp4_derotate"):
+    return int8_quant.hadamard_tc(weight_bf16(layer), layer.hadamard_block).astype(jnp.bfloat16)
+
+
 def w4a16(x: jax.Array, layer) -> jax.Array:
   """x[M, K] -> bf16[M, N], matching qlinear_xla.w4a16."""
+  (m, k), n = x.shape, layer.out_features
+  if qlinear_xla.w4a16_folds_rotation(m, layer):
+    # the weight rotated back instead of x rotated (N x K elements instead of M x K), then
+    # the plain bf16 GEMM on x as it is
+    if layer.weight.shape != (n, k) or not kernel_fits(m, n, k, jnp.bfloat16):
+      return qlinear_xla.w4a16(x, layer)
+    return w8a8.bf16_matmul(x.astype(jnp.bfloat16), weight_derotated_bf16(layer),
+                            layer.weight.global_scale, layer.bias, interpret=interpret_params())
   if not _nvfp4_ok(x, layer):
     return qlinear_xla.w4a16(x, layer)
   hb, cfg = layer.hadamard_block, _kernel_config(x, layer)

@@ -286,6 +286,38 @@ def test_mosaic_qlinear_matches_xla_on_cpu(rng, monkeypatch, mode, hadamard, pat
     assert decodes == ["bits" if mode == Mode.NVFP4 else "perm"], decodes
 
 
+def test_mosaic_w4a16_folded_rotation_matches_xla_on_cpu(rng, monkeypatch):
+  """Where qlinear_xla.w4a16_folds_rotation holds (its threshold lowered here), MOSAIC.w4a16
+  multiplies x as it is by the rotated-back weight on the bf16 GEMM, with no rotation of x,
+  and matches the xla path's folded form; its weight equals qlinear_xla.weight_derotated
+  except in a few (nearly) cancelling sums."""
+  m, k, n = 128, 256, 128
+  monkeypatch.setattr(qlinear_xla, "W4A16_FOLD_MIN_ROWS", m)
+  calls = []
+  real = qlinear_mosaic.w8a8.bf16_matmul
+  monkeypatch.setattr(qlinear_mosaic.w8a8, "bf16_matmul",
+                      lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+  monkeypatch.setattr(nvfp4_quant, "rotate", lambda *a, **kw: pytest.fail("x was rotated"))
+  w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
+  b = rng.standard_normal(n).astype(np.float32) * 0.1
+  layer = quantize_linear(w, b)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  got = qlinear_mosaic.w4a16(x, layer)
+  with jax.default_device(jax.devices("cpu")[0]):
+    want = qlinear_xla.w4a16(x, layer)
+    unfolded = qlinear_xla.w4a16(x[:-1], layer)  # one row fewer: below the threshold
+  assert calls == [(m, k)]
+  assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+  assert rel_err(got, want) <= 2e-4
+  assert rel_err(got[:-1], unfolded) > 1e-3  # the other rounding point, for contrast
+  wd = np.asarray(jax.jit(qlinear_mosaic.weight_derotated_bf16)(layer), np.float32)
+  wd_ref = np.asarray(qlinear_xla.weight_derotated(layer), np.float32)
+  # they differ only in a few sums that (nearly) cancel: the xla form adds f32-rounded
+  # products x (+-1/sqrt(128)), the tensor cores add the exact +-values, then scale
+  assert (wd != wd_ref).mean() < 1e-3
+  assert np.abs(wd - wd_ref).max() <= 1e-3 * np.sqrt(np.mean(wd_ref ** 2))
+
+
 def test_weight_bf16_is_the_exact_block_values(rng):
   """The large-M path's one-fusion decode equals formats' block values bit for bit (signed
   zeros, every code, scales over six decades)."""
@@ -335,6 +367,30 @@ def test_gpu_kernel_real_shapes(rng, variant, m, k, n):
   assert rel_err(got, float64_product(x, t, bias)) <= 4e-3
 
 
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("m,k,n", [(4608, 1920, 1920), (4160, 3072, 3072)])
+def test_gpu_w4a16_folded_rotation(rng, m, k, n):
+  """Past W4A16_FOLD_MIN_ROWS (the default), MOSAIC.w4a16 (rotated-back weight, bf16 GEMM)
+  against the xla implementation on the host CPU, and against the product with the exact
+  rotated-back weight in float64 (a row sample)."""
+  w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
+  b = rng.standard_normal(n).astype(np.float32) * 0.1
+  layer = quantize_linear(w, b)
+  assert qlinear_xla.w4a16_folds_rotation(m, layer)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  got = np.asarray(jax.jit(qlinear_mosaic.w4a16)(x, layer))
+  cpu = jax.devices("cpu")[0]
+  with jax.default_device(cpu):
+    want = qlinear_xla.w4a16(jax.device_put(x, cpu), jax.device_put(layer, cpu))
+  assert rel_err(got, want) <= 2e-3
+  rows = rng.choice(m, 256, replace=False)
+  wq = np.asarray(formats.nvfp4_block_values(layer.weight), np.float64)
+  h = formats.hadamard_matrix(128).astype(np.float64)
+  w_exact = (wq.reshape(n, -1, 128) @ h).reshape(n, k) * float(layer.weight.global_scale)
+  assert rel_err(got[rows], np.asarray(x, np.float64)[rows] @ w_exact.T + b) <= 4e-3
 
 
 def test_e2m1_round_equals_the_formats_encoding():

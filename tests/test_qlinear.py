@@ -63,6 +63,41 @@ def test_hadamard_effect_on_outlier_activations(rng):
           < rel_err(qlinear(jnp.asarray(x), plain, Mode.INT8), y_ref))
 
 
+@pytest.mark.parametrize("inputs", ["gaussian", "outliers"])
+def test_w4a16_folded_rotation_is_as_accurate(rng, monkeypatch, inputs):
+  """From W4A16_FOLD_MIN_ROWS rows (and N <= M) W4A16 rotates the weight back instead of x.
+  Against the exact product with the quantized weight (float64), both forms are ~2.3e-3 off
+  (bf16 rounding of x H or of the rotated-back weight, and of the output); they are ~3e-3
+  from each other, which is why the rule, not the implementation, picks the form."""
+  m = N
+  w, b, layer = make_layer(rng)
+  x = jnp.asarray(rng.standard_normal((m, K)).astype(np.float32) if inputs == "gaussian"
+                  else ref.outlier_input(rng, m, K, 8, 20.0), jnp.bfloat16)
+  wq = np.asarray(formats.nvfp4_block_values(layer.weight), np.float64)
+  h = formats.hadamard_matrix(128).astype(np.float64)
+  w_exact = (wq.reshape(N, -1, 128) @ h).reshape(N, K) * float(layer.weight.global_scale)
+  y_exact = np.asarray(x, np.float64) @ w_exact.T + b
+  assert not qlinear_xla.w4a16_folds_rotation(m, layer)
+  rotated = qlinear_xla.w4a16(x, layer)
+  monkeypatch.setattr(qlinear_xla, "W4A16_FOLD_MIN_ROWS", 64)
+  assert qlinear_xla.w4a16_folds_rotation(m, layer)
+  folded = qlinear_xla.w4a16(x, layer)
+  e_rot, e_fold = rel_err(rotated, y_exact), rel_err(folded, y_exact)
+  assert e_fold < 3e-3 and e_rot < 3e-3, (e_fold, e_rot)
+  assert 0.8 < e_fold / e_rot < 1.25, (e_fold, e_rot)
+  assert rel_err(folded, rotated) > 1e-3  # really the other form (rounded elsewhere)
+  # the folded form is x . W_derot^T with one bf16 weight, the same for every row
+  want = (np.asarray(x, np.float64) @ np.asarray(qlinear_xla.weight_derotated(layer),
+                                                 np.float64).T
+          * float(layer.weight.global_scale) + b)
+  assert rel_err(folded, jnp.asarray(want, jnp.bfloat16)) < 2e-4  # output rounding ties only
+  # the rule: nvfp4 with a rotation, M past the threshold, N <= M
+  assert not qlinear_xla.w4a16_folds_rotation(N - 1, layer)  # N > M
+  assert not qlinear_xla.w4a16_folds_rotation(63, quantize_linear(w[:32], b[:32]))
+  assert not qlinear_xla.w4a16_folds_rotation(m, quantize_linear(w, b, hadamard=False))
+  assert not qlinear_xla.w4a16_folds_rotation(m, quantize_linear(w, b, weight_format="int8"))
+
+
 def test_w4a8_integer_path_is_exact(rng):
   w, b, layer = make_layer(rng)
   x = rng.standard_normal((M, K)).astype(np.float32)

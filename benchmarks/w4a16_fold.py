@@ -1,0 +1,121 @@
+"""W4A16 at large M with the Hadamard rotation folded into the weight (issue 7): the weight
+rotated back to x's basis (N x K elements) instead of x rotated (M x K), then the bf16 GEMM.
+
+  PYTHONPATH=. python3 benchmarks/w4a16_fold.py   (env: OUT=dir for the JSON,
+      ONLY=name,... e.g. ONLY="2B K1920 N1920,8192^3")
+
+Per shape (the seven large ones of gemm_clusters.py, then three below the fold's row
+threshold, to check it), CUPTI device time (benchmarks.kernels.time_fn) of:
+- xla_bf16: XLA's bf16 dot on the unquantized weight (the baseline of every ratio);
+- mosaic_w4a16[fold] / [nofold]: MOSAIC.w4a16 with the rotation folded into the weight, and
+  with x rotated (the session-13 path), each forced through qlinear_xla.W4A16_FOLD_MIN_ROWS;
+  the row's "folds" says which one the default rule takes;
+- derotate: the folded path's weight alone (qlinear_mosaic.weight_derotated_bf16), with its
+  launches (kernel_breakdown); bf16_gemm: the bf16 GEMM alone on that weight.
+Errors: the folded form against the xla path's folded form (same arithmetic: the issue's
+2e-3), both forms against the product with the exact rotated-back weight (float64 on the
+host, a row sample), and the two forms against each other. Writes $OUT/w4a16_fold-<device>.json with device, JAX version, date and command.
+"""
+import datetime
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, ".")
+from benchmarks.gemm_clusters import SHAPES  # noqa: E402
+from benchmarks.kernels import bf16_dot, kernel_breakdown, make_problem, time_fn  # noqa: E402
+from mpqjax import atomic, formats, qlinear_xla  # noqa: E402
+from mpqjax.testing import rel_err  # noqa: E402
+from pallas_kernels import qlinear_mosaic  # noqa: E402
+from pallas_kernels import w8a8_matmul as w8a8  # noqa: E402
+
+SAMPLE_ROWS = 512  # rows of the float64 check (the host product at M = 35552 takes minutes)
+
+
+def exact_rows(x, layer, rows):
+  """float64 [rows, N]: x[rows] . W^T with the exact rotated-back weight, scale and bias."""
+  n, k = layer.weight.shape
+  hb = layer.hadamard_block
+  wq = np.asarray(formats.nvfp4_block_values(layer.weight), np.float64)
+  h = formats.hadamard_matrix(hb).astype(np.float64)
+  w = (wq.reshape(n, -1, hb) @ h).reshape(n, k) * float(layer.weight.global_scale)
+  return np.asarray(x[rows], np.float64) @ w.T + np.asarray(layer.bias, np.float64)
+
+
+MID_SHAPES = [("2048 K1920 N1920", 2048, 1920, 1920), ("2048 K3072 N3072", 2048, 3072, 3072),
+              ("1024 K1920 N1920", 1024, 1920, 1920)]  # below the fold's threshold: is it right?
+
+FORMS = {"fold": 1, "nofold": 1 << 62}  # W4A16_FOLD_MIN_ROWS that forces each form (N <= M)
+
+
+def main():
+  only = os.environ.get("ONLY")
+  res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+         "command": "PYTHONPATH=. python3 benchmarks/w4a16_fold.py"
+                    + (f" (ONLY={only})" if only else ""),
+         "fold_min_rows": qlinear_xla.W4A16_FOLD_MIN_ROWS, "rows": []}
+  out_dir = os.environ.get("OUT", "benchmarks/results")
+  default_rows = qlinear_xla.W4A16_FOLD_MIN_ROWS
+  for name, m, k, n in SHAPES + MID_SHAPES:
+    if only and name not in [s.strip() for s in only.split(",")]:
+      continue
+    p = make_problem(m, k, n, 0)
+    x, layer = p["x"], p["layer"]
+    row = {"shape": name, "m": m, "k": k, "n": n, "us": {}, "err": {},
+           "folds": qlinear_xla.w4a16_folds_rotation(m, layer)}
+    res["rows"].append(row)
+
+    def bench(key, fn, args):
+      try:
+        jax.block_until_ready(jax.jit(lambda *a: fn(*a))(*args))
+        row["us"][key] = time_fn(fn, [args]) * 1e3
+        ratio = row["us"]["xla_bf16"] / row["us"][key] if "xla_bf16" in row["us"] else 1.0
+        print(f"{name:16s} {key:24s} {row['us'][key]:10.1f} us  {ratio:6.3f}x bf16", flush=True)
+      except Exception as e:  # one failure must not lose the run
+        row["us"][key] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(name, key, "FAILED", row["us"][key], flush=True)
+
+    bench("xla_bf16", bf16_dot, (x, p["w_bf16"]))
+    outs = {}
+    for form, min_rows in FORMS.items():  # each form forced; the default is one of them
+      qlinear_xla.W4A16_FOLD_MIN_ROWS = min_rows
+      try:
+        bench(f"mosaic_w4a16[{form}]", lambda *a: qlinear_mosaic.w4a16(*a), (x, layer))
+        outs[form] = np.asarray(jax.jit(lambda *a: qlinear_mosaic.w4a16(*a))(x, layer))
+        if form == "fold":  # same arithmetic as the xla path's folded form
+          xla = jax.jit(lambda *a: qlinear_xla.w4a16(*a))(x, layer)
+          row["err"]["fold_vs_xla"] = rel_err(outs[form], xla)
+          del xla
+      except Exception as e:
+        row["err"][form] = f"{type(e).__name__}: {str(e)[:300]}"
+      finally:
+        qlinear_xla.W4A16_FOLD_MIN_ROWS = default_rows
+    bench("derotate", qlinear_mosaic.weight_derotated_bf16, (layer,))
+    wd = jax.jit(qlinear_mosaic.weight_derotated_bf16)(layer)
+    bench("bf16_gemm", lambda a, b: w8a8.bf16_matmul(
+        a, b, layer.weight.global_scale, layer.bias,
+        interpret=qlinear_mosaic.interpret_params()), (x, wd))
+    try:
+      row["derotate_launches"] = kernel_breakdown(qlinear_mosaic.weight_derotated_bf16, (layer,))
+    except Exception as e:
+      row["derotate_launches"] = f"{type(e).__name__}: {str(e)[:300]}"
+    sample = np.random.default_rng(0).choice(m, min(m, SAMPLE_ROWS), replace=False)
+    want = exact_rows(x, layer, sample)
+    for form, o in outs.items():
+      row["err"][f"{form}_vs_exact"] = rel_err(o[sample], want)
+    if len(outs) == 2:
+      row["err"]["fold_vs_nofold"] = rel_err(outs["fold"], outs["nofold"])
+    print(name, "errors", row["err"], "derotate launches", row.get("derotate_launches"),
+          flush=True)
+    del outs, wd, p
+  dev = res["device"].replace(" ", "_").replace("/", "_")
+  path = atomic.write_json(os.path.join(out_dir, f"w4a16_fold-{dev}.json"), res)
+  print("wrote", path)
+
+
+if __name__ == "__main__":
+  main()
