@@ -51,6 +51,13 @@ MID_SHAPES = [("2048 K1920 N1920", 2048, 1920, 1920), ("2048 K3072 N3072", 2048,
 FORMS = {"fold": 1, "nofold": 1 << 62}  # W4A16_FOLD_MIN_ROWS that forces each form (N <= M)
 
 
+def rel_err_device(out, ref) -> float:
+  """||out - ref|| / ||ref|| in f32 on the device (the outputs stay there; ample precision for
+  differences of ~1e-3)."""
+  out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
+  return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
 def main():
   only = os.environ.get("ONLY")
   res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -60,7 +67,8 @@ def main():
          "fold_min_rows": qlinear_xla.W4A16_FOLD_MIN_ROWS, "rows": []}
   out_dir = os.environ.get("OUT", "benchmarks/results")
   default_rows = qlinear_xla.W4A16_FOLD_MIN_ROWS
-  for name, m, k, n in SHAPES + MID_SHAPES:
+  cogvideox = [s for s in SHAPES if s[0] != "8192^3"]  # first: where the fold should pay
+  for name, m, k, n in cogvideox + [s for s in SHAPES if s not in cogvideox] + MID_SHAPES:
     if only and name not in [s.strip() for s in only.split(",")]:
       continue
     p = make_problem(m, k, n, 0)
@@ -85,10 +93,10 @@ def main():
       qlinear_xla.W4A16_FOLD_MIN_ROWS = min_rows
       try:
         bench(f"mosaic_w4a16[{form}]", lambda *a: qlinear_mosaic.w4a16(*a), (x, layer))
-        outs[form] = np.asarray(jax.jit(lambda *a: qlinear_mosaic.w4a16(*a))(x, layer))
+        outs[form] = jax.jit(lambda *a: qlinear_mosaic.w4a16(*a))(x, layer)
         if form == "fold":  # same arithmetic as the xla path's folded form
           xla = jax.jit(lambda *a: qlinear_xla.w4a16(*a))(x, layer)
-          row["err"]["fold_vs_xla"] = rel_err(outs[form], xla)
+          row["err"]["fold_vs_xla"] = rel_err_device(outs[form], xla)
           del xla
       except Exception as e:
         row["err"][form] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -106,9 +114,9 @@ def main():
     sample = np.random.default_rng(0).choice(m, min(m, SAMPLE_ROWS), replace=False)
     want = exact_rows(x, layer, sample)
     for form, o in outs.items():
-      row["err"][f"{form}_vs_exact"] = rel_err(o[sample], want)
+      row["err"][f"{form}_vs_exact"] = rel_err(np.asarray(o[sample]), want)
     if len(outs) == 2:
-      row["err"]["fold_vs_nofold"] = rel_err(outs["fold"], outs["nofold"])
+      row["err"]["fold_vs_nofold"] = rel_err_device(outs["fold"], outs["nofold"])
     print(name, "errors", row["err"], "derotate launches", row.get("derotate_launches"),
           flush=True)
     del outs, wd, p

@@ -72,8 +72,8 @@ def w4a16_folds_rotation(m: int, layer) -> bool:
   when x has at least as many rows as the weight (the rotation then touches N x K elements
   instead of M x K: 3-18x fewer at the CogVideoX shapes). The two differ only in what is
   rounded to bf16, the rotated x or the rotated-back weight; both are equally far from the
-  exact product (2.35e-3 relative, NOTES.md "Session 14"), but ~3e-3 from each other, so
-  every implementation takes the same branch by this rule."""
+  exact product (2.35e-3 relative; pallas_kernels/NOTES.md, "Session 14"), but ~3e-3 from
+  each other, so every implementation takes the same branch by this rule."""
   return (layer.weight_format == "nvfp4" and bool(layer.hadamard_block)
           and m >= W4A16_FOLD_MIN_ROWS and layer.out_features <= m)
 
