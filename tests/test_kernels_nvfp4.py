@@ -291,7 +291,7 @@ def test_mosaic_w4a16_folded_rotation_matches_xla_on_cpu(rng, monkeypatch):
   multiplies x as it is by the rotated-back weight on the bf16 GEMM, with no rotation of x,
   and matches the xla path's folded form; its weight equals qlinear_xla.weight_derotated
   except in a few (nearly) cancelling sums."""
-  m, k, n = 128, 256, 128
+  m, k, n = 256, 256, 128
   monkeypatch.setattr(qlinear_xla, "W4A16_FOLD_MIN_ROWS", m)
   calls = []
   real = qlinear_mosaic.w8a8.bf16_matmul
@@ -305,7 +305,7 @@ def test_mosaic_w4a16_folded_rotation_matches_xla_on_cpu(rng, monkeypatch):
   got = qlinear_mosaic.w4a16(x, layer)
   with jax.default_device(jax.devices("cpu")[0]):
     want = qlinear_xla.w4a16(x, layer)
-    unfolded = qlinear_xla.w4a16(x[:-1], layer)  # one row fewer: below the threshold
+    unfolded = qlinear_xla.w4a16(x[:-1], layer)  # one row fewer: below both thresholds
   assert calls == [(m, k)]
   assert got.shape == (m, n) and got.dtype == jnp.bfloat16
   assert rel_err(got, want) <= 2e-4
@@ -371,7 +371,7 @@ def test_gpu_kernel_real_shapes(rng, variant, m, k, n):
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("m,k,n", [(4608, 1920, 1920), (4160, 3072, 3072)])
+@pytest.mark.parametrize("m,k,n", [(4608, 1920, 1920), (6144, 3072, 3072)])
 def test_gpu_w4a16_folded_rotation(rng, m, k, n):
   """Past W4A16_FOLD_MIN_ROWS (the default), MOSAIC.w4a16 (rotated-back weight, bf16 GEMM)
   against the xla implementation on the host CPU, and against the product with the exact
