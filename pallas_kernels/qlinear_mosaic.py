@@ -152,9 +152,10 @@ def _nvfp4_matmul(xv: jax.Array, layer, act_scale, cfg, x_permuted: bool = False
 
 
 def weight_derotated_bf16(layer) -> jax.Array:
-  """bf16[N, K] = qlinear_xla.weight_derotated(layer) up to rare one-ulp differences (the f32
-  sums in another order): the exact bf16 block values (`weight_bf16`) times the +-1 sign
-  matrix on the tensor cores (`int8_quant.hadamard_tc`), then scaled and rounded once."""
+  """bf16[N, K] = qlinear_xla.weight_derotated(layer) except in a few nearly cancelling sums
+  (that one adds f32-rounded products with +-1/sqrt(block)): the exact bf16 block values
+  (`weight_bf16`) times the +-1 sign matrix on the tensor cores (`int8_quant.hadamard_tc`),
+  then scaled and rounded once."""
   with jax.named_scope("nvfp4_derotate"):
     return int8_quant.hadamard_tc(weight_bf16(layer), layer.hadamard_block).astype(jnp.bfloat16)
 
