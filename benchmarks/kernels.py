@@ -20,8 +20,10 @@ input sets rotated so that the weights do not sit in L2):
                     (the QDQ activation quantizer: Mosaic kernels, or _xla the XLA fusion)
   nvfp4_to_bf16 / bf16_kernel  the large-M weight path: exact bf16 decode of the weight, and
                     the bf16 form of the W8A8 kernel on it (scale and bias in its epilogue)
-  mosaic_w4a16 / mosaic_w4a4   MOSAIC.w4a16 / w4a4 end to end (rotation / QDQ quantizer)
+  mosaic_w4a16 / mosaic_w4a4   MOSAIC.w4a16 / w4a4 end to end (rotation / QDQ quantizer; W4A16
+                    with the rotation folded into the weight where qlinear_xla's rule says)
   mosaic_w4a16_{regdec,dequant}  the same on the weight path the default does not take at this M
+                    (W4A16 with x rotated)
   xla_w4a16 / xla_w4a4         the xla implementation of the same
 and checks every kernel output against its XLA reference (exact int32 for the raw kernel).
 --only nvfp4 times XLA bf16, scaled_matmul and the NVFP4 rows alone; --only quant the
@@ -253,23 +255,37 @@ def nvfp4_rows(args, name, m, k, n, probs, p0, row, bench):
     row["errors"]["qdq_check"] = f"{type(e).__name__}: {str(e)[:400]}"
   lay = p0["layer"]
   w4, ws, cs = p0["nv_w4"], p0["nv_ws_perm"], p0["nv_cs_perm"]
-  def ref_w4a16(x):
+  def ref_w4a16(x):  # x rotated
     return nvmm.reference(nvfp4_quant.rotate(x, had).astype(jnp.bfloat16), w4, ws, cs, lay.bias)
+  def ref_w4a16_folded(x):  # the weight rotated back (qlinear_xla.w4a16_folds_rotation)
+    wd = qlinear_xla.weight_derotated(lay)
+    return w8a8.reference(x, wd, jnp.ones((x.shape[0],), jnp.float32),
+                          jnp.broadcast_to(lay.weight.global_scale, (n,)), lay.bias)
   def ref_w4a4(x):
     v, g = nvfp4_quant.quantize_qdq(x, qc)
     return nvmm.reference(v, w4, ws, cs * g, lay.bias)
   want16, want4 = jax.jit(ref_w4a16)(p0["x"]), jax.jit(ref_w4a4)(p0["x"])
-  bench("mosaic_w4a16", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]), ref=want16)
-  bench("mosaic_w4a4", qlinear_mosaic.w4a4, lambda p: (p["x"], p["layer"]), ref=want4)
-  # the other weight path than the default at this M (register decode <-> dequant + bf16 GEMM)
+  folds = qlinear_xla.w4a16_folds_rotation(m, lay)
+  # fresh wrappers throughout: jax.jit of one function object reuses a trace made under other
+  # module settings (see kernel_breakdown)
+  bench("mosaic_w4a16", lambda *a: qlinear_mosaic.w4a16(*a), lambda p: (p["x"], p["layer"]),
+        ref=jax.jit(ref_w4a16_folded)(p0["x"]) if folds else want16)
+  bench("mosaic_w4a4", lambda *a: qlinear_mosaic.w4a4(*a), lambda p: (p["x"], p["layer"]),
+        ref=want4)
+  # the other weight path than the default at this M (register decode <-> dequant + bf16 GEMM),
+  # W4A16 with x rotated (no fold)
   other = "regdec" if m >= qlinear_mosaic.DEQUANT_MIN_ROWS else "dequant"
-  default_rows = qlinear_mosaic.DEQUANT_MIN_ROWS
+  default_rows, default_fold = qlinear_mosaic.DEQUANT_MIN_ROWS, qlinear_xla.W4A16_FOLD_MIN_ROWS
   qlinear_mosaic.DEQUANT_MIN_ROWS = 1 << 62 if other == "regdec" else 1
-  try:  # bench traces under the switched threshold
-    bench(f"mosaic_w4a16_{other}", qlinear_mosaic.w4a16, lambda p: (p["x"], p["layer"]), ref=want16)
-    bench(f"mosaic_w4a4_{other}", qlinear_mosaic.w4a4, lambda p: (p["x"], p["layer"]), ref=want4)
+  qlinear_xla.W4A16_FOLD_MIN_ROWS = 1 << 62
+  try:  # bench traces under the switched thresholds
+    bench(f"mosaic_w4a16_{other}", lambda *a: qlinear_mosaic.w4a16(*a),
+          lambda p: (p["x"], p["layer"]), ref=want16)
+    bench(f"mosaic_w4a4_{other}", lambda *a: qlinear_mosaic.w4a4(*a),
+          lambda p: (p["x"], p["layer"]), ref=want4)
   finally:
     qlinear_mosaic.DEQUANT_MIN_ROWS = default_rows
+    qlinear_xla.W4A16_FOLD_MIN_ROWS = default_fold
   if m <= 128:  # the xla path for comparison (slow at large M)
     bench("xla_w4a16", qlinear_xla.w4a16, lambda p: (p["x"], p["layer"]))
     bench("xla_w4a4", qlinear_xla.w4a4, lambda p: (p["x"], p["layer"]))
