@@ -257,19 +257,16 @@ def nvfp4_rows(args, name, m, k, n, probs, p0, row, bench):
   w4, ws, cs = p0["nv_w4"], p0["nv_ws_perm"], p0["nv_cs_perm"]
   def ref_w4a16(x):  # x rotated
     return nvmm.reference(nvfp4_quant.rotate(x, had).astype(jnp.bfloat16), w4, ws, cs, lay.bias)
-  def ref_w4a16_folded(x):  # the weight rotated back (qlinear_xla.w4a16_folds_rotation)
-    wd = qlinear_xla.weight_derotated(lay)
-    return w8a8.reference(x, wd, jnp.ones((x.shape[0],), jnp.float32),
-                          jnp.broadcast_to(lay.weight.global_scale, (n,)), lay.bias)
   def ref_w4a4(x):
     v, g = nvfp4_quant.quantize_qdq(x, qc)
     return nvmm.reference(v, w4, ws, cs * g, lay.bias)
   want16, want4 = jax.jit(ref_w4a16)(p0["x"]), jax.jit(ref_w4a4)(p0["x"])
+  # where W4A16 folds the rotation into the weight, the xla path's folded form is the reference
   folds = qlinear_xla.w4a16_folds_rotation(m, lay)
   # fresh wrappers throughout: jax.jit of one function object reuses a trace made under other
   # module settings (see kernel_breakdown)
   bench("mosaic_w4a16", lambda *a: qlinear_mosaic.w4a16(*a), lambda p: (p["x"], p["layer"]),
-        ref=jax.jit(ref_w4a16_folded)(p0["x"]) if folds else want16)
+        ref=jax.jit(lambda x: qlinear_xla.w4a16(x, lay))(p0["x"]) if folds else want16)
   bench("mosaic_w4a4", lambda *a: qlinear_mosaic.w4a4(*a), lambda p: (p["x"], p["layer"]),
         ref=want4)
   # the other weight path than the default at this M (register decode <-> dequant + bf16 GEMM),

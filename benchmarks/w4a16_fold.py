@@ -4,7 +4,8 @@ rotated back to x's basis (N x K elements) instead of x rotated (M x K), then th
   PYTHONPATH=. python3 benchmarks/w4a16_fold.py   (env: OUT=dir for the JSON,
       ONLY=name,... e.g. ONLY="2B K1920 N1920,8192^3")
 
-Per shape (the seven large ones of gemm_clusters.py, the CogVideoX ones first), CUPTI device time (benchmarks.kernels.time_fn) of:
+Per shape (the seven large ones of gemm_clusters.py, the CogVideoX ones first), CUPTI device
+time (benchmarks.kernels.time_fn) of:
 - xla_bf16: XLA's bf16 dot on the unquantized weight (the baseline of every ratio);
 - mosaic_w4a16[fold] / [nofold]: MOSAIC.w4a16 with the rotation folded into the weight, and
   with x rotated (the session-13 path), each forced through qlinear_xla.W4A16_FOLD_MIN_ROWS;
@@ -13,7 +14,8 @@ Per shape (the seven large ones of gemm_clusters.py, the CogVideoX ones first), 
   launches (kernel_breakdown); bf16_gemm: the bf16 GEMM alone on that weight.
 Errors: the folded form against the xla path's folded form (same arithmetic: the issue's
 2e-3), both forms against the product with the exact rotated-back weight (float64 on the
-host, a row sample), and the two forms against each other. Writes $OUT/w4a16_fold-<device>.json with device, JAX version, date and command.
+host, a row sample), and the two forms against each other. Writes
+$OUT/w4a16_fold-<device>.json after every shape, with device, JAX version, date and command.
 """
 import datetime
 import os
@@ -26,22 +28,12 @@ import numpy as np
 sys.path.insert(0, ".")
 from benchmarks.gemm_clusters import SHAPES  # noqa: E402
 from benchmarks.kernels import bf16_dot, kernel_breakdown, make_problem, time_fn  # noqa: E402
-from mpqjax import atomic, formats, qlinear_xla  # noqa: E402
-from mpqjax.testing import rel_err  # noqa: E402
+from mpqjax import atomic, qlinear_xla  # noqa: E402
+from mpqjax.testing import rel_err, w4a16_exact_f64  # noqa: E402
 from pallas_kernels import qlinear_mosaic  # noqa: E402
 from pallas_kernels import w8a8_matmul as w8a8  # noqa: E402
 
 SAMPLE_ROWS = 512  # rows of the float64 check (the host product at M = 35552 takes minutes)
-
-
-def exact_rows(x, layer, rows):
-  """float64 [rows, N]: x[rows] . W^T with the exact rotated-back weight, scale and bias."""
-  n, k = layer.weight.shape
-  hb = layer.hadamard_block
-  wq = np.asarray(formats.nvfp4_block_values(layer.weight), np.float64)
-  h = formats.hadamard_matrix(hb).astype(np.float64)
-  w = (wq.reshape(n, -1, hb) @ h).reshape(n, k) * float(layer.weight.global_scale)
-  return np.asarray(x[rows], np.float64) @ w.T + np.asarray(layer.bias, np.float64)
 
 
 FORMS = {"fold": 1, "nofold": 1 << 62}  # W4A16_FOLD_MIN_ROWS forcing each form (2 N <= M)
@@ -74,22 +66,27 @@ def main():
     res["rows"].append(row)
 
     def bench(key, fn, args):
+      """Times fn(*args); returns its output (None if it failed)."""
       try:
-        jax.block_until_ready(jax.jit(lambda *a: fn(*a))(*args))
+        out = jax.block_until_ready(jax.jit(lambda *a: fn(*a))(*args))
         row["us"][key] = time_fn(fn, [args]) * 1e3
         ratio = row["us"]["xla_bf16"] / row["us"][key] if "xla_bf16" in row["us"] else 1.0
         print(f"{name:16s} {key:24s} {row['us'][key]:10.1f} us  {ratio:6.3f}x bf16", flush=True)
+        return out
       except Exception as e:  # one failure must not lose the run
         row["us"][key] = f"{type(e).__name__}: {str(e)[:300]}"
         print(name, key, "FAILED", row["us"][key], flush=True)
+        return None
 
     bench("xla_bf16", bf16_dot, (x, p["w_bf16"]))
     outs = {}
     for form, min_rows in FORMS.items():  # each form forced; the default is one of them
       qlinear_xla.W4A16_FOLD_MIN_ROWS = min_rows
       try:
-        bench(f"mosaic_w4a16[{form}]", lambda *a: qlinear_mosaic.w4a16(*a), (x, layer))
-        outs[form] = jax.jit(lambda *a: qlinear_mosaic.w4a16(*a))(x, layer)
+        out = bench(f"mosaic_w4a16[{form}]", lambda *a: qlinear_mosaic.w4a16(*a), (x, layer))
+        if out is None:
+          continue
+        outs[form] = out
         if form == "fold":  # same arithmetic as the xla path's folded form
           xla = jax.jit(lambda *a: qlinear_xla.w4a16(*a))(x, layer)
           row["err"]["fold_vs_xla"] = rel_err_device(outs[form], xla)
@@ -98,8 +95,7 @@ def main():
         row["err"][form] = f"{type(e).__name__}: {str(e)[:300]}"
       finally:
         qlinear_xla.W4A16_FOLD_MIN_ROWS = default_rows
-    bench("derotate", qlinear_mosaic.weight_derotated_bf16, (layer,))
-    wd = jax.jit(qlinear_mosaic.weight_derotated_bf16)(layer)
+    wd = bench("derotate", qlinear_mosaic.weight_derotated_bf16, (layer,))
     bench("bf16_gemm", lambda a, b: w8a8.bf16_matmul(
         a, b, layer.weight.global_scale, layer.bias,
         interpret=qlinear_mosaic.interpret_params()), (x, wd))
@@ -108,7 +104,7 @@ def main():
     except Exception as e:
       row["derotate_launches"] = f"{type(e).__name__}: {str(e)[:300]}"
     sample = np.random.default_rng(0).choice(m, min(m, SAMPLE_ROWS), replace=False)
-    want = exact_rows(x, layer, sample)
+    want = w4a16_exact_f64(np.asarray(x[sample]), layer)
     for form, o in outs.items():
       row["err"][f"{form}_vs_exact"] = rel_err(np.asarray(o[sample]), want)
     if len(outs) == 2:

@@ -12,6 +12,20 @@ def rel_err(out, ref) -> float:
   return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
+def w4a16_exact_f64(x, layer) -> np.ndarray:
+  """float64 [M, N]: x . W^T + bias with the layer's exact quantized NVFP4 weight (block values
+  times the tensor scale, rotated back by its Hadamard block): the product W4A16 approximates
+  in either of its forms (qlinear_xla.w4a16_folds_rotation)."""
+  from mpqjax import formats
+  w = np.asarray(formats.nvfp4_block_values(layer.weight), np.float64)
+  w = w * float(layer.weight.global_scale)
+  if layer.hadamard_block:
+    n, k, hb = *w.shape, layer.hadamard_block
+    w = (w.reshape(n, -1, hb) @ formats.hadamard_matrix(hb).astype(np.float64)).reshape(n, k)
+  y = np.asarray(x, np.float64) @ w.T
+  return y if layer.bias is None else y + np.asarray(layer.bias, np.float64)
+
+
 def attention_outlier_inputs(key, shape, n_outliers: int = 4, magnitude: float = 4.0, dtype=None):
   """q, k, v [B, T, H, D] ~ N(0, 1); q and k get `n_outliers` channels with large offsets and
   gains, as DiT activations have (k shares q's offsets, scaled by 0.7)."""

@@ -13,7 +13,7 @@ import pytest
 
 from mpqjax import formats, qlinear_xla
 from mpqjax.qlinear import Mode, quantize_linear
-from mpqjax.testing import rel_err
+from mpqjax.testing import rel_err, w4a16_exact_f64
 from pallas_kernels import nvfp4_quant, qlinear_mosaic
 from pallas_kernels import nvfp4_matmul as nm
 from tests.markers import needs_hopper
@@ -387,10 +387,7 @@ def test_gpu_w4a16_folded_rotation(rng, m, k, n):
     want = qlinear_xla.w4a16(jax.device_put(x, cpu), jax.device_put(layer, cpu))
   assert rel_err(got, want) <= 2e-3
   rows = rng.choice(m, 256, replace=False)
-  wq = np.asarray(formats.nvfp4_block_values(layer.weight), np.float64)
-  h = formats.hadamard_matrix(128).astype(np.float64)
-  w_exact = (wq.reshape(n, -1, 128) @ h).reshape(n, k) * float(layer.weight.global_scale)
-  assert rel_err(got[rows], np.asarray(x, np.float64)[rows] @ w_exact.T + b) <= 4e-3
+  assert rel_err(got[rows], w4a16_exact_f64(np.asarray(x)[rows], layer)) <= 4e-3
 
 
 def test_e2m1_round_equals_the_formats_encoding():

@@ -13,7 +13,7 @@ import pytest
 from mpqjax import formats, qlinear_xla
 from mpqjax.qlinear import Mode, linear, qlinear, quantize_linear
 from tests import reference_formats as ref
-from mpqjax.testing import rel_err
+from mpqjax.testing import rel_err, w4a16_exact_f64
 
 M, K, N = 64, 512, 256
 BOUNDS = {Mode.NVFP4: 0.16, Mode.INT8: 0.115, Mode.BF16: 0.11}
@@ -73,10 +73,7 @@ def test_w4a16_folded_rotation_is_as_accurate(rng, monkeypatch, inputs):
   w, b, layer = make_layer(rng)
   x = jnp.asarray(rng.standard_normal((m, K)).astype(np.float32) if inputs == "gaussian"
                   else ref.outlier_input(rng, m, K, 8, 20.0), jnp.bfloat16)
-  wq = np.asarray(formats.nvfp4_block_values(layer.weight), np.float64)
-  h = formats.hadamard_matrix(128).astype(np.float64)
-  w_exact = (wq.reshape(N, -1, 128) @ h).reshape(N, K) * float(layer.weight.global_scale)
-  y_exact = np.asarray(x, np.float64) @ w_exact.T + b
+  y_exact = w4a16_exact_f64(x, layer)
   assert not qlinear_xla.w4a16_folds_rotation(m, layer)
   rotated = qlinear_xla.w4a16(x, layer)
   monkeypatch.setattr(qlinear_xla, "W4A16_FOLD_MIN_ROWS", 64)
