@@ -16,7 +16,6 @@ $OUT/gemm_clusters.json with device, JAX version, date and command.
 """
 import dataclasses
 import datetime
-import json
 import os
 import sys
 
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, ".")
 from benchmarks.kernels import M_2B, bf16_dot, make_problem, time_fn  # noqa: E402
+from mpqjax import atomic  # noqa: E402
 from mpqjax.testing import rel_err  # noqa: E402
 from pallas_kernels import qlinear_mosaic  # noqa: E402
 from pallas_kernels import w8a8_matmul as w8a8  # noqa: E402
@@ -150,10 +150,7 @@ def main():
           bench(f"{pname}[{alt}]", path, (p["x"], p["layer"]))
         finally:
           w8a8.pick_config = pick
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, "gemm_clusters.json")
-  with open(path, "w") as f:
-    json.dump(res, f, indent=1)
+  path = atomic.write_json(os.path.join(out_dir, "gemm_clusters.json"), res)
   print("wrote", path)
 
 
