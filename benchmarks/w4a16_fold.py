@@ -10,8 +10,14 @@ time (benchmarks.kernels.time_fn) of:
 - mosaic_w4a16[fold] / [nofold]: MOSAIC.w4a16 with the rotation folded into the weight, and
   with x rotated (the session-13 path), each forced through qlinear_xla.W4A16_FOLD_MIN_ROWS;
   the row's "folds" says which one the default rule takes;
-- derotate: the folded path's weight alone (qlinear_mosaic.weight_derotated_bf16), with its
-  launches (kernel_breakdown); bf16_gemm: the bf16 GEMM alone on that weight.
+- mosaic_w4a16[fold-tc]: the folded form with its weight made by the two XLA launches of
+  session 14 (qlinear_mosaic.weight_derotated_tc) instead of the one-launch kernel;
+- derotate: the folded path's weight alone (qlinear_mosaic.weight_derotated_bf16: the
+  nvfp4_derotate kernel), with its launches (kernel_breakdown); derotate[tc]: the two XLA
+  launches; derotate[<variant>]: the kernel with other DerotateConfigs (DEROTATE_VARIANTS),
+  each checked against the xla reference (qlinear_xla.weight_derotated: the fraction of
+  differing elements, the largest difference over the weight's rms);
+- bf16_gemm: the bf16 GEMM alone on that weight.
 Errors: the folded form against the xla path's folded form (same arithmetic: the issue's
 2e-3), both forms against the product with the exact rotated-back weight (float64 on the
 host, a row sample), and the two forms against each other. Writes
@@ -30,13 +36,19 @@ from benchmarks.gemm_clusters import SHAPES  # noqa: E402
 from benchmarks.kernels import bf16_dot, kernel_breakdown, make_problem, time_fn  # noqa: E402
 from mpqjax import atomic, qlinear_xla  # noqa: E402
 from mpqjax.testing import rel_err, w4a16_exact_f64  # noqa: E402
-from pallas_kernels import qlinear_mosaic  # noqa: E402
+from pallas_kernels import nvfp4_derotate, qlinear_mosaic  # noqa: E402
 from pallas_kernels import w8a8_matmul as w8a8  # noqa: E402
 
 SAMPLE_ROWS = 512  # rows of the float64 check (the host product at M = 35552 takes minutes)
 
 
 FORMS = {"fold": 1, "nofold": 1 << 62}  # W4A16_FOLD_MIN_ROWS forcing each form (2 N <= M)
+DEROTATE_VARIANTS = {
+    "rows128": nvfp4_derotate.DerotateConfig(tile_rows=128),
+    "bits": nvfp4_derotate.DerotateConfig(decode="bits"),
+    "epi128": nvfp4_derotate.DerotateConfig(epi_tile=128),
+    "rows128-epi128": nvfp4_derotate.DerotateConfig(tile_rows=128, epi_tile=128),
+}
 
 
 def rel_err_device(out, ref) -> float:
@@ -95,7 +107,32 @@ def main():
         row["err"][form] = f"{type(e).__name__}: {str(e)[:300]}"
       finally:
         qlinear_xla.W4A16_FOLD_MIN_ROWS = default_rows
+    qlinear_mosaic.DEROTATE_KERNEL = False
+    qlinear_xla.W4A16_FOLD_MIN_ROWS = 1
+    try:
+      bench("mosaic_w4a16[fold-tc]", lambda *a: qlinear_mosaic.w4a16(*a), (x, layer))
+    finally:
+      qlinear_mosaic.DEROTATE_KERNEL = True
+      qlinear_xla.W4A16_FOLD_MIN_ROWS = default_rows
+    wd_ref = jax.jit(qlinear_xla.weight_derotated)(layer).astype(jnp.float32)
+    ref_rms = float(jnp.sqrt(jnp.mean(wd_ref ** 2)))
+
+    def check_weight(key, wd):
+      if wd is not None:
+        d = jnp.abs(wd.astype(jnp.float32) - wd_ref)
+        row["err"][f"{key}_differ_frac"] = float(jnp.mean(d > 0))
+        row["err"][f"{key}_max_over_rms"] = float(jnp.max(d)) / ref_rms
+
+    check_weight("derotate[tc]", bench("derotate[tc]", qlinear_mosaic.weight_derotated_tc,
+                                       (layer,)))
+    hb = layer.hadamard_block
+    for variant, cfg in DEROTATE_VARIANTS.items():
+      key = f"derotate[{variant}]"
+      check_weight(key, bench(key, lambda t, cfg=cfg: nvfp4_derotate.derotate(
+          t, hb, config=cfg, interpret=qlinear_mosaic.interpret_params()), (layer.weight,)))
     wd = bench("derotate", qlinear_mosaic.weight_derotated_bf16, (layer,))
+    check_weight("derotate", wd)
+    del wd_ref
     bench("bf16_gemm", lambda a, b: w8a8.bf16_matmul(
         a, b, layer.weight.global_scale, layer.bias,
         interpret=qlinear_mosaic.interpret_params()), (x, wd))

@@ -79,11 +79,17 @@ def w4a16_folds_rotation(m: int, layer) -> bool:
           and m >= W4A16_FOLD_MIN_ROWS and 2 * layer.out_features <= m)
 
 
+def derotated_block_values(t: formats.NVFP4Tensor, block: int) -> jax.Array:
+  """bf16[N, K]: t's block values (no tensor scale) times the block Hadamard, in f32,
+  rounded to bf16 once."""
+  w = formats.nvfp4_block_values(t).astype(jnp.float32)
+  return formats.hadamard(w, block).astype(jnp.bfloat16)
+
+
 def weight_derotated(layer) -> jax.Array:
-  """bf16[N, K]: the NVFP4 block values (no tensor scale) rotated back to x's basis by the
-  same block Hadamard (its own inverse), in f32, rounded to bf16 once."""
-  w = formats.nvfp4_block_values(layer.weight).astype(jnp.float32)
-  return formats.hadamard(w, layer.hadamard_block).astype(jnp.bfloat16)
+  """bf16[N, K]: the NVFP4 block values rotated back to x's basis by the same block Hadamard
+  (its own inverse)."""
+  return derotated_block_values(layer.weight, layer.hadamard_block)
 
 
 def w4a16(x: jax.Array, layer) -> jax.Array:

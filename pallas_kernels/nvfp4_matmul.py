@@ -440,8 +440,9 @@ def _gmem_scalar_splat(ref, n: int):
 
 
 def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, interpret,
-                 sms: int, gain: float = 1.0):
-  """One launch: bf16 [M, N] with the epilogue, or raw f32 partials [k_splits, N, M].
+                 sms: int, gain: float = 1.0, weight_major: bool = False):
+  """One launch: bf16 [M, N] with the epilogue (weight_major: bf16 [N, M], the accumulator's
+  own layout, stored untransposed), or raw f32 partials [k_splits, N, M].
   col_scale f32[N] or f32[1] (one scale for all columns, read in place); bias f32[N] or None;
   gain: a constant factor on col_scale."""
   (m, k), (n, _) = x.shape, w4.shape
@@ -455,8 +456,10 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
   x_tr = smem_transforms(tile_k * 2, 16)
   w_tr = smem_transforms(tile_k // 2, 4)
   out_dtype = jnp.float32 if raw else jnp.bfloat16
-  # out tile in SMEM: [epi_m, tile_n] bf16 written transposed, or [tile_n, 32] f32 (raw).
-  out_block = (tile_n, epi_m) if raw else (epi_m, tile_n)
+  # out tile in SMEM: [epi_m, tile_n] bf16 written transposed, or untransposed [tile_n, epi_m]
+  # (bf16, weight_major) / [tile_n, 32] (f32, raw).
+  untransposed = raw or weight_major
+  out_block = (tile_n, epi_m) if untransposed else (epi_m, tile_n)
   out_tr = smem_transforms(out_block[1] * jnp.dtype(out_dtype).itemsize,
                        jnp.dtype(out_dtype).itemsize * 8)
   n_epi = tile_m // epi_m
@@ -558,15 +561,18 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
               if has_bias:
                 part = part + bb_b
               part = part.astype(jnp.bfloat16)
-              if not interp:
-                part = plgpu.layout_cast(part, plgpu.Layout.WGMMA_TRANSPOSED)
               slot = e % num_slots
               plgpu.wait_smem_to_gmem(num_slots - 1, wait_read_only=True)
-              out_smem.at[wg, slot].T[...] = part
+              if weight_major:
+                out_smem[wg, slot] = part
+                out_tile = out_g.at[pl.ds(n0, tile_n), pl.ds(m0 + e * epi_m, epi_m)]
+              else:
+                if not interp:
+                  part = plgpu.layout_cast(part, plgpu.Layout.WGMMA_TRANSPOSED)
+                out_smem.at[wg, slot].T[...] = part
+                out_tile = out_g.at[pl.ds(m0 + e * epi_m, epi_m), pl.ds(n0, tile_n)]
               plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(
-                  out_smem.at[wg, slot],
-                  out_g.at[pl.ds(m0 + e * epi_m, epi_m), pl.ds(n0, tile_n)])
+              plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_tile)
 
         def mma(_, x_s, w_s, ws_s, acc_ref):
           ns = pl.ds(wg * tile_n, tile_n)
@@ -608,7 +614,7 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  out_shape = (splits, n, m) if raw else (m, n)
+  out_shape = (splits, n, m) if raw else (n, m) if weight_major else (m, n)
   total = m_iters * n_iters * splits
   f = plgpu.kernel(
       nvfp4_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
@@ -620,7 +626,7 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
 def nvfp4_matmul(x: jax.Array, w4: jax.Array, ws: jax.Array, col_scale: jax.Array,
                  bias: jax.Array | None = None, *, config: NVFP4MatmulConfig | None = None,
                  interpret=None, sms: int | None = None, x_permuted: bool = False,
-                 gain: float = 1.0) -> jax.Array:
+                 gain: float = 1.0, weight_major: bool = False) -> jax.Array:
   """x bf16[M, K], (w4 int4[N, K], ws bf16[K/16, N] or with e4m3_scales uint8[N, K/16]) from
   `weight_operands` (with the same `decode` and `e4m3_scales`), col_scale f32[N] or one f32
   (shape () or (1,): the tensor scales, read by the kernel in place, no broadcast launch),
@@ -628,8 +634,9 @@ def nvfp4_matmul(x: jax.Array, w4: jax.Array, ws: jax.Array, col_scale: jax.Arra
   kernel's epilogue, no XLA multiply).
   x_permuted: x is already `permute_k(x)` (only with the "perm" decode).
 
-  Returns bf16[M, N] = (x @ wv.T) * col_scale * gain + bias. interpret:
-  plgpu.InterpretGPUParams.
+  Returns bf16[M, N] = (x @ wv.T) * col_scale * gain + bias, or with weight_major its
+  transpose bf16[N, M], stored as the kernel accumulates it (no transpose in the epilogue).
+  interpret: plgpu.InterpretGPUParams.
   """
   m, k = x.shape
   n = w4.shape[0]
@@ -653,13 +660,16 @@ def nvfp4_matmul(x: jax.Array, w4: jax.Array, ws: jax.Array, col_scale: jax.Arra
     x, x_permuted = permute_k(x), True       # fused into its producer)
   if m % align:
     xp = jnp.pad(x, ((0, -m % align), (0, 0)))
-    return nvfp4_matmul(xp, w4, ws, col_scale, bias, config=cfg, interpret=interpret,
-                        sms=sms, x_permuted=x_permuted, gain=gain)[:m]
+    y = nvfp4_matmul(xp, w4, ws, col_scale, bias, config=cfg, interpret=interpret, sms=sms,
+                     x_permuted=x_permuted, gain=gain, weight_major=weight_major)
+    return y[:, :m] if weight_major else y[:m]
   if cfg.k_splits > 1:
     parts = _kernel_call(x, w4, ws, col_scale, bias, cfg, True, interpret, sms)
-    y = parts.sum(axis=0).T * (col_scale * np.float32(gain))
-    return (y if bias is None else y + bias).astype(jnp.bfloat16)
-  return _kernel_call(x, w4, ws, col_scale, bias, cfg, False, interpret, sms, gain)
+    yt = parts.sum(axis=0) * (col_scale * np.float32(gain))[:, None]  # [N, M]
+    yt = yt if bias is None else yt + bias[:, None]
+    return (yt if weight_major else yt.T).astype(jnp.bfloat16)
+  return _kernel_call(x, w4, ws, col_scale, bias, cfg, False, interpret, sms, gain,
+                      weight_major)
 
 
 def reference(x, w4, ws, col_scale, bias=None, decode: str = "bits"):

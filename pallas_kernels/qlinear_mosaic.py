@@ -18,7 +18,7 @@
   Same arithmetic either way: exact bf16 products, f32 accumulation, f32 epilogue.
   Where qlinear_xla.w4a16_folds_rotation holds (from 4096 rows, 2N <= M), w4a16 rotates the
   decoded weight back instead of rotating x (weight_derotated_bf16: N x K elements instead of
-  M x K), then runs the same bf16 GEMM on x as it is, as the xla path does.
+  M x K, one launch), then runs the same bf16 GEMM on x as it is, as the xla path does.
 
 The NVFP4 weight is converted to INT8 by one XLA fusion on every call (weight_int8): only
 the NVFP4 copy stays resident (0.5625 B per weight element); pallas_kernels/NOTES.md compares
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from mpqjax import formats, qlinear_xla
 from pallas_kernels import hopper_unavailable_reason
-from pallas_kernels import int8_quant, int8_quant_mgpu, nvfp4_quant, nvfp4_to_int8
+from pallas_kernels import int8_quant, int8_quant_mgpu, nvfp4_derotate, nvfp4_quant, nvfp4_to_int8
 from pallas_kernels import nvfp4_matmul as nvmm
 from pallas_kernels import w8a8_matmul as w8a8
 
@@ -153,9 +153,22 @@ def _nvfp4_matmul(xv: jax.Array, layer, act_scale, cfg, x_permuted: bool = False
 
 def weight_derotated_bf16(layer) -> jax.Array:
   """bf16[N, K] = qlinear_xla.weight_derotated(layer) except in a few nearly cancelling sums
-  (that one adds f32-rounded products with +-1/sqrt(block)): the exact bf16 block values
-  (`weight_bf16`) times the +-1 sign matrix on the tensor cores (`int8_quant.hadamard_tc`),
-  then scaled and rounded once."""
+  (that one adds f32-rounded products with +-1/sqrt(block); these add the exact values times
+  +-1, then scale and round once): one Mosaic launch (pallas_kernels.nvfp4_derotate) where it
+  tiles the weight, else `weight_derotated_tc`."""
+  t, hb = layer.weight, layer.hadamard_block
+  if DEROTATE_KERNEL and nvfp4_derotate.supported(t.shape, hb):
+    return nvfp4_derotate.derotate(t, hb, interpret=interpret_params())
+  return weight_derotated_tc(layer)
+
+
+# Whether weight_derotated_bf16 uses the one-launch kernel (benchmarks turn it off to compare).
+DEROTATE_KERNEL = True
+
+
+def weight_derotated_tc(layer) -> jax.Array:
+  """weight_derotated_bf16 in two XLA launches: the exact bf16 block values (`weight_bf16`),
+  then their product with the +-1 sign matrix on the tensor cores (`int8_quant.hadamard_tc`)."""
   with jax.named_scope("nvfp4_derotate"):
     return int8_quant.hadamard_tc(weight_bf16(layer), layer.hadamard_block).astype(jnp.bfloat16)
 

@@ -1,4 +1,12 @@
+import os
 import zlib
+
+# Mosaic GPU's interpreter (the kernels' CPU tests) runs every warpgroup of every CTA as its
+# own XLA computation on the CPU client's thread pool, whose size defaults to the core count,
+# and barrier waits hold their pool thread: with 2 cores, 3 warpgroups deadlock whenever the
+# producer's computation is not scheduled (the interpreter's "random stalls", NOTES.md
+# "Session 15"). The pool must have a thread per interpreted warpgroup; set before JAX starts.
+os.environ.setdefault("PJRT_NPROC", "32")
 
 import numpy as np
 import pytest

@@ -14,7 +14,7 @@ import pytest
 from mpqjax import formats, qlinear_xla
 from mpqjax.qlinear import Mode, quantize_linear
 from mpqjax.testing import rel_err, w4a16_exact_f64
-from pallas_kernels import nvfp4_quant, qlinear_mosaic
+from pallas_kernels import nvfp4_derotate, nvfp4_quant, qlinear_mosaic
 from pallas_kernels import nvfp4_matmul as nm
 from tests.markers import needs_hopper
 
@@ -318,6 +318,69 @@ def test_mosaic_w4a16_folded_rotation_matches_xla_on_cpu(rng, monkeypatch):
   assert np.abs(wd - wd_ref).max() <= 1e-3 * np.sqrt(np.mean(wd_ref ** 2))
 
 
+@pytest.mark.parametrize("cfg,n,k", [
+    (nvfp4_derotate.DerotateConfig(), 128, 256),                    # two CTA tiles of rows
+    (nvfp4_derotate.DerotateConfig(decode="bits"), 64, 512),
+    (nvfp4_derotate.DerotateConfig(tile_rows=128), 128, 512),
+], ids=["perm", "bits", "rows128"])
+def test_derotate_matches_reference_and_float64(rng, cfg, n, k):
+  """The one-launch rotated-back weight: equal to the xla reference (f32 HIGHEST rotation,
+  one bf16 rounding) except in a few nearly cancelling sums, and within one bf16 rounding of
+  the float64 product of the exact block values with the orthonormal Hadamard."""
+  w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(1e-2, 1e2, (n, 1))
+  w[:, 5] *= 30  # an outlier input channel
+  t = formats.quantize_nvfp4(jnp.asarray(w))
+  got = nvfp4_derotate.derotate(t, 128, config=cfg, interpret=qlinear_mosaic.interpret_params())
+  assert got.shape == (n, k) and got.dtype == jnp.bfloat16
+  got = np.asarray(got, np.float64)
+  want = np.asarray(nvfp4_derotate.reference(t, 128), np.float64)
+  exact = (np.asarray(formats.nvfp4_block_values(t), np.float64).reshape(n, k // 128, 128)
+           @ formats.hadamard_matrix(128).astype(np.float64)).reshape(n, k)
+  assert (got != want).mean() < 5e-3
+  row_rms = np.sqrt(np.mean(exact ** 2, axis=1, keepdims=True))
+  assert np.all(np.abs(got - want) <= 1e-3 * row_rms)
+  assert np.all(np.abs(got - exact) <= 2 ** -8 * np.abs(exact) + 1e-6 * row_rms)
+
+
+@pytest.mark.parametrize("cfg", [dataclasses.replace(SMALL, decode="perm"),
+                                 dataclasses.replace(SMALL, decode="perm", k_splits=2)],
+                         ids=["fused-epilogue", "splitK"])
+def test_weight_major_output_is_the_transpose(rng, cfg):
+  """nvfp4_matmul(weight_major=True) stores the accumulator untransposed: bf16[N, M], equal to
+  the usual output transposed (the same epilogue arithmetic), M padded and cropped."""
+  m, n, k = 40, 128, 256
+  x, _, w4, ws, cs, bias = problem(rng, m, n, k, "perm")
+  kw = dict(config=cfg, interpret=qlinear_mosaic.interpret_params())
+  got = nm.nvfp4_matmul(x, w4, ws, cs, bias, weight_major=True, **kw)
+  assert got.shape == (n, m) and got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got).T, np.asarray(nm.nvfp4_matmul(x, w4, ws, cs,
+                                                                                bias, **kw)))
+  assert rel_err(got.T, nm.reference(x, w4, ws, cs, bias, decode="perm")) <= 1e-3
+
+
+def test_derotate_rejects_what_it_does_not_tile():
+  t = formats.quantize_nvfp4(jax.random.normal(jax.random.key(0), (64, 256), jnp.float32))
+  assert not nvfp4_derotate.supported((64, 256), 64)       # a 64-wide block: one K step
+  assert not nvfp4_derotate.supported((64, 192), 128)      # K not a multiple of the block
+  assert not nvfp4_derotate.supported((32, 256), 128)      # 64 rows of 128: half a CTA tile
+  assert nvfp4_derotate.supported((64, 256), 128)
+  with pytest.raises(ValueError, match=r"\[64, 256\] weight with Hadamard block 64"):
+    nvfp4_derotate.derotate(t, 64)
+  with pytest.raises(ValueError, match="2-D"):
+    nvfp4_derotate.derotate(formats.NVFP4Tensor(t.codes[None], t.scales[None], t.global_scale),
+                            128)
+
+
+@pytest.mark.parametrize("n,k,rows", [(7680, 1920, 64), (12288, 3072, 64), (8192, 8192, 128)])
+def test_derotate_lowers_for_hopper(n, k, rows):
+  """The kernel at CogVideoX / 8192^2 weights passes Mosaic GPU's lowering for CUDA from the
+  CPU (interpret mode runs a jnp decode instead of the inline one)."""
+  t = formats.quantize_nvfp4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32))
+  cfg = nvfp4_derotate.DerotateConfig(tile_rows=rows)
+  f = jax.jit(lambda t: nvfp4_derotate.derotate(t, 128, config=cfg, sms=132))
+  assert "mosaic_gpu" in jax.export.export(f, platforms=["cuda"])(t).mlir_module()
+
+
 def test_weight_bf16_is_the_exact_block_values(rng):
   """The large-M path's one-fusion decode equals formats' block values bit for bit (signed
   zeros, every code, scales over six decades)."""
@@ -388,6 +451,27 @@ def test_gpu_w4a16_folded_rotation(rng, m, k, n):
   assert rel_err(got, want) <= 2e-3
   rows = rng.choice(m, 256, replace=False)
   assert rel_err(got[rows], w4a16_exact_f64(np.asarray(x)[rows], layer)) <= 4e-3
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("cfg", [nvfp4_derotate.DerotateConfig(),
+                                 nvfp4_derotate.DerotateConfig(decode="bits"),
+                                 nvfp4_derotate.DerotateConfig(tile_rows=128)],
+                         ids=["perm", "bits", "rows128"])
+@pytest.mark.parametrize("n,k", [(1920, 1920), (12288, 3072)])
+def test_gpu_derotate_real_shapes(rng, cfg, n, k):
+  """The one-launch rotated-back weight on the GPU against the xla reference on the host."""
+  w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(1e-2, 1e2, (n, 1))
+  t = formats.quantize_nvfp4(jnp.asarray(w))
+  got = np.asarray(jax.jit(lambda t: nvfp4_derotate.derotate(t, 128, config=cfg))(t),
+                   np.float32)
+  cpu = jax.devices("cpu")[0]
+  with jax.default_device(cpu):
+    want = np.asarray(nvfp4_derotate.reference(jax.device_put(t, cpu), 128), np.float32)
+  assert (got != want).mean() < 5e-3
+  row_rms = np.sqrt(np.mean(want.astype(np.float64) ** 2, axis=1, keepdims=True))
+  assert np.all(np.abs(got - want) <= 1e-3 * row_rms)
 
 
 def test_e2m1_round_equals_the_formats_encoding():
