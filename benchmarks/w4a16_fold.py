@@ -8,13 +8,15 @@ Per shape (the seven large ones of gemm_clusters.py, the CogVideoX ones first), 
 time (benchmarks.kernels.time_fn) of:
 - xla_bf16: XLA's bf16 dot on the unquantized weight (the baseline of every ratio);
 - mosaic_w4a16[fold] / [nofold]: MOSAIC.w4a16 with the rotation folded into the weight, and
-  with x rotated (the session-13 path), each forced through qlinear_xla.W4A16_FOLD_MIN_ROWS;
-  the row's "folds" says which one the default rule takes;
+  with x rotated (the session-13 path), each forced (qlinear_xla.w4a16_folds_rotation replaced
+  by a constant: forcing only the row threshold would leave the rule's 2N <= M in place, and
+  at 8192^3 both rows would rotate x); the row's "folds" says which one the default rule takes;
 - mosaic_w4a16[fold-tc]: the folded form with its weight made by the two XLA launches of
   session 14 (qlinear_mosaic.weight_derotated_tc) instead of the one-launch kernel;
 - derotate: the folded path's weight alone (qlinear_mosaic.weight_derotated_bf16: the
   nvfp4_derotate kernel), with its launches (kernel_breakdown); derotate[tc]: the two XLA
-  launches; derotate[<variant>]: the kernel with other DerotateConfigs (DEROTATE_VARIANTS),
+  launches; derotate[<variant>]: the kernel with other DerotateConfigs and CTAs per SM
+  (DEROTATE_VARIANTS),
   each checked against the xla reference (qlinear_xla.weight_derotated: the fraction of
   differing elements, the largest difference over the weight's rms);
 - bf16_gemm: the bf16 GEMM alone on that weight.
@@ -42,13 +44,25 @@ from pallas_kernels import w8a8_matmul as w8a8  # noqa: E402
 SAMPLE_ROWS = 512  # rows of the float64 check (the host product at M = 35552 takes minutes)
 
 
-FORMS = {"fold": 1, "nofold": 1 << 62}  # W4A16_FOLD_MIN_ROWS forcing each form (2 N <= M)
-DEROTATE_VARIANTS = {
-    "rows128": nvfp4_derotate.DerotateConfig(tile_rows=128),
-    "bits": nvfp4_derotate.DerotateConfig(decode="bits"),
-    "epi128": nvfp4_derotate.DerotateConfig(epi_tile=128),
-    "rows128-epi128": nvfp4_derotate.DerotateConfig(tile_rows=128, epi_tile=128),
+FORMS = {"fold": True, "nofold": False}  # qlinear_xla.w4a16_folds_rotation forced to each
+D = nvfp4_derotate.DerotateConfig
+DEROTATE_VARIANTS = {  # name: (config, CTAs per SM)
+    "nochain": (D(chain_tiles=False), 1),
+    "rows128": (D(tile_rows=128), 1),
+    "rows128-nochain": (D(tile_rows=128, chain_tiles=False), 1),
+    "bits": (D(decode="bits"), 1),
+    "epi128": (D(epi_tile=128), 1),
+    "2cta": (D(), 2),
+    "rows128-2cta": (D(tile_rows=128), 2),
 }
+
+
+def forced_fold(fold: bool):
+  """qlinear_xla.w4a16_folds_rotation replaced by a constant (both implementations read it at
+  trace time); returns a function that restores it."""
+  real = qlinear_xla.w4a16_folds_rotation
+  qlinear_xla.w4a16_folds_rotation = lambda m, layer: fold
+  return lambda: setattr(qlinear_xla, "w4a16_folds_rotation", real)
 
 
 def rel_err_device(out, ref) -> float:
@@ -66,7 +80,6 @@ def main():
                     + (f" (ONLY={only})" if only else ""),
          "fold_min_rows": qlinear_xla.W4A16_FOLD_MIN_ROWS, "rows": []}
   out_dir = os.environ.get("OUT", "benchmarks/results")
-  default_rows = qlinear_xla.W4A16_FOLD_MIN_ROWS
   cogvideox = [s for s in SHAPES if s[0] != "8192^3"]  # first: where the fold should pay
   for name, m, k, n in cogvideox + [s for s in SHAPES if s not in cogvideox]:
     if only and name not in [s.strip() for s in only.split(",")]:
@@ -92,8 +105,8 @@ def main():
 
     bench("xla_bf16", bf16_dot, (x, p["w_bf16"]))
     outs = {}
-    for form, min_rows in FORMS.items():  # each form forced; the default is one of them
-      qlinear_xla.W4A16_FOLD_MIN_ROWS = min_rows
+    for form, fold in FORMS.items():  # each form forced; the default is one of them
+      restore = forced_fold(fold)
       try:
         out = bench(f"mosaic_w4a16[{form}]", lambda *a: qlinear_mosaic.w4a16(*a), (x, layer))
         if out is None:
@@ -106,14 +119,14 @@ def main():
       except Exception as e:
         row["err"][form] = f"{type(e).__name__}: {str(e)[:300]}"
       finally:
-        qlinear_xla.W4A16_FOLD_MIN_ROWS = default_rows
+        restore()
     qlinear_mosaic.DEROTATE_KERNEL = False
-    qlinear_xla.W4A16_FOLD_MIN_ROWS = 1
+    restore = forced_fold(True)
     try:
       bench("mosaic_w4a16[fold-tc]", lambda *a: qlinear_mosaic.w4a16(*a), (x, layer))
     finally:
       qlinear_mosaic.DEROTATE_KERNEL = True
-      qlinear_xla.W4A16_FOLD_MIN_ROWS = default_rows
+      restore()
     wd_ref = jax.jit(qlinear_xla.weight_derotated)(layer).astype(jnp.float32)
     ref_rms = float(jnp.sqrt(jnp.mean(wd_ref ** 2)))
 
@@ -126,10 +139,14 @@ def main():
     check_weight("derotate[tc]", bench("derotate[tc]", qlinear_mosaic.weight_derotated_tc,
                                        (layer,)))
     hb = layer.hadamard_block
-    for variant, cfg in DEROTATE_VARIANTS.items():
+    for variant, (cfg, per_sm) in DEROTATE_VARIANTS.items():
       key = f"derotate[{variant}]"
-      check_weight(key, bench(key, lambda t, cfg=cfg: nvfp4_derotate.derotate(
-          t, hb, config=cfg, interpret=qlinear_mosaic.interpret_params()), (layer.weight,)))
+      if not nvfp4_derotate.supported((n, k), hb, cfg):
+        continue
+      sms = per_sm * w8a8.num_sms() if jax.default_backend() == "gpu" else None
+      check_weight(key, bench(key, lambda t, cfg=cfg, sms=sms: nvfp4_derotate.derotate(
+          t, hb, config=cfg, interpret=qlinear_mosaic.interpret_params(), sms=sms),
+          (layer.weight,)))
     wd = bench("derotate", qlinear_mosaic.weight_derotated_bf16, (layer,))
     check_weight("derotate", wd)
     del wd_ref

@@ -35,18 +35,21 @@ class DerotateConfig:
   """tile_rows: weight rows (of `block` columns each) per consumer warpgroup, a multiple of
   64; the CTA has two. tile_k: the K step over a row's `block` columns (64 or block).
   decode: nvfp4_matmul's ("perm" reads the sign matrix in its K order, a constant).
+  chain_tiles: nvfp4_matmul's (the next tile's codes fetched during this tile's epilogue).
   The kernel's pipeline needs >= 2 K steps per row (one step stalled Mosaic GPU's interpreter),
   so block >= 2 * tile_k."""
   tile_rows: int = 64
   tile_k: int = 64
   decode: str = "perm"
   epi_tile: int = 64
+  chain_tiles: bool = True
 
   def kernel_config(self, block: int) -> nvmm.NVFP4MatmulConfig:
     return nvmm.NVFP4MatmulConfig(
         tile_n=self.tile_rows, tile_m=block, tile_k=self.tile_k,
         max_concurrent_steps=block // self.tile_k, epi_tile_m=min(self.epi_tile, block),
-        grid_minor_dim=Dim.N, grid_tile_width=1, k_splits=1, decode=self.decode)
+        grid_minor_dim=Dim.N, grid_tile_width=1, k_splits=1, decode=self.decode,
+        chain_tiles=self.chain_tiles)
 
 
 def supported(shape: tuple[int, int], block: int, config: DerotateConfig = DerotateConfig()

@@ -74,6 +74,10 @@ class NVFP4MatmulConfig:
   that one decodes while the other's wgmma runs; measured 10% slower on an H200 (NOTES.md), off.
   (A double-buffered SMEM copy of the decoded tile with one wgmma in flight was measured 9%
   slower too and removed in session 6; NOTES.md, "SMEM decode".)
+  chain_tiles: a CTA's tiles chain their K pipelines (as w8a8_matmul's, Pallas'
+  PipelinePipeline states): the TMA warpgroup fetches the next tile's first steps while the
+  consumers run this tile's epilogue. Applies where every CTA has >= 2 tiles and the stages
+  divide the K steps; for short-K work (nvfp4_derotate: 2 steps per tile), off elsewhere.
   """
   tile_n: int = 64
   tile_m: int = 256
@@ -87,6 +91,7 @@ class NVFP4MatmulConfig:
   e4m3_scales: bool = False
   pingpong: bool = False
   decode_chunks: int = 1
+  chain_tiles: bool = False
 
   @property
   def cta_tile_n(self) -> int:
@@ -473,9 +478,13 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
   tma_fetches = (not cs_scalar) + has_bias
   if bias is None:
     bias = col_scale  # a placeholder operand, never read
+  total = m_iters * n_iters * splits
+  grid_size = min(sms, total)
+  stages = min(cfg.max_concurrent_steps, k_iters)
+  chain = cfg.chain_tiles and total >= 2 * grid_size and k_iters % stages == 0
 
   def nvfp4_matmul_kernel(x_g, w_g, ws_g, cs_g, bias_g, out_g):
-    def get_pipeline(body, ctx):
+    def get_pipeline(body, ctx, state=None):
       return plgpu.emit_pipeline_warp_specialized(
           body, grid=(k_iters,), memory_registers=40,
           in_specs=[
@@ -488,7 +497,7 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
               plgpu.BlockSpec((n_scale, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
           ],
           wg_axis="wg", num_compute_wgs=2,
-          max_concurrent_steps=min(cfg.max_concurrent_steps, k_iters), compute_context=ctx)
+          max_concurrent_steps=stages, compute_context=ctx, pipeline_state=state)
 
     ignore = lambda *_, **__: None
     scratch = dict(
@@ -604,7 +613,13 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
           plgpu.wgmma_wait(0)
           return acc_ref
 
-        get_pipeline(mma, ctx)(
+        state = None
+        if chain:  # this CTA's first tile starts the ring, its last one drains it
+          local, last = info.local_index, info.num_local_steps - 1
+          state = jnp.where(local == 0, int(plgpu.PipelinePipeline.START),
+                            jnp.where(local == last, int(plgpu.PipelinePipeline.STOP),
+                                      int(plgpu.PipelinePipeline.STEADY)))
+        get_pipeline(mma, ctx, state)(
             x_g.at[pl.ds(m0, tile_m), k_slice],
             w_g.at[pl.ds(ni * cta_n, cta_n), k_slice],
             ws_g.at[pl.ds(ni * cta_n, cta_n), pl.ds(split * (k_per_split // 16), k_per_split // 16)]
@@ -615,10 +630,9 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   out_shape = (splits, n, m) if raw else (n, m) if weight_major else (m, n)
-  total = m_iters * n_iters * splits
   f = plgpu.kernel(
       nvfp4_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
-      grid=(min(sms, total),), grid_names=("sm",), num_threads=3, thread_name="wg",
+      grid=(grid_size,), grid_names=("sm",), num_threads=3, thread_name="wg",
       interpret=interpret)
   return f(x, w4, ws, col_scale, bias)
 

@@ -318,19 +318,23 @@ def test_mosaic_w4a16_folded_rotation_matches_xla_on_cpu(rng, monkeypatch):
   assert np.abs(wd - wd_ref).max() <= 1e-3 * np.sqrt(np.mean(wd_ref ** 2))
 
 
-@pytest.mark.parametrize("cfg,n,k", [
-    (nvfp4_derotate.DerotateConfig(), 128, 256),                    # two CTA tiles of rows
-    (nvfp4_derotate.DerotateConfig(decode="bits"), 64, 512),
-    (nvfp4_derotate.DerotateConfig(tile_rows=128), 128, 512),
-], ids=["perm", "bits", "rows128"])
-def test_derotate_matches_reference_and_float64(rng, cfg, n, k):
+@pytest.mark.parametrize("cfg,n,k,sms", [
+    (nvfp4_derotate.DerotateConfig(), 128, 256, 1),       # one CTA, two chained row tiles
+    (nvfp4_derotate.DerotateConfig(), 128, 512, 2),       # two CTAs, two chained tiles each
+    (nvfp4_derotate.DerotateConfig(decode="bits"), 64, 512, 2),
+    (nvfp4_derotate.DerotateConfig(tile_rows=128), 128, 512, 1),
+    (nvfp4_derotate.DerotateConfig(chain_tiles=False), 128, 512, 2),
+], ids=["perm-1cta", "perm-2cta", "bits", "rows128", "nochain"])
+def test_derotate_matches_reference_and_float64(rng, cfg, n, k, sms):
   """The one-launch rotated-back weight: equal to the xla reference (f32 HIGHEST rotation,
   one bf16 rounding) except in a few nearly cancelling sums, and within one bf16 rounding of
-  the float64 product of the exact block values with the orthonormal Hadamard."""
+  the float64 product of the exact block values with the orthonormal Hadamard. With
+  chain_tiles, every CTA here has >= 2 row tiles, so their K pipelines chain."""
   w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(1e-2, 1e2, (n, 1))
   w[:, 5] *= 30  # an outlier input channel
   t = formats.quantize_nvfp4(jnp.asarray(w))
-  got = nvfp4_derotate.derotate(t, 128, config=cfg, interpret=qlinear_mosaic.interpret_params())
+  got = nvfp4_derotate.derotate(t, 128, config=cfg, interpret=qlinear_mosaic.interpret_params(),
+                                sms=sms)
   assert got.shape == (n, k) and got.dtype == jnp.bfloat16
   got = np.asarray(got, np.float64)
   want = np.asarray(nvfp4_derotate.reference(t, 128), np.float64)
@@ -457,11 +461,14 @@ def test_gpu_w4a16_folded_rotation(rng, m, k, n):
 @needs_hopper
 @pytest.mark.parametrize("cfg", [nvfp4_derotate.DerotateConfig(),
                                  nvfp4_derotate.DerotateConfig(decode="bits"),
-                                 nvfp4_derotate.DerotateConfig(tile_rows=128)],
-                         ids=["perm", "bits", "rows128"])
+                                 nvfp4_derotate.DerotateConfig(tile_rows=128),
+                                 nvfp4_derotate.DerotateConfig(chain_tiles=False)],
+                         ids=["perm", "bits", "rows128", "nochain"])
 @pytest.mark.parametrize("n,k", [(1920, 1920), (12288, 3072)])
 def test_gpu_derotate_real_shapes(rng, cfg, n, k):
   """The one-launch rotated-back weight on the GPU against the xla reference on the host."""
+  if not nvfp4_derotate.supported((n, k), 128, cfg):
+    pytest.skip(f"{cfg} does not tile [{n}, {k}]")
   w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(1e-2, 1e2, (n, 1))
   t = formats.quantize_nvfp4(jnp.asarray(w))
   got = np.asarray(jax.jit(lambda t: nvfp4_derotate.derotate(t, 128, config=cfg))(t),
