@@ -36,8 +36,8 @@ class DerotateConfig:
   64; the CTA has two. tile_k: the K step over a row's `block` columns (64 or block).
   decode: nvfp4_matmul's ("perm" reads the sign matrix in its K order, a constant).
   chain_tiles: nvfp4_matmul's (the next tile's codes fetched during this tile's epilogue).
-  The kernel's pipeline needs >= 2 K steps per row (one step stalled Mosaic GPU's interpreter),
-  so block >= 2 * tile_k."""
+  block >= 2 * tile_k: two K steps (and two pipeline stages) per row tile, so that the chained
+  pipeline can fetch the next tile's first step while this one's second is used."""
   tile_rows: int = 64
   tile_k: int = 64
   decode: str = "perm"

@@ -20,7 +20,8 @@ from tests.markers import needs_hopper
 
 
 SMALL = nm.NVFP4MatmulConfig(tile_m=64, tile_k=64, max_concurrent_steps=2, epi_tile_m=32)
-# the heuristic's small-M config (M = 48: the interpreter stalls at random with 32-row tiles)
+# the heuristic's small-M config (M = 48, chosen when the interpreter stalled at random with
+# 32-row tiles: the thread-pool deadlock conftest.py's PJRT_NPROC now prevents)
 SMALL_M = nm.pick_config(48, 128, 1024, sms=2)
 
 
