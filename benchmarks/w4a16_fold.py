@@ -47,6 +47,7 @@ SAMPLE_ROWS = 512  # rows of the float64 check (the host product at M = 35552 ta
 FORMS = {"fold": True, "nofold": False}  # qlinear_xla.w4a16_folds_rotation forced to each
 D = nvfp4_derotate.DerotateConfig
 DEROTATE_VARIANTS = {  # name: (config, CTAs per SM)
+    "rows64": (D(), 1),
     "nochain": (D(chain_tiles=False), 1),
     "rows128": (D(tile_rows=128), 1),
     "rows128-nochain": (D(tile_rows=128, chain_tiles=False), 1),
