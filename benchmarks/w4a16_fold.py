@@ -9,8 +9,9 @@ time (benchmarks.kernels.time_fn) of:
 - xla_bf16: XLA's bf16 dot on the unquantized weight (the baseline of every ratio);
 - mosaic_w4a16[fold] / [nofold]: MOSAIC.w4a16 with the rotation folded into the weight, and
   with x rotated (the session-13 path), each forced (qlinear_xla.w4a16_folds_rotation replaced
-  by a constant: forcing only the row threshold would leave the rule's 2N <= M in place, and
-  at 8192^3 both rows would rotate x); the row's "folds" says which one the default rule takes;
+  by a constant: forcing only the row threshold would leave the rule's condition on N in
+  place, as in session 15's first run at 8192^3); the row's "folds" says which one the
+  default rule takes;
 - mosaic_w4a16[fold-tc]: the folded form with its weight made by the two XLA launches of
   session 14 (qlinear_mosaic.weight_derotated_tc) instead of the one-launch kernel;
 - derotate: the folded path's weight alone (qlinear_mosaic.weight_derotated_bf16: the

@@ -69,14 +69,16 @@ W4A16_FOLD_MIN_ROWS = 4096
 def w4a16_folds_rotation(m: int, layer) -> bool:
   """Whether W4A16 on m rows computes x . W_derot^T (`weight_derotated`) rather than
   (x H) . W^T: for an nvfp4 layer with a Hadamard block, from W4A16_FOLD_MIN_ROWS rows and
-  when x has at least twice as many rows as the weight, so that the rotation touches N x K
-  elements instead of M x K (3-18x fewer at the CogVideoX shapes; at N = M the fold measured
-  3% slower on an H100, at N = 0.35 M a tie). The two forms differ only in what is rounded to
+  when x has at least as many rows as the weight, so that the rotation touches N x K
+  elements instead of M x K (3-18x fewer at the CogVideoX shapes). With the rotated-back
+  weight made in one launch (pallas_kernels.nvfp4_derotate) the fold was 2% faster on an H100
+  at N = M (8192^3), where it had been 3% slower in two XLA launches; at 2048 rows, N = M, it
+  lost (session 14), hence the row threshold. The two forms differ only in what is rounded to
   bf16, the rotated x or the rotated-back weight: both are 2.35e-3 (relative) from the exact
   product, but ~3e-3 from each other, so every implementation takes the form this rule picks
-  (pallas_kernels/NOTES.md, "Session 14")."""
+  (pallas_kernels/NOTES.md, "Session 14", "Session 15")."""
   return (layer.weight_format == "nvfp4" and bool(layer.hadamard_block)
-          and m >= W4A16_FOLD_MIN_ROWS and 2 * layer.out_features <= m)
+          and m >= W4A16_FOLD_MIN_ROWS and layer.out_features <= m)
 
 
 def derotated_block_values(t: formats.NVFP4Tensor, block: int) -> jax.Array:

@@ -16,7 +16,7 @@
   (w8a8_matmul.bf16_matmul, scale and bias in its epilogue): with many rows the decode is
   amortised and a plain bf16 GEMM beats decoding every tile in registers (NOTES.md).
   Same arithmetic either way: exact bf16 products, f32 accumulation, f32 epilogue.
-  Where qlinear_xla.w4a16_folds_rotation holds (from 4096 rows, 2N <= M), w4a16 rotates the
+  Where qlinear_xla.w4a16_folds_rotation holds (from 4096 rows, N <= M), w4a16 rotates the
   decoded weight back instead of rotating x (weight_derotated_bf16: N x K elements instead of
   M x K, one launch), then runs the same bf16 GEMM on x as it is, as the xla path does.
 

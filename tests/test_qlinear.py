@@ -65,11 +65,11 @@ def test_hadamard_effect_on_outlier_activations(rng):
 
 @pytest.mark.parametrize("inputs", ["gaussian", "outliers"])
 def test_w4a16_folded_rotation_is_as_accurate(rng, monkeypatch, inputs):
-  """From W4A16_FOLD_MIN_ROWS rows (and 2 N <= M) W4A16 rotates the weight back instead of x.
+  """From W4A16_FOLD_MIN_ROWS rows (and N <= M) W4A16 rotates the weight back instead of x.
   Against the exact product with the quantized weight (float64), both forms are ~2.3e-3 off
   (bf16 rounding of x H or of the rotated-back weight, and of the output); they are ~3e-3
   from each other, which is why the rule, not the implementation, picks the form."""
-  m = 2 * N
+  m = N
   w, b, layer = make_layer(rng)
   x = jnp.asarray(rng.standard_normal((m, K)).astype(np.float32) if inputs == "gaussian"
                   else ref.outlier_input(rng, m, K, 8, 20.0), jnp.bfloat16)
@@ -88,8 +88,8 @@ def test_w4a16_folded_rotation_is_as_accurate(rng, monkeypatch, inputs):
                                                  np.float64).T
           * float(layer.weight.global_scale) + b)
   assert rel_err(folded, jnp.asarray(want, jnp.bfloat16)) < 2e-4  # output rounding ties only
-  # the rule: nvfp4 with a rotation, M past the threshold, 2 N <= M
-  assert not qlinear_xla.w4a16_folds_rotation(2 * N - 1, layer)
+  # the rule: nvfp4 with a rotation, M past the threshold, N <= M
+  assert not qlinear_xla.w4a16_folds_rotation(N - 1, layer)
   assert not qlinear_xla.w4a16_folds_rotation(63, quantize_linear(w[:32], b[:32]))
   assert not qlinear_xla.w4a16_folds_rotation(m, quantize_linear(w, b, hadamard=False))
   assert not qlinear_xla.w4a16_folds_rotation(m, quantize_linear(w, b, weight_format="int8"))
