@@ -45,7 +45,8 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from mpqjax import formats
-from pallas_kernels.w8a8_matmul import Dim, num_sms, persistent_tile, smem_transforms
+from pallas_kernels.w8a8_matmul import (Dim, chained_pipeline_state, num_sms, persistent_tile,
+                                        smem_transforms)
 
 # The "bits" decode yields e2m1 * 2^-126; scales carry 2^119 so that s * 2^119 <= 448 * 2^119
 # stays below bf16's max and the product e2m1 * s * 2^-7 is exact; the epilogue has 2^7.
@@ -613,13 +614,7 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
           plgpu.wgmma_wait(0)
           return acc_ref
 
-        state = None
-        if chain:  # this CTA's first tile starts the ring, its last one drains it
-          local, last = info.local_index, info.num_local_steps - 1
-          state = jnp.where(local == 0, int(plgpu.PipelinePipeline.START),
-                            jnp.where(local == last, int(plgpu.PipelinePipeline.STOP),
-                                      int(plgpu.PipelinePipeline.STEADY)))
-        get_pipeline(mma, ctx, state)(
+        get_pipeline(mma, ctx, chained_pipeline_state(info) if chain else None)(
             x_g.at[pl.ds(m0, tile_m), k_slice],
             w_g.at[pl.ds(ni * cta_n, cta_n), k_slice],
             ws_g.at[pl.ds(ni * cta_n, cta_n), pl.ds(split * (k_per_split // 16), k_per_split // 16)]

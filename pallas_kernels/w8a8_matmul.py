@@ -198,6 +198,15 @@ def persistent_tile(lin, m_iters: int, n_iters: int, cfg):
   return mi, ni, split
 
 
+def chained_pipeline_state(info):
+  """The pipeline_state of the persistent loop's tile `info` (plgpu.nd_loop's) when a CTA's
+  tiles chain their K pipelines: its first tile starts the ring, its last one drains it."""
+  local, last = info.local_index, info.num_local_steps - 1
+  return jnp.where(local == 0, int(plgpu.PipelinePipeline.START),
+                   jnp.where(local == last, int(plgpu.PipelinePipeline.STOP),
+                             int(plgpu.PipelinePipeline.STEADY)))
+
+
 def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, interpret,
                  sms: int):
   """One launch. out_dtype = the accumulator's (int32 or f32) -> raw partial sums
@@ -316,13 +325,7 @@ def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, i
           plgpu.wgmma_wait(0)
           return acc_ref
 
-        state = None
-        if chain:  # this CTA's first tile starts the ring, its last one drains it
-          local, last = info.local_index, info.num_local_steps - 1
-          state = jnp.where(local == 0, int(plgpu.PipelinePipeline.START),
-                            jnp.where(local == last, int(plgpu.PipelinePipeline.STOP),
-                                      int(plgpu.PipelinePipeline.STEADY)))
-        get_pipeline(mma, ctx, state)(
+        get_pipeline(mma, ctx, chained_pipeline_state(info) if chain else None)(
             a_g.at[pl.ds(mi * cta_m, cta_m), k_slice],
             b_g.at[pl.ds(ni * cta_n, cta_n), k_slice],
             allocations=allocs)
