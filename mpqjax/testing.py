@@ -12,16 +12,24 @@ def rel_err(out, ref) -> float:
   return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
+def derotated_block_values_f64(t, block: int) -> np.ndarray:
+  """float64 [N, K]: an NVFP4Tensor's exact block values (no tensor scale) times the
+  orthonormal block Hadamard (block 0: not rotated)."""
+  from mpqjax import formats
+  w = np.asarray(formats.nvfp4_block_values(t), np.float64)
+  if not block:
+    return w
+  n, k = w.shape
+  return (w.reshape(n, -1, block) @ formats.hadamard_matrix(block).astype(np.float64)
+          ).reshape(n, k)
+
+
 def w4a16_exact_f64(x, layer) -> np.ndarray:
   """float64 [M, N]: x . W^T + bias with the layer's exact quantized NVFP4 weight (block values
   times the tensor scale, rotated back by its Hadamard block): the product W4A16 approximates
   in either of its forms (qlinear_xla.w4a16_folds_rotation)."""
-  from mpqjax import formats
-  w = np.asarray(formats.nvfp4_block_values(layer.weight), np.float64)
-  w = w * float(layer.weight.global_scale)
-  if layer.hadamard_block:
-    n, k, hb = *w.shape, layer.hadamard_block
-    w = (w.reshape(n, -1, hb) @ formats.hadamard_matrix(hb).astype(np.float64)).reshape(n, k)
+  w = (derotated_block_values_f64(layer.weight, layer.hadamard_block)
+       * float(layer.weight.global_scale))
   y = np.asarray(x, np.float64) @ w.T
   return y if layer.bias is None else y + np.asarray(layer.bias, np.float64)
 

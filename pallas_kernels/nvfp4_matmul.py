@@ -46,7 +46,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from mpqjax import formats
 from pallas_kernels.w8a8_matmul import (Dim, chained_pipeline_state, num_sms, persistent_tile,
-                                        smem_transforms)
+                                        smem_transforms, tiles_chain)
 
 # The "bits" decode yields e2m1 * 2^-126; scales carry 2^119 so that s * 2^119 <= 448 * 2^119
 # stays below bf16's max and the product e2m1 * s * 2^-7 is exact; the epilogue has 2^7.
@@ -482,7 +482,7 @@ def _kernel_call(x, w4, ws, col_scale, bias, cfg: NVFP4MatmulConfig, raw: bool, 
   total = m_iters * n_iters * splits
   grid_size = min(sms, total)
   stages = min(cfg.max_concurrent_steps, k_iters)
-  chain = cfg.chain_tiles and total >= 2 * grid_size and k_iters % stages == 0
+  chain = cfg.chain_tiles and tiles_chain(total, grid_size, k_iters, stages)
 
   def nvfp4_matmul_kernel(x_g, w_g, ws_g, cs_g, bias_g, out_g):
     def get_pipeline(body, ctx, state=None):

@@ -198,6 +198,13 @@ def persistent_tile(lin, m_iters: int, n_iters: int, cfg):
   return mi, ni, split
 
 
+def tiles_chain(tiles: int, ctas: int, k_steps: int, stages: int) -> bool:
+  """Whether a persistent kernel's tiles can chain their K pipelines: every CTA has >= 2
+  tiles (one tile would need the START and STOP states at once) and the stages divide the K
+  steps."""
+  return tiles >= 2 * ctas and k_steps % stages == 0
+
+
 def chained_pipeline_state(info):
   """The pipeline_state of the persistent loop's tile `info` (plgpu.nd_loop's) when a CTA's
   tiles chain their K pipelines: its first tile starts the ring, its last one drains it."""
@@ -237,8 +244,7 @@ def _kernel_call(a, b, row_scale, col_scale, bias, cfg: W8A8Config, out_dtype, i
 
   total = loop_m_iters * loop_n_iters * splits
   grid_size = min(sms // cfg.cluster_size, total)
-  chain = (cfg.chain_tiles and total >= 2 * grid_size
-           and k_iters % cfg.max_concurrent_steps == 0)
+  chain = cfg.chain_tiles and tiles_chain(total, grid_size, k_iters, cfg.max_concurrent_steps)
 
   def w8a8_matmul_kernel(a_g, b_g, rs_g, cs_g, bias_g, out_g):
     def get_pipeline(body, ctx, state=None):

@@ -13,7 +13,7 @@ import pytest
 
 from mpqjax import formats, qlinear_xla
 from mpqjax.qlinear import Mode, quantize_linear
-from mpqjax.testing import rel_err, w4a16_exact_f64
+from mpqjax.testing import derotated_block_values_f64, rel_err, w4a16_exact_f64
 from pallas_kernels import nvfp4_derotate, nvfp4_quant, qlinear_mosaic
 from pallas_kernels import nvfp4_matmul as nm
 from tests.markers import needs_hopper
@@ -339,8 +339,7 @@ def test_derotate_matches_reference_and_float64(rng, cfg, n, k, sms):
   assert got.shape == (n, k) and got.dtype == jnp.bfloat16
   got = np.asarray(got, np.float64)
   want = np.asarray(nvfp4_derotate.reference(t, 128), np.float64)
-  exact = (np.asarray(formats.nvfp4_block_values(t), np.float64).reshape(n, k // 128, 128)
-           @ formats.hadamard_matrix(128).astype(np.float64)).reshape(n, k)
+  exact = derotated_block_values_f64(t, 128)
   assert (got != want).mean() < 5e-3
   row_rms = np.sqrt(np.mean(exact ** 2, axis=1, keepdims=True))
   assert np.all(np.abs(got - want) <= 1e-3 * row_rms)
