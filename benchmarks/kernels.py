@@ -14,6 +14,10 @@ input sets rotated so that the weights do not sit in L2):
   xla_w8a8_e2e_had  the same in XLA (reference quantizer + s8 dot + scaling)
   mosaic_w4a8       MOSAIC.w4a8: quantizer (Hadamard) + NVFP4->INT8 conversion + kernel
   mosaic_w4a8_fastconv  the same with the gather-free conversion (nvfp4_to_int8)
+  mosaic_w4a8_regdec  MOSAIC.w4a8's small-M path at any M: the XLA quantizer (K order of the
+                    kernel folded into the rotation) + the NVFP4 weight decoded onto its INT8
+                    grid in registers (nvfp4_matmul.w4a8_matmul); w4a8_regdec_kernel[cfg] that
+                    kernel alone, quant_xla_had[perm] that quantizer alone
   conv_ref / conv_fast  the NVFP4 -> INT8 weight conversion alone
   nvfp4_kernel[cfg] the NVFP4 (W4A16) kernel alone, weight operands prepared (issue 7)
   nvfp4_weight_operands / rotate_bf16 / quant_nvfp4_qdq[_had][_xla]  per-call pre-passes
@@ -498,6 +502,24 @@ def run(args, out_dir=None) -> dict:
         return w8a8.w8a8_matmul(xq, nvfp4_to_int8.nvfp4_to_int8(layer), xs[:, 0],
                                 layer.w_int8_scale[:, 0], layer.bias)
       bench("mosaic_w4a8_fastconv", w4a8_fast, lambda p: (p["x"], p["layer"]), ref=ref_w4a8)
+      # the NVFP4 weight decoded onto its INT8 grid in registers (the default up to
+      # W4A8_REGDEC_MAX_ROWS rows), at any M; and its kernel alone on prepared operands
+      if qlinear_mosaic.w4a8_regdec(p0["x"], p0["layer"], max_rows=m) is not None:
+        bench("mosaic_w4a8_regdec",
+              lambda x, layer: qlinear_mosaic.w4a8_regdec(x, layer, max_rows=m),
+              lambda p: (p["x"], p["layer"]), ref=ref_w4a8)
+        c8 = nvmm.pick_config(m, n, k, sms, int8_grid=True)
+        perm = nvmm.k_permutation_int8(128)
+        xqp, xsp = jax.jit(lambda x: int8_quant.quantize_rows(
+            x, int8_quant.QuantConfig(128), out_perm=perm))(p0["x"])
+        w4, ws8, _ = nvmm.weight_operands(p0["layer"].weight, "perm", c8.e4m3_scales)
+        def regdec_kernel(xq, xs, w4, ws, layer):
+          return nvmm.w4a8_matmul(xq, xs, w4, ws, layer.w_int8_scale, layer.weight.global_scale,
+                                  layer.bias, config=c8, x_permuted=True)
+        bench(f"w4a8_regdec_kernel[{nv_cfg_name(c8)}]", regdec_kernel,
+              lambda p: (xqp, xsp, w4, ws8, p["layer"]), ref=ref_w4a8)
+        bench("quant_xla_had[perm]", lambda x: int8_quant.quantize_rows(
+            x, int8_quant.QuantConfig(128), out_perm=perm), lambda p: (p["x"],))
       row["check"]["w4a8_vs_bf16_relerr"] = rel_err(ref_w4a8, ref_bf16)
     if args.only not in ("int8", "quant"):
       nvfp4_rows(args, name, m, k, n, probs, p0, row, bench)

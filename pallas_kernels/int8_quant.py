@@ -61,10 +61,16 @@ def hadamard_tc(x: jax.Array, block: int, out_perm=None) -> jax.Array:
   return (y * np.float32(1.0 / math.sqrt(block))).reshape(x.shape)
 
 
-def quantize_rows(x: jax.Array, config: QuantConfig = QuantConfig()):
-  """x[M, K] (bf16 or f32) -> (s8[M, K], f32[M, 1]), per-row symmetric INT8."""
+def quantize_rows(x: jax.Array, config: QuantConfig = QuantConfig(), out_perm=None):
+  """x[M, K] (bf16 or f32) -> (s8[M, K], f32[M, 1]), per-row symmetric INT8.
+  out_perm (int[hadamard_block], with a rotation): each block's columns in this order (the
+  same values permuted: the row's absmax does not change), folded into the rotation."""
+  if out_perm is not None and not config.hadamard_block:
+    raise ValueError("quantize_rows: out_perm needs a Hadamard block (it is folded into the "
+                     "rotation)")
   with jax.named_scope("int8_quant"):
-    y = hadamard_tc(x, config.hadamard_block) if config.hadamard_block else x.astype(jnp.float32)
+    y = (hadamard_tc(x, config.hadamard_block, out_perm) if config.hadamard_block
+         else x.astype(jnp.float32))
     q = formats.quantize_int8(y, axis=-1)
   return q.values, q.scales
 

@@ -3,7 +3,9 @@
   MOSAIC.w4a8(x2d, layer): INT8 per-token activations (pallas_kernels.int8_quant_mgpu, or the
       XLA fusion pallas_kernels.int8_quant for non-bf16 inputs) x the
       weight re-expressed in INT8 per channel, on the W8A8 kernel (pallas_kernels.w8a8_matmul)
-      with the scales and bias fused into its epilogue.
+      with the scales and bias fused into its epilogue. Up to W4A8_REGDEC_MAX_ROWS rows the
+      NVFP4 weight is instead decoded onto the same INT8 grid in registers, tile by tile
+      (nvfp4_matmul.w4a8_matmul), with the XLA quantizer's output in that kernel's K order.
   MOSAIC.w4a16(x2d, layer): bf16 activations (Hadamard-rotated like the xla path) x the NVFP4
       weight decoded in registers (pallas_kernels.nvfp4_matmul), tensor scale and bias fused.
   MOSAIC.w4a4(x2d, layer): activations quantized to NVFP4 and handed over as their exact bf16
@@ -82,10 +84,40 @@ def weight_int8(layer) -> jax.Array:
   return qlinear_xla.weight_as_int8(layer)
 
 
+# Rows up to which MOSAIC.w4a8 decodes the NVFP4 weight onto its INT8 grid in registers
+# (nvfp4_matmul.w4a8_matmul: 0.5625 B read per weight element) instead of converting the whole
+# weight to INT8 per call and running the W8A8 kernel (2.56 B per element).
+W4A8_REGDEC_MAX_ROWS = 256
+
+
+def w4a8_regdec(x: jax.Array, layer, max_rows: int | None = None):
+  """MOSAIC.w4a8 by the register decode onto the INT8 grid, or None where it does not tile or
+  x has more than max_rows (default W4A8_REGDEC_MAX_ROWS) rows."""
+  (m, k), n = x.shape, layer.out_features
+  max_rows = W4A8_REGDEC_MAX_ROWS if max_rows is None else max_rows
+  if layer.weight_format != "nvfp4" or layer.weight.shape != (n, k) or m > max_rows:
+    return None
+  cfg = nvmm.pick_config(m, n, k, int8_grid=True)
+  if not nvmm.supported(m, n, k, cfg):
+    return None
+  hb = layer.hadamard_block
+  # the kernel's K order (permute_k_int8, within 32 columns) folded into the rotation
+  perm = nvmm.k_permutation_int8(hb) if hb and hb % 32 == 0 else None
+  xq, xs = int8_quant.quantize_rows(x, int8_quant.QuantConfig(hb), out_perm=perm)
+  w4, ws, _ = nvmm.weight_operands(layer.weight, "perm", cfg.e4m3_scales)
+  return nvmm.w4a8_matmul(xq, xs, w4, ws, layer.w_int8_scale, layer.weight.global_scale,
+                          layer.bias, config=cfg, interpret=interpret_params(),
+                          x_permuted=perm is not None)
+
+
 def w4a8(x: jax.Array, layer) -> jax.Array:
   """x[M, K] -> bf16[M, N], matching qlinear_xla.w4a8."""
   (m, k), n = x.shape, layer.out_features
-  if layer.weight.shape != (n, k) or not kernel_fits(m, n, k):
+  if layer.weight.shape != (n, k):
+    return qlinear_xla.w4a8(x, layer)
+  if (y := w4a8_regdec(x, layer)) is not None:
+    return y
+  if not kernel_fits(m, n, k):
     return qlinear_xla.w4a8(x, layer)
   xq, xs = quantize_activations(x, layer.hadamard_block)
   w = weight_int8(layer)

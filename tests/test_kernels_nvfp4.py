@@ -560,3 +560,198 @@ def test_qdq_kernels_lower_for_hopper(block, k):
   f = jax.jit(lambda x: nvfp4_quant.quantize_qdq_mgpu(x, nvfp4_quant.NVFP4QuantConfig(block)))
   x = jax.ShapeDtypeStruct((1024, k), jnp.bfloat16)
   assert "mosaic_gpu" in jax.export.export(f, platforms=["cuda"])(x).mlir_module()
+
+
+# ------------------------------------------------- W4A8: the weight decoded onto its INT8 grid
+def w4a8_problem(rng, m, n, k, e4m3_scales):
+  """An NVFP4 layer-like weight, its per-channel INT8 scale as qlinear makes it, per-token
+  INT8 activations with random scales, a bias."""
+  w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.1, 3, (n, 1))
+  t = formats.quantize_nvfp4(jnp.asarray(w))
+  wsi = formats.quantize_int8(formats.dequantize_nvfp4(t), axis=-1).scales
+  xq = jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8)
+  xs = jnp.asarray(rng.uniform(1e-3, 1e-1, (m, 1)), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  w4, ws, _ = nm.weight_operands(t, "perm", e4m3_scales)
+  return t, wsi, xq, xs, bias, w4, ws
+
+
+def as_layer(t, wsi):
+  return type("Layer", (), dict(weight_format="nvfp4", weight=t, w_int8_scale=wsi))()
+
+
+@pytest.mark.parametrize("e4m3", [False, True])
+def test_int8_grid_weight_is_weight_as_int8(rng, e4m3):
+  """The int8_grid decode's arithmetic (jnp form) gives qlinear_xla.weight_as_int8's values
+  exactly, .5 ties included: NVFP4 values over a channel's scale often land on an exact .5
+  (the test checks that some do), where a product with a rounded reciprocal picks either side."""
+  t, wsi, _, _, _, w4, ws = w4a8_problem(rng, 8, 256, 512, e4m3)
+  got = np.asarray(nm.int8_grid_weight(w4, ws, wsi, t.global_scale))
+  want = np.asarray(qlinear_xla.weight_as_int8(as_layer(t, wsi)))
+  np.testing.assert_array_equal(got, want)
+  exact = np.asarray(formats.dequantize_nvfp4(t), np.float64) / np.asarray(wsi, np.float64)
+  assert (np.abs(exact - np.floor(exact) - 0.5) < 1e-6).sum() > 0  # ties exist
+
+
+def _f32(v):
+  return np.asarray(v, np.float64).astype(np.float32)
+
+
+def test_int8_grid_pair_formula(rng):
+  """_INT8_GRID_PAIR_PTX replayed in numpy (f32 steps; fma's exact product and sum via
+  float64, which holds them here), on the kernel's bf16x2 inputs: the s16x2 it returns holds
+  weight_as_int8's integers for both halves, on every row of a weight with ties."""
+  import ml_dtypes
+  t, wsi, *_ = w4a8_problem(rng, 8, 64, 512, False)
+  vals = np.asarray(formats.nvfp4_block_values(t), np.float32) * np.float32(2.0 ** -7)
+  bits = vals.astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
+  pair = bits[:, 0::2] | (bits[:, 1::2] << np.uint32(16))  # halves: columns 2i, 2i + 1
+  gain = _f32(np.float32(t.global_scale) * np.float32(128.0))
+  scale = np.asarray(wsi, np.float32)  # [N, 1]
+  rcp = _f32(np.float32(1.0) / scale)
+
+  def half(b):  # one half of the PTX: f32 bits -> the integer
+    x = b.view(np.float32)
+    w = _f32(x * gain)
+    q = _f32(w * rcp)
+    r = _f32(np.float64(q) * -np.float64(scale) + np.float64(w))
+    q = _f32(np.float64(r) * np.float64(rcp) + np.float64(q))
+    return (_f32(q + np.float32(1.5 * 2 ** 23)).view(np.uint32) & 0xFFFF).astype(np.uint16)
+
+  lo = half(pair << np.uint32(16)).view(np.int16)
+  hi = half(pair & np.uint32(0xFFFF0000)).view(np.int16)
+  got = np.stack([np.clip(lo, -127, 127), np.clip(hi, -127, 127)], -1).reshape(vals.shape)
+  want = np.asarray(qlinear_xla.weight_as_int8(as_layer(t, wsi)))
+  np.testing.assert_array_equal(got, want)
+
+
+def test_permute_k_int8_is_the_registers_column_order():
+  """Logical column 16h + 4b + 2c + d (the s8 wgmma's column 4b + 2c + d of register h of
+  thread b) holds physical column 8b + 4d + 2h + c: byte 2c + d of register h is code
+  (h, d, c) -> 2h + 4d + c of the thread's word (the prmt order in _decode_perm_int8)."""
+  got = nm.k_permutation_int8(64)
+  for k in range(64):
+    g, j = divmod(k, 32)
+    h, r = divmod(j, 16)
+    b, i = divmod(r, 4)
+    code = ((0, 4, 1, 5), (2, 6, 3, 7))[h][i]
+    assert got[k] == 32 * g + 8 * b + code, (k, got[k])
+  x = jnp.asarray(np.arange(3 * 64).reshape(3, 64))
+  np.testing.assert_array_equal(np.asarray(nm.permute_k_int8(x)), np.asarray(x)[:, got])
+
+
+W4A8_CONFIGS = {  # name: (m, n, k, config changes)
+    "split-k": (40, 256, 512, dict(k_splits=2)),
+    "fused-epilogue": (40, 256, 512, dict(k_splits=1)),
+    "e4m3-chunks2": (64, 256, 1024, dict(k_splits=2, tile_k=256, e4m3_scales=True,
+                                         decode_chunks=2, max_concurrent_steps=2)),
+    "two-m-tiles": (72, 128, 512, dict(k_splits=1, tile_m=64, epi_tile_m=32)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(W4A8_CONFIGS))
+def test_w4a8_kernel_matches_reference(rng, name):
+  """w4a8_matmul (interpret mode) equals w4a8_reference bit for bit (exact int32 sums, the same
+  f32 epilogue) and is within bf16 rounding of the float64 product; split-K partials, the fused
+  epilogue with its per-token column scales, the stored e4m3 scales with 2 chunks per K step,
+  and two M tiles with a partial last one."""
+  m, n, k, changes = W4A8_CONFIGS[name]
+  base = nm.pick_config(m, n, k, sms=4, int8_grid=True)
+  cfg = nm.replace_config(base, **changes)
+  assert cfg.int8_grid and all(getattr(cfg, f) == v for f, v in changes.items()), cfg
+  t, wsi, xq, xs, bias, w4, ws = w4a8_problem(rng, m, n, k, cfg.e4m3_scales)
+  got = nm.w4a8_matmul(xq, xs, w4, ws, wsi, t.global_scale, bias, config=cfg, sms=4,
+                       interpret=qlinear_mosaic.interpret_params())
+  want = nm.w4a8_reference(xq, xs, w4, ws, wsi, t.global_scale, bias)
+  assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  wq = np.asarray(qlinear_xla.weight_as_int8(as_layer(t, wsi)), np.float64)
+  f64 = (np.asarray(xq, np.float64) @ wq.T * np.asarray(xs, np.float64)
+         * np.asarray(wsi, np.float64).T + np.asarray(bias, np.float64))
+  assert rel_err(got, f64) <= 4e-3
+
+
+def test_w4a8_matmul_rejects_bad_inputs(rng):
+  t, wsi, xq, xs, bias, w4, ws = w4a8_problem(rng, 8, 128, 256, False)
+  cfg = nm.pick_config(8, 128, 256, sms=2, int8_grid=True)
+  call = lambda **kw: nm.w4a8_matmul(**{**dict(xq=xq, x_scale=xs, w4=w4, ws=ws,
+                                              w_int8_scale=wsi, global_scale=t.global_scale,
+                                              bias=bias, config=cfg), **kw})
+  with pytest.raises(ValueError, match="activations must be int8"):
+    call(xq=xq.astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match="x_scale must have 8 values"):
+    call(x_scale=xs[:4])
+  with pytest.raises(ValueError, match="w_int8_scale must have 128 values"):
+    call(w_int8_scale=wsi[:64])
+  with pytest.raises(ValueError, match="int8_grid=True"):
+    call(config=nm.pick_config(8, 128, 256, sms=2))
+  with pytest.raises(ValueError, match="call w4a8_matmul"):
+    nm.nvfp4_matmul(xq, w4, ws, 1.0, config=cfg)
+  with pytest.raises(ValueError, match="tile_n == 64"):
+    call(config=dataclasses.replace(cfg, tile_n=128))
+
+
+@pytest.mark.parametrize("m,n,k", [(64, 12288, 3072), (64, 3072, 12288), (256, 3072, 3072),
+                                   (64, 1920, 1920)])
+def test_w4a8_kernel_lowers_for_hopper(m, n, k):
+  """w4a8_matmul as pick_config tiles real shapes passes Mosaic GPU's lowering for CUDA from
+  the CPU: the s8 register operand in the WGMMA_8BIT layout built by the inline decode, the
+  per-token column scales in the epilogue, split-K's int32 partials."""
+  t = formats.quantize_nvfp4(jax.random.normal(jax.random.key(m + k), (n, k), jnp.float32))
+  cfg = nm.pick_config(m, n, k, sms=132, int8_grid=True)
+  w4, ws, _ = nm.weight_operands(t, "perm", cfg.e4m3_scales)
+  f = jax.jit(lambda xq, xs, w4, ws, wsi, g: nm.w4a8_matmul(xq, xs, w4, ws, wsi, g, None,
+                                                            config=cfg, sms=132))
+  args = (jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32), w4,
+          ws, jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32))
+  assert "mosaic_gpu" in jax.export.export(f, platforms=["cuda"])(*args).mlir_module()
+
+
+@pytest.mark.parametrize("hadamard", [True, False])
+def test_mosaic_w4a8_small_m_register_decode_matches_xla_on_cpu(rng, monkeypatch, hadamard):
+  """MOSAIC.w4a8 at small M takes the register decode onto the INT8 grid (the quantizer's
+  output in the kernel's K order, folded into the rotation) and matches qlinear_xla.w4a8
+  computed on the host CPU."""
+  m, k, n = 48, 512, 128
+  calls = []
+  real = nm.w4a8_matmul
+  monkeypatch.setattr(nm, "w4a8_matmul", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+  monkeypatch.setattr(nm, "num_sms", lambda: 4)
+  w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
+  b = rng.standard_normal(n).astype(np.float32) * 0.1
+  layer = quantize_linear(w, b, hadamard=hadamard)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  got = qlinear_mosaic.w4a8(x, layer)
+  with jax.default_device(jax.devices("cpu")[0]):
+    want = qlinear_xla.w4a8(x, layer)
+  assert calls and calls[0]["x_permuted"] == hadamard  # (a second call: after padding M)
+  assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+  assert rel_err(got, want) <= 1e-3
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("m,k,n", [(64, 3072, 12288), (64, 12288, 3072), (256, 3072, 3072),
+                                   (64, 1920, 1920), (16, 3072, 3072), (200, 1920, 7680)])
+def test_gpu_w4a8_register_decode_real_shapes(rng, m, k, n):
+  """On the GPU: (1) the INT8 grid the PTX decode builds, read back through one-hot
+  activation rows (y[m, n] = bf16(wq[n, k_m] * scale[n]), so round(y / scale) is wq exactly),
+  equals weight_as_int8 on the host at those columns; (2) random activations against
+  w4a8_reference on the host (the epilogue's multiply-add may be fused: not bit for bit)."""
+  cfg = nm.pick_config(m, n, k, int8_grid=True)
+  t, wsi, xq, xs, bias, w4, ws = w4a8_problem(rng, m, n, k, cfg.e4m3_scales)
+  cols = rng.choice(k, m, replace=False)
+  onehot = np.zeros((m, k), np.int8)
+  onehot[np.arange(m), cols] = 1
+  y = nm.w4a8_matmul(jnp.asarray(onehot), jnp.ones((m,), jnp.float32), w4, ws, wsi,
+                     t.global_scale, None, config=cfg)
+  with jax.default_device(jax.devices("cpu")[0]):
+    wq = np.asarray(qlinear_xla.weight_as_int8(as_layer(jax.device_put(t, jax.devices("cpu")[0]),
+                                                        jax.device_put(wsi, jax.devices("cpu")[0]))))
+  got = np.rint(np.asarray(y, np.float64) / np.asarray(wsi, np.float64).T)
+  np.testing.assert_array_equal(got, wq[:, cols].T)
+  y = nm.w4a8_matmul(xq, xs, w4, ws, wsi, t.global_scale, bias, config=cfg)
+  with jax.default_device(jax.devices("cpu")[0]):
+    host = lambda v: jax.device_put(v, jax.devices("cpu")[0])
+    want = nm.w4a8_reference(*map(host, (xq, xs, w4, ws, wsi, t.global_scale, bias)))
+  assert rel_err(y, want) <= 1e-5
