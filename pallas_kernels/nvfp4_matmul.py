@@ -206,8 +206,8 @@ def _check(x, w4, ws, cfg: NVFP4MatmulConfig):
   (_, k), (n, k2) = x.shape, w4.shape  # any M: the wrapper pads it
   x_dtype = jnp.int8 if cfg.int8_grid else jnp.bfloat16
   if x.dtype != x_dtype:
-    raise ValueError(f"nvfp4_matmul: activations must be {jnp.dtype(x_dtype)} "
-                     f"(int8_grid={cfg.int8_grid}), got {x.dtype}")
+    raise ValueError(f"nvfp4_matmul: activations must be {'int8' if cfg.int8_grid else 'bf16'}"
+                     f" (int8_grid={cfg.int8_grid}), got {x.dtype}")
   if cfg.int8_grid and (cfg.decode != "perm" or cfg.tile_n != 64 or cfg.tile_k % 128):
     raise ValueError(f"nvfp4_matmul: int8_grid needs the 'perm' decode, tile_n == 64 and "
                      f"tile_k % 128 == 0, got {cfg}")
