@@ -17,7 +17,9 @@ input sets rotated so that the weights do not sit in L2):
   mosaic_w4a8_regdec  MOSAIC.w4a8's small-M path at any M: the XLA quantizer (K order of the
                     kernel folded into the rotation) + the NVFP4 weight decoded onto its INT8
                     grid in registers (nvfp4_matmul.w4a8_matmul); w4a8_regdec_kernel[cfg] that
-                    kernel alone, quant_xla_had[perm] that quantizer alone
+                    kernel alone, quant_xla_had[perm] that quantizer alone; [butterfly]: the
+                    same (and mosaic_w8a8_e2e_had) with the XLA quantizer's rotation as a
+                    butterfly fused into its absmax and cast (int8_quant.QuantConfig.rotation)
   conv_ref / conv_fast  the NVFP4 -> INT8 weight conversion alone
   nvfp4_kernel[cfg] the NVFP4 (W4A16) kernel alone, weight operands prepared (issue 7)
   nvfp4_weight_operands / rotate_bf16 / quant_nvfp4_qdq[_had][_xla]  per-call pre-passes
@@ -520,6 +522,29 @@ def run(args, out_dir=None) -> dict:
               lambda p: (xqp, xsp, w4, ws8, p["layer"]), ref=ref_w4a8)
         bench("quant_xla_had[perm]", lambda x: int8_quant.quantize_rows(
             x, int8_quant.QuantConfig(128), out_perm=perm), lambda p: (p["x"],))
+        # the XLA quantizer with the butterfly rotation (fused into its absmax and its cast:
+        # one launch fewer), alone and in front of both small-M kernels
+        bfly = int8_quant.QuantConfig(128, rotation="butterfly")
+        want = jax.jit(lambda x: int8_quant.reference(x, int8_quant.QuantConfig(128))[0])(p0["x"])
+        bench("quant_xla_had[butterfly]", lambda x: int8_quant.quantize_rows(x, bfly),
+              lambda p: (p["x"],))
+        try:
+          got = jax.jit(lambda x: int8_quant.quantize_rows(x, bfly)[0])(p0["x"])
+          row["check"]["quant_xla_had[butterfly]_mismatch_frac"] = float(jnp.mean(got != want))
+        except Exception as e:
+          row["errors"]["quant_butterfly_check"] = f"{type(e).__name__}: {str(e)[:400]}"
+        def regdec_bfly(x, w4, ws, layer):
+          xq, xs = int8_quant.quantize_rows(x, bfly, out_perm=perm)
+          return regdec_kernel(xq, xs, w4, ws, layer)
+        bench("mosaic_w4a8_regdec[butterfly]", regdec_bfly,
+              lambda p: (p["x"], w4, ws8, p["layer"]), ref=ref_w4a8)
+        def w8a8_bfly(x, w8, ws, bias):
+          xq, xs = int8_quant.quantize_rows(x, bfly)
+          return w8a8.w8a8_matmul(xq, w8, xs[:, 0], ws, bias)
+        xq_ref, xs_ref = jax.jit(lambda x: int8_quant.reference(x, int8_quant.QuantConfig(128)))(p0["x"])
+        bench("mosaic_w8a8_e2e_had[butterfly]", w8a8_bfly,
+              lambda p: (p["x"], p["w8"], p["ws"], p["bias"]),
+              ref=jax.jit(w8a8.reference)(xq_ref, p0["w8"], xs_ref[:, 0], p0["ws"], p0["bias"]))
       row["check"]["w4a8_vs_bf16_relerr"] = rel_err(ref_w4a8, ref_bf16)
     if args.only not in ("int8", "quant"):
       nvfp4_rows(args, name, m, k, n, probs, p0, row, bench)

@@ -27,8 +27,19 @@ from mpqjax import formats
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-  """hadamard_block: 0 for none, else a power of two dividing K (128 in mpqjax)."""
+  """hadamard_block: 0 for none, else a power of two dividing K (128 in mpqjax).
+  rotation: "tc", a +-1 dot on the tensor cores (its own launch), or "butterfly", the fast
+  Walsh-Hadamard transform's log2(block) add/subtract stages in f32, elementwise, so that XLA
+  can fuse it into the absmax and into the cast (one launch fewer; it is computed twice)."""
   hadamard_block: int = 0
+  rotation: str = "tc"
+
+  def __post_init__(self):
+    if self.rotation not in ROTATIONS:
+      raise ValueError(f"QuantConfig: rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+
+
+ROTATIONS = ("tc", "butterfly")
 
 
 def _sign_matrix(block: int) -> jax.Array:
@@ -61,6 +72,28 @@ def hadamard_tc(x: jax.Array, block: int, out_perm=None) -> jax.Array:
   return (y * np.float32(1.0 / math.sqrt(block))).reshape(x.shape)
 
 
+def hadamard_butterfly(x: jax.Array, block: int, out_perm=None) -> jax.Array:
+  """hadamard_tc's result (f32, the same rotation up to f32 summation order) by the fast
+  Walsh-Hadamard transform: stage h pairs columns j and j + h of each 2h-group into (a + b,
+  a - b), for h = 1, 2, ..., block / 2 (Sylvester order), then one multiply by 1/sqrt(block).
+  Elementwise (reshapes, slices, adds), so XLA fuses it into its consumer."""
+  *lead, k = x.shape
+  if k % block or block & (block - 1):
+    raise ValueError(f"hadamard_butterfly(block={block}): block must be a power of two "
+                     f"dividing the last axis, got shape {tuple(x.shape)}")
+  y = x.astype(jnp.float32)
+  h = 1
+  while h < block:
+    y = y.reshape(*lead, k // (2 * h), 2, h)
+    a, b = y[..., 0, :], y[..., 1, :]
+    y = jnp.stack([a + b, a - b], axis=-2)
+    h *= 2
+  y = y.reshape(*lead, k // block, block) * np.float32(1.0 / math.sqrt(block))
+  if out_perm is not None:
+    y = y[..., np.asarray(out_perm)]
+  return y.reshape(x.shape)
+
+
 def quantize_rows(x: jax.Array, config: QuantConfig = QuantConfig(), out_perm=None):
   """x[M, K] (bf16 or f32) -> (s8[M, K], f32[M, 1]), per-row symmetric INT8.
   out_perm (int[hadamard_block], with a rotation): each block's columns in this order (the
@@ -69,7 +102,8 @@ def quantize_rows(x: jax.Array, config: QuantConfig = QuantConfig(), out_perm=No
     raise ValueError("quantize_rows: out_perm needs a Hadamard block (it is folded into the "
                      "rotation)")
   with jax.named_scope("int8_quant"):
-    y = (hadamard_tc(x, config.hadamard_block, out_perm) if config.hadamard_block
+    rotate = hadamard_butterfly if config.rotation == "butterfly" else hadamard_tc
+    y = (rotate(x, config.hadamard_block, out_perm) if config.hadamard_block
          else x.astype(jnp.float32))
     q = formats.quantize_int8(y, axis=-1)
   return q.values, q.scales

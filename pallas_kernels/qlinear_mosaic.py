@@ -67,7 +67,15 @@ def quantize_activations(x: jax.Array, hadamard_block: int, use_mgpu: bool | Non
     use_mgpu = x.shape[0] >= MGPU_QUANT_MIN_ROWS
   if use_mgpu and int8_quant_mgpu.supported(x, mc):
     return int8_quant_mgpu.quantize_rows_mgpu(x, mc, interpret=interpret_params())
-  return int8_quant.quantize_rows(x, int8_quant.QuantConfig(hadamard_block))
+  return int8_quant.quantize_rows(x, small_m_quant_config(hadamard_block))
+
+
+# The XLA quantizer's rotation below MGPU_QUANT_MIN_ROWS rows (int8_quant.QuantConfig.rotation).
+SMALL_M_QUANT_ROTATION = "tc"
+
+
+def small_m_quant_config(hadamard_block: int) -> int8_quant.QuantConfig:
+  return int8_quant.QuantConfig(hadamard_block, rotation=SMALL_M_QUANT_ROTATION)
 
 
 def weight_int8(layer) -> jax.Array:
@@ -103,7 +111,7 @@ def w4a8_regdec(x: jax.Array, layer, max_rows: int | None = None):
   hb = layer.hadamard_block
   # the kernel's K order (permute_k_int8, within 32 columns) folded into the rotation
   perm = nvmm.k_permutation_int8(hb) if hb and hb % 32 == 0 else None
-  xq, xs = int8_quant.quantize_rows(x, int8_quant.QuantConfig(hb), out_perm=perm)
+  xq, xs = int8_quant.quantize_rows(x, small_m_quant_config(hb), out_perm=perm)
   w4, ws, _ = nvmm.weight_operands(layer.weight, "perm", cfg.e4m3_scales)
   return nvmm.w4a8_matmul(xq, xs, w4, ws, layer.w_int8_scale, layer.weight.global_scale,
                           layer.bias, config=cfg, interpret=interpret_params(),

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpqjax import qlinear_xla
+from mpqjax import formats, qlinear_xla
 from mpqjax.qlinear import Mode, qlinear, quantize_linear
 from mpqjax.testing import rel_err
 from pallas_kernels import int8_quant, qlinear_mosaic
@@ -175,14 +175,32 @@ def test_bad_shapes_are_rejected(rng):
 
 @pytest.mark.parametrize("block", [0, 128])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_quantizer_matches_reference(rng, block, dtype):
+@pytest.mark.parametrize("rotation", int8_quant.ROTATIONS)
+def test_quantizer_matches_reference(rng, block, dtype, rotation):
   x = jnp.asarray(rng.standard_normal((64, 512)) * rng.uniform(0.1, 10, (64, 1)), dtype)
-  q, s = int8_quant.quantize_rows(x, int8_quant.QuantConfig(block))
+  q, s = int8_quant.quantize_rows(x, int8_quant.QuantConfig(block, rotation))
   q_ref, s_ref = int8_quant.reference(x, int8_quant.QuantConfig(block))
   np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=1e-6)
   diff = np.abs(np.asarray(q, np.int32) - np.asarray(q_ref, np.int32))
   # only values sitting on a rounding boundary may differ, and by one step
   assert diff.max() <= 1 and diff.mean() < 1e-3, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("block", [32, 128])
+def test_hadamard_butterfly_is_the_rotation(rng, block):
+  """The butterfly rotation against the f32 rotation (formats.hadamard) and with out_perm
+  against the permuted columns; a bad block is refused."""
+  x = jnp.asarray(rng.standard_normal((6, 4 * block)) * 3, jnp.float32)
+  want = np.asarray(formats.hadamard(x, block), np.float64)
+  got = np.asarray(int8_quant.hadamard_butterfly(x, block), np.float64)
+  assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+  perm = rng.permutation(block)
+  got_p = np.asarray(int8_quant.hadamard_butterfly(x, block, perm))
+  np.testing.assert_array_equal(got_p.reshape(6, 4, block), got.reshape(6, 4, block)[..., perm])
+  with pytest.raises(ValueError, match="power of two"):
+    int8_quant.hadamard_butterfly(x, 96)
+  with pytest.raises(ValueError, match="rotation must be one of"):
+    int8_quant.QuantConfig(128, "fwht")
 
 
 @pytest.mark.parametrize("weight_format,hadamard", [("nvfp4", True), ("nvfp4", False),
