@@ -707,16 +707,19 @@ def test_w4a8_kernel_lowers_for_hopper(m, n, k):
   assert "mosaic_gpu" in jax.export.export(f, platforms=["cuda"])(*args).mlir_module()
 
 
-@pytest.mark.parametrize("hadamard", [True, False])
-def test_mosaic_w4a8_small_m_register_decode_matches_xla_on_cpu(rng, monkeypatch, hadamard):
-  """MOSAIC.w4a8 at small M takes the register decode onto the INT8 grid (the quantizer's
-  output in the kernel's K order, folded into the rotation) and matches qlinear_xla.w4a8
-  computed on the host CPU."""
+@pytest.mark.parametrize("hadamard,max_rows", [(True, 256), (False, 256), (True, 47)])
+def test_mosaic_w4a8_small_m_register_decode_matches_xla_on_cpu(rng, monkeypatch, hadamard,
+                                                                max_rows):
+  """MOSAIC.w4a8 up to W4A8_REGDEC_MAX_ROWS rows takes the register decode onto the INT8 grid
+  (the quantizer's output in the kernel's K order, folded into the rotation), past it the
+  per-call conversion and the W8A8 kernel; both match qlinear_xla.w4a8 computed on the host
+  CPU."""
   m, k, n = 48, 512, 128
   calls = []
   real = nm.w4a8_matmul
   monkeypatch.setattr(nm, "w4a8_matmul", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
   monkeypatch.setattr(nm, "num_sms", lambda: 4)
+  monkeypatch.setattr(qlinear_mosaic, "W4A8_REGDEC_MAX_ROWS", max_rows)
   w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
   b = rng.standard_normal(n).astype(np.float32) * 0.1
   layer = quantize_linear(w, b, hadamard=hadamard)
@@ -724,7 +727,10 @@ def test_mosaic_w4a8_small_m_register_decode_matches_xla_on_cpu(rng, monkeypatch
   got = qlinear_mosaic.w4a8(x, layer)
   with jax.default_device(jax.devices("cpu")[0]):
     want = qlinear_xla.w4a8(x, layer)
-  assert calls and calls[0]["x_permuted"] == hadamard  # (a second call: after padding M)
+  if m <= max_rows:
+    assert calls and calls[0]["x_permuted"] == hadamard  # (a second call: after padding M)
+  else:
+    assert not calls
   assert got.shape == (m, n) and got.dtype == jnp.bfloat16
   assert rel_err(got, want) <= 1e-3
 
