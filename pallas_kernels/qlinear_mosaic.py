@@ -3,9 +3,10 @@
   MOSAIC.w4a8(x2d, layer): INT8 per-token activations (pallas_kernels.int8_quant_mgpu, or the
       XLA fusion pallas_kernels.int8_quant for non-bf16 inputs) x the
       weight re-expressed in INT8 per channel, on the W8A8 kernel (pallas_kernels.w8a8_matmul)
-      with the scales and bias fused into its epilogue. Up to W4A8_REGDEC_MAX_ROWS rows the
-      NVFP4 weight is instead decoded onto the same INT8 grid in registers, tile by tile
-      (nvfp4_matmul.w4a8_matmul), with the XLA quantizer's output in that kernel's K order.
+      with the scales and bias fused into its epilogue. Up to W4A8_REGDEC_MAX_ROWS rows (off
+      until GPU-checked) the NVFP4 weight is instead decoded onto the same INT8 grid in
+      registers, tile by tile (nvfp4_matmul.w4a8_matmul), with the XLA quantizer's output in
+      that kernel's K order.
   MOSAIC.w4a16(x2d, layer): bf16 activations (Hadamard-rotated like the xla path) x the NVFP4
       weight decoded in registers (pallas_kernels.nvfp4_matmul), tensor scale and bias fused.
   MOSAIC.w4a4(x2d, layer): activations quantized to NVFP4 and handed over as their exact bf16
@@ -94,8 +95,12 @@ def weight_int8(layer) -> jax.Array:
 
 # Rows up to which MOSAIC.w4a8 decodes the NVFP4 weight onto its INT8 grid in registers
 # (nvfp4_matmul.w4a8_matmul: 0.5625 B read per weight element) instead of converting the whole
-# weight to INT8 per call and running the W8A8 kernel (2.56 B per element).
-W4A8_REGDEC_MAX_ROWS = 256
+# weight to INT8 per call and running the W8A8 kernel (2.56 B per element). 0 (off) until the
+# kernel has run on a GPU: its register layout for the s8 wgmma is checked by
+# tests/test_kernels_nvfp4.py::test_gpu_w4a8_register_decode_real_shapes only there; then
+# `benchmarks/kernels.py --only int8 --max-m 256` (rows mosaic_w4a8_regdec vs
+# mosaic_w4a8_fastconv) sets it (pallas_kernels/NOTES.md, "Session 16").
+W4A8_REGDEC_MAX_ROWS = 0
 
 
 def w4a8_regdec(x: jax.Array, layer, max_rows: int | None = None):
