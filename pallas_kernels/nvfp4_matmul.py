@@ -29,6 +29,11 @@ tiles; one TMA producer warpgroup and two consumer warpgroups (each its own tile
 rows, both the same tile_m activation rows). Split-K (small M): raw f32 partials
 [k_splits, N, M] (stored untransposed), summed and scaled in XLA.
 
+W4A8 (`w4a8_matmul`, config int8_grid): the same kernel with per-token INT8 activations; each
+weight value is decoded onto its channel's INT8 grid in registers (weight_as_int8's integers,
+.5 ties included: `_INT8_GRID_PAIR_PTX`), multiplied by s8 wgmma into int32, and both scales
+are applied in the epilogue, so only the NVFP4 weight is read (0.5625 B per element).
+
 In Mosaic GPU's interpret mode (CPU tests) inline Mosaic code cannot run and wgmma reads A
 from SMEM only, so there the decode is jnp on the same tile and goes through SMEM.
 """
@@ -164,19 +169,17 @@ _SMALL_M_PIPELINE_BYTES = 160 * 1024  # leaves room for the epilogue's buffers
 
 def _stage_bytes(cfg: NVFP4MatmulConfig, tile_k: int) -> int:
   """Shared memory of one pipeline stage: the activation tile (bf16, or s8 with int8_grid),
-  the packed codes and the bf16 block scales of the CTA's weight rows (and with int8_grid
-  their f32 channel scales)."""
+  the packed codes and the bf16 block scales of the CTA's weight rows."""
   x_bytes = 1 if cfg.int8_grid else 2
   return (cfg.tile_m * tile_k * x_bytes + cfg.cta_tile_n * tile_k // 2
-          + tile_k // 16 * cfg.cta_tile_n * 2 + 4 * cfg.cta_tile_n * cfg.int8_grid)
+          + tile_k // 16 * cfg.cta_tile_n * 2)
 
 
 def _unfit_perm_options(cfg: NVFP4MatmulConfig) -> set[str]:
   """The "perm"-only options set in cfg that it cannot take (K aside): "decode_chunks" needs
   the "perm" decode, no pingpong and tile_k % (64 * decode_chunks) == 0 (128 * decode_chunks
-  with int8_grid); "e4m3_scales" needs
-  the "perm" decode and tile_k >= 256. The one statement of these rules, for `_check` and
-  `replace_config`."""
+  with int8_grid); "e4m3_scales" needs the "perm" decode and tile_k >= 256. The one statement
+  of these rules, for `_check` and `replace_config`."""
   perm, chunks = cfg.decode == "perm", cfg.decode_chunks
   width = 128 if cfg.int8_grid else 64  # a chunk is whole wgmma swizzle groups (128 bytes)
   unfit = set()
