@@ -743,7 +743,8 @@ def test_gpu_w4a8_register_decode_real_shapes(rng, m, k, n):
   """On the GPU: (1) the INT8 grid the PTX decode builds, read back through one-hot
   activation rows (y[m, n] = bf16(wq[n, k_m] * scale[n]), so round(y / scale) is wq exactly),
   equals weight_as_int8 on the host at those columns; (2) random activations against
-  w4a8_reference on the host (the epilogue's multiply-add may be fused: not bit for bit)."""
+  w4a8_reference on the host (the epilogue's multiply-add may be fused, moving an output
+  across a bf16 rounding boundary now and then: not bit for bit)."""
   cfg = nm.pick_config(m, n, k, int8_grid=True)
   t, wsi, xq, xs, bias, w4, ws = w4a8_problem(rng, m, n, k, cfg.e4m3_scales)
   cols = rng.choice(k, m, replace=False)
@@ -760,4 +761,4 @@ def test_gpu_w4a8_register_decode_real_shapes(rng, m, k, n):
   with jax.default_device(jax.devices("cpu")[0]):
     host = lambda v: jax.device_put(v, jax.devices("cpu")[0])
     want = nm.w4a8_reference(*map(host, (xq, xs, w4, ws, wsi, t.global_scale, bias)))
-  assert rel_err(y, want) <= 1e-5
+  assert rel_err(y, want) <= 1e-4
