@@ -863,11 +863,19 @@ def nvfp4_matmul(x: jax.Array, w4: jax.Array, ws: jax.Array, col_scale: jax.Arra
     return y[:, :m] if weight_major else y[:m]
   if cfg.k_splits > 1:
     parts = _kernel_call(x, w4, ws, col_scale, bias, cfg, True, interpret, sms)
-    yt = parts.sum(axis=0) * (col_scale * np.float32(gain))[:, None]  # [N, M]
-    yt = yt if bias is None else yt + bias[:, None]
-    return (yt if weight_major else yt.T).astype(jnp.bfloat16)
+    return _partials_epilogue(parts, (col_scale * np.float32(gain))[:, None], bias, weight_major)
   return _kernel_call(x, w4, ws, col_scale, bias, cfg, False, interpret, sms, gain,
                       weight_major)
+
+
+def _partials_epilogue(parts, scale, bias, weight_major: bool = False) -> jax.Array:
+  """Split-K's raw partials [k_splits, N, M] (f32, or int32 with int8_grid: summed exactly)
+  summed in their own type, then f32 * scale (broadcastable to [N, M]) + bias f32[N] | None
+  -> bf16 [M, N], or with weight_major [N, M]: the fused epilogue's arithmetic, in XLA."""
+  yt = parts.sum(axis=0).astype(jnp.float32) * scale
+  if bias is not None:
+    yt = yt + bias[:, None]
+  return (yt if weight_major else yt.T).astype(jnp.bfloat16)
 
 
 def w4a8_matmul(xq: jax.Array, x_scale: jax.Array, w4: jax.Array, ws: jax.Array,
@@ -912,9 +920,7 @@ def w4a8_matmul(xq: jax.Array, x_scale: jax.Array, w4: jax.Array, ws: jax.Array,
   if cfg.k_splits > 1:
     parts = _kernel_call(xq, w4, ws, w_int8_scale, bias, cfg, True, interpret, sms,
                          row_scale=x_scale, global_scale=global_scale)
-    yt = parts.sum(axis=0).astype(jnp.float32) * (x_scale[None, :] * w_int8_scale[:, None])
-    yt = yt if bias is None else yt + bias[:, None]
-    return yt.T.astype(jnp.bfloat16)
+    return _partials_epilogue(parts, x_scale[None, :] * w_int8_scale[:, None], bias)
   return _kernel_call(xq, w4, ws, w_int8_scale, bias, cfg, False, interpret, sms,
                       row_scale=x_scale, global_scale=global_scale)
 

@@ -747,18 +747,18 @@ def test_gpu_w4a8_register_decode_real_shapes(rng, m, k, n):
   across a bf16 rounding boundary now and then: not bit for bit)."""
   cfg = nm.pick_config(m, n, k, int8_grid=True)
   t, wsi, xq, xs, bias, w4, ws = w4a8_problem(rng, m, n, k, cfg.e4m3_scales)
+  cpu = jax.devices("cpu")[0]
+  host = lambda v: jax.device_put(v, cpu)
   cols = rng.choice(k, m, replace=False)
   onehot = np.zeros((m, k), np.int8)
   onehot[np.arange(m), cols] = 1
   y = nm.w4a8_matmul(jnp.asarray(onehot), jnp.ones((m,), jnp.float32), w4, ws, wsi,
                      t.global_scale, None, config=cfg)
-  with jax.default_device(jax.devices("cpu")[0]):
-    wq = np.asarray(qlinear_xla.weight_as_int8(as_layer(jax.device_put(t, jax.devices("cpu")[0]),
-                                                        jax.device_put(wsi, jax.devices("cpu")[0]))))
+  with jax.default_device(cpu):
+    wq = np.asarray(qlinear_xla.weight_as_int8(as_layer(host(t), host(wsi))))
   got = np.rint(np.asarray(y, np.float64) / np.asarray(wsi, np.float64).T)
   np.testing.assert_array_equal(got, wq[:, cols].T)
   y = nm.w4a8_matmul(xq, xs, w4, ws, wsi, t.global_scale, bias, config=cfg)
-  with jax.default_device(jax.devices("cpu")[0]):
-    host = lambda v: jax.device_put(v, jax.devices("cpu")[0])
+  with jax.default_device(cpu):
     want = nm.w4a8_reference(*map(host, (xq, xs, w4, ws, wsi, t.global_scale, bias)))
   assert rel_err(y, want) <= 1e-4
